@@ -1,0 +1,199 @@
+"""``CLIPAdapterConfig``: the hyper-parameters of CLIP-Adapter and their validation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+from peft import PeftConfig
+
+from peft_clip_adapter.registration import PEFT_TYPE
+
+Branch = Literal["vision", "text", "both"]
+
+#: The projection layers that produce CLIP's pooled embeddings, by branch.
+BRANCH_TARGETS: dict[str, tuple[str, ...]] = {
+    "vision": ("visual_projection",),
+    "text": ("text_projection",),
+    "both": ("text_projection", "visual_projection"),
+}
+PROJECTION_NAMES: tuple[str, ...] = BRANCH_TARGETS["both"]
+
+
+def _branch_of(target_modules: list[str]) -> Optional[str]:
+    for branch, targets in BRANCH_TARGETS.items():
+        if sorted(target_modules) == sorted(targets):
+            return branch
+    return None
+
+
+@dataclass
+class CLIPAdapterConfig(PeftConfig):
+    """Configuration of a CLIP-Adapter (Gao et al., 2021, https://arxiv.org/abs/2110.04544).
+
+    The adapter is a residual bottleneck MLP on CLIP's pooled, projected embedding ``f``::
+
+        f' = ratio * ReLU(W2 @ ReLU(W1 @ f)) + (1 - ratio) * f,   W1: d -> d // reduction, W2: back to d
+
+    where ``d`` is read from the model (``projection_dim``), and both linears have no bias.
+
+    Args:
+        ratio: Residual blend ``alpha`` in ``[0, 1]``: 0 keeps CLIP's embedding, 1 replaces it with the
+            adapter's output. The paper's default is 0.2; it picks 0.6 for fine-grained datasets such as
+            EuroSAT, DTD or Aircraft.
+        reduction: Bottleneck factor ``r``: the hidden width is ``d // reduction``. Must be an integer in
+            ``[1, d]``. Default 4, as in the paper.
+        adapt: Which embedding to adapt: ``"vision"`` (the paper's default), ``"text"`` (the class
+            prototypes) or ``"both"``. Maps onto ``target_modules``; leave ``None`` when passing
+            ``target_modules`` yourself.
+        target_modules: Advanced: the projection module names (or a regex over full module names) to
+            wrap. Every match must be a ``visual_projection`` / ``text_projection`` ``nn.Linear``.
+            Derived from ``adapt`` when ``None``, and stored sorted so the JSON is reproducible.
+
+    Raises:
+        ValueError: if a value is out of range or of the wrong type, if ``adapt`` and ``target_modules``
+            disagree, or if ``task_type`` is set (CLIP has no peft task head).
+
+    Example:
+        >>> import peft_clip_adapter
+        >>> config = peft_clip_adapter.CLIPAdapterConfig(ratio=0.6, adapt="both")
+        >>> config.target_modules
+        ['text_projection', 'visual_projection']
+    """
+
+    ratio: float = field(
+        default=0.2,
+        metadata={"help": "Residual blend alpha in [0, 1]: f' = ratio * A(f) + (1 - ratio) * f."},
+    )
+    reduction: int = field(
+        default=4, metadata={"help": "Bottleneck factor: the adapter's hidden width is d // reduction."}
+    )
+    adapt: Optional[Branch] = field(
+        default=None,
+        metadata={"help": "Branch to adapt: 'vision' (default), 'text' or 'both'. Sets target_modules."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Advanced: projection module names or a regex. Derived from `adapt` if unset."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if self.task_type is not None:
+            raise ValueError(
+                f"CLIP-Adapter does not use a peft task head, got task_type={self.task_type!r}. "
+                "Leave task_type=None: the adapted model keeps CLIP's own forward()."
+            )
+        self._validate_ratio()
+        self._validate_reduction()
+        self._resolve_targets()
+
+    def _validate_ratio(self) -> None:
+        ratio = self.ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
+            raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r} ({type(ratio).__name__}).")
+        if math.isnan(ratio) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(
+                f"ratio must be in [0, 1] (the residual blend alpha; the paper uses 0.2), got {ratio}."
+            )
+        self.ratio = float(ratio)
+
+    def _validate_reduction(self) -> None:
+        reduction = self.reduction
+        if isinstance(reduction, float) and reduction.is_integer():
+            reduction = int(reduction)
+        if isinstance(reduction, bool) or not isinstance(reduction, int):
+            raise ValueError(
+                f"reduction must be a whole number >= 1 (the bottleneck factor; the paper uses 4), "
+                f"got {self.reduction!r} ({type(self.reduction).__name__})."
+            )
+        if reduction < 1:
+            raise ValueError(
+                f"reduction must be >= 1 (the bottleneck factor; the paper uses 4), got {reduction}."
+            )
+        self.reduction = reduction
+
+    def _resolve_targets(self) -> None:
+        if self.adapt is not None and self.adapt not in BRANCH_TARGETS:
+            raise ValueError(
+                f"adapt must be one of {sorted(BRANCH_TARGETS)} (or None with explicit target_modules), "
+                f"got {self.adapt!r}."
+            )
+        targets = self.target_modules
+        if targets is None:
+            self.adapt = self.adapt or "vision"
+            self.target_modules = sorted(BRANCH_TARGETS[self.adapt])
+            return
+        if isinstance(targets, str):
+            if targets == "all-linear":
+                raise ValueError(
+                    "target_modules='all-linear' would wrap every attention and MLP layer; CLIP-Adapter "
+                    f"only wraps the pooled projections {list(PROJECTION_NAMES)}. Use adapt='vision', "
+                    "'text' or 'both' instead."
+                )
+            if self.adapt is not None:
+                raise ValueError(
+                    f"Pass either adapt={self.adapt!r} or a target_modules regex ({targets!r}), not both."
+                )
+            return
+        if isinstance(targets, (set, tuple)):
+            targets = list(targets)
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(
+                f"target_modules must be a non-empty list of module names or a regex string, got {targets!r}."
+            )
+        self.target_modules = sorted(set(targets))
+        branch = _branch_of(self.target_modules)
+        if self.adapt is None:
+            self.adapt = branch
+        elif branch != self.adapt:
+            raise ValueError(
+                f"adapt={self.adapt!r} targets {sorted(BRANCH_TARGETS[self.adapt])}, but target_modules="
+                f"{self.target_modules}. Pass only one of them."
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any
+    ) -> CLIPAdapterConfig:
+        """Load a config saved by ``save_pretrained`` (a local folder or a Hub id), checking it first.
+
+        Raises:
+            ValueError: if ``adapter_config.json`` is not valid JSON, is not a CLIP-Adapter config, or
+                holds values of the wrong type; or if a local ``adapter_model.safetensors`` beside it is
+                truncated or corrupted.
+
+        Example:
+            >>> import tempfile, peft_clip_adapter
+            >>> folder = tempfile.mkdtemp()
+            >>> peft_clip_adapter.CLIPAdapterConfig(ratio=0.6).save_pretrained(folder)
+            >>> peft_clip_adapter.CLIPAdapterConfig.from_pretrained(folder).ratio
+            0.6
+        """
+        from peft_clip_adapter.checkpoint import verify_adapter_weights
+
+        path = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(path):
+            verify_adapter_weights(path)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
+        """Read ``adapter_config.json``, refusing files that are not JSON or not a CLIP-Adapter config."""
+        try:
+            loaded = super().from_json_file(path_json_file, **kwargs)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path_json_file} is not valid JSON ({error}).") from error
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path_json_file} must hold a JSON object, got {type(loaded).__name__}.")
+        peft_type = loaded.get("peft_type")
+        if peft_type != PEFT_TYPE.value:
+            raise ValueError(
+                f"{path_json_file} has peft_type={peft_type!r}; a CLIP-Adapter config has "
+                f"peft_type={PEFT_TYPE.value!r}. Load other methods with peft.PeftConfig.from_pretrained."
+            )
+        return loaded

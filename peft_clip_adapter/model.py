@@ -1,0 +1,212 @@
+"""``CLIPAdapterModel``: the peft tuner that injects CLIP-Adapter layers into CLIP-style models."""
+
+from __future__ import annotations
+
+import sys
+import torch
+from peft import PeftModel
+from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from torch import nn
+
+from peft_clip_adapter.config import PROJECTION_NAMES, CLIPAdapterConfig
+from peft_clip_adapter.layer import CLIPAdapterLayer
+from peft_clip_adapter.registration import PREFIX
+
+MODEL_TAG = "clip-adapter"
+
+
+def projection_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module named ``visual_projection`` or ``text_projection`` in ``model``, by full name.
+
+    Example:
+        >>> from transformers import CLIPConfig, CLIPModel
+        >>> config = CLIPConfig(
+        ...     text_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        ...                  "num_attention_heads": 2},
+        ...     vision_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        ...                    "num_attention_heads": 2, "image_size": 8, "patch_size": 4},
+        ...     projection_dim=4)
+        >>> sorted(projection_modules(CLIPModel(config)))
+        ['text_projection', 'visual_projection']
+    """
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if name.rpartition(".")[2] in PROJECTION_NAMES and not isinstance(module, CLIPAdapterLayer)
+    }
+
+
+def adapter_layers(model: nn.Module) -> dict[str, CLIPAdapterLayer]:
+    """The CLIP-Adapter layers in ``model`` keyed by branch: ``"vision"`` and/or ``"text"``.
+
+    Works on a ``PeftModel``, on the tuner or on the base model they wrap. A training loop on cached
+    embeddings calls ``layer.adapt(features)`` on these.
+
+    Raises:
+        ValueError: if a branch holds more than one adapter layer (the embedding would be ambiguous).
+
+    Example:
+        >>> from peft import get_peft_model
+        >>> from peft_clip_adapter import CLIPAdapterConfig
+        >>> import tempfile
+        >>> from transformers import CLIPModel
+        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
+        >>> sorted(adapter_layers(get_peft_model(clip, CLIPAdapterConfig(adapt="both"))))
+        ['text', 'vision']
+    """
+    layers: dict[str, CLIPAdapterLayer] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, CLIPAdapterLayer):
+            continue
+        branch = "vision" if name.rpartition(".")[2] == "visual_projection" else "text"
+        if branch in layers:
+            raise ValueError(f"The model holds more than one {branch} adapter layer; expected one.")
+        layers[branch] = module
+    return layers
+
+
+class CLIPAdapterModel(BaseTuner):
+    """CLIP-Adapter (Gao et al., https://arxiv.org/abs/2110.04544) as a peft tuner.
+
+    Wraps the ``visual_projection`` and/or ``text_projection`` linears of CLIP-style models
+    (``CLIPModel``, ``CLIPVisionModelWithProjection``, ``CLIPTextModelWithProjection``, Chinese-CLIP,
+    AltCLIP, MetaCLIP 2, ...) so that ``forward``, ``get_image_features``, ``get_text_features`` and
+    the zero-shot pipeline all see the adapted embedding. Only the adapters train; they cannot be
+    merged (the adapter is non-linear), but ``unload()`` returns the untouched base model.
+
+    Users do not build this class: ``peft.get_peft_model`` does, once ``peft_clip_adapter`` is imported.
+
+    Example:
+        >>> import peft_clip_adapter
+        >>> from peft import get_peft_model
+        >>> import tempfile
+        >>> from transformers import CLIPModel
+        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
+        >>> model = get_peft_model(clip, peft_clip_adapter.CLIPAdapterConfig(ratio=0.2))
+        >>> type(model.base_model).__name__
+        'CLIPAdapterModel'
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = CLIPAdapterLayer
+    # Targets always come from the config (`adapt`), never from a per-architecture table.
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
+        super().__init__(model, peft_config, adapter_name, **kwargs)
+        self._upgrade_calling_peft_model()
+
+    def _upgrade_calling_peft_model(self) -> None:
+        """Give the ``PeftModel`` that is building us our save/push behaviour.
+
+        peft builds the tuner inside ``PeftModel.__init__`` and offers no hook afterwards, while
+        transformers' ``push_to_hub`` replaces the model card with a generic one. Switching the class
+        of that one instance to a ``PeftModel`` subclass keeps every peft behaviour and adds ours
+        (atomic saves, our model card); models wrapped by other means are left as they are.
+        """
+        from peft_clip_adapter.peft_model import CLIPAdapterPeftModel
+
+        caller = sys._getframe(2).f_locals.get("self")
+        if type(caller) is PeftModel:
+            caller.__class__ = CLIPAdapterPeftModel
+
+    def _prepare_adapter_config(self, peft_config: CLIPAdapterConfig, model_config: dict) -> CLIPAdapterConfig:
+        return peft_config
+
+    def _pre_injection_hook(self, model: nn.Module, config: CLIPAdapterConfig, adapter_name: str) -> None:
+        if not isinstance(config, CLIPAdapterConfig):
+            raise ValueError(f"Expected a CLIPAdapterConfig, got {type(config).__name__}.")
+        projections = projection_modules(model)
+        if not projections:
+            raise ValueError(
+                f"{type(model).__name__} has no {' / '.join(PROJECTION_NAMES)} layer, so there is no pooled "
+                "CLIP embedding to adapt. Use a CLIP-style model such as CLIPModel, "
+                "CLIPVisionModelWithProjection or CLIPTextModelWithProjection."
+            )
+        matched = [name for name, _ in model.named_modules() if check_target_module_exists(config, name)]
+        if not matched:
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}. "
+                f"Its projection modules are {sorted(projections)}; adapt='vision' / 'text' / 'both' "
+                "picks them for you."
+            )
+        for name in matched:
+            module = model.get_submodule(name)
+            if isinstance(module, CLIPAdapterLayer):
+                continue
+            if name not in projections or not isinstance(module, nn.Linear):
+                raise ValueError(
+                    f"target_modules={config.target_modules!r} matches '{name}' ({type(module).__name__}), "
+                    f"which is not a pooled projection Linear. CLIP-Adapter only wraps {sorted(projections)}."
+                )
+
+    def _post_injection_hook(self, model: nn.Module, config: CLIPAdapterConfig, adapter_name: str) -> None:
+        # transformers models carry tags that end up in the model card.
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags([MODEL_TAG])
+
+    def _create_and_replace(
+        self,
+        peft_config: CLIPAdapterConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        if isinstance(target, CLIPAdapterLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = CLIPAdapterLayer(target, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(
+            "CLIP-Adapter cannot be merged into the base model: the adapter is a ReLU MLP applied after "
+            "the projection, not a weight delta. Keep the PeftModel for inference, or call unload() to "
+            "remove the adapters and get the unchanged base model back."
+        )
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls,
+        model: nn.Module,
+        config: CLIPAdapterConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        _check_loaded_shapes(model, adapter_name, remapped)
+        return remapped
+
+
+def _check_loaded_shapes(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose adapter does not fit the model, naming both projection widths."""
+    expected = {
+        key: value.shape
+        for key, value in model.state_dict().items()
+        if PREFIX in key and key.endswith(f".{adapter_name}.weight")
+    }
+    missing = sorted(key for key in expected if key not in state_dict)
+    if missing:
+        raise ValueError(
+            f"The checkpoint has no weights for {missing}: it was saved for other projection layers "
+            "(check `adapt` in its adapter_config.json)."
+        )
+    for key, shape in expected.items():
+        loaded = state_dict[key].shape
+        if loaded == shape:
+            continue
+        width = shape[1] if ".clip_adapter_down." in key else shape[0]
+        loaded_width = loaded[1] if ".clip_adapter_down." in key and len(loaded) == 2 else loaded[0]
+        raise ValueError(
+            f"The adapter checkpoint does not fit this model at '{key}': it was trained for a projection "
+            f"width d={loaded_width} (tensor shape {tuple(loaded)}), but this model's projection width is "
+            f"d={width} (expected shape {tuple(shape)}). Load it into the CLIP variant it was trained on, "
+            "and with the same `reduction`."
+        )
+

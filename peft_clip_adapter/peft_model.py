@@ -1,0 +1,134 @@
+"""``CLIPAdapterPeftModel``: a ``PeftModel`` that saves atomically and keeps its own model card."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+from huggingface_hub import HfApi, ModelCard
+from peft import PeftModel
+
+from peft_clip_adapter.card import render_model_card
+
+
+class CLIPAdapterPeftModel(PeftModel):
+    """The ``PeftModel`` that ``get_peft_model`` and ``PeftModel.from_pretrained`` return for CLIP-Adapter.
+
+    It is a plain ``PeftModel`` (``isinstance(model, PeftModel)`` holds) with three differences:
+
+    - ``save_pretrained`` writes into a staging folder and moves each finished file into place, so a
+      failed save never leaves a half-written file in the target folder;
+    - the model card (``README.md``) shows how to load the adapter, including the required
+      ``import peft_clip_adapter``, and records ``training_results`` when a training script sets them;
+    - ``push_to_hub`` uploads exactly the saved files, keeping that card (transformers' generic
+      ``push_to_hub`` would replace it with a placeholder).
+
+    Example:
+        >>> import tempfile, os
+        >>> import peft_clip_adapter
+        >>> from peft import get_peft_model
+        >>> from transformers import CLIPModel
+        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
+        >>> model = get_peft_model(clip, peft_clip_adapter.CLIPAdapterConfig())
+        >>> model.training_results = {"dataset": "shapes", "shots": 4, "accuracy": 0.9}
+        >>> out = tempfile.mkdtemp()
+        >>> model.save_pretrained(out)
+        >>> sorted(os.listdir(out))
+        ['README.md', 'adapter_config.json', 'adapter_model.safetensors']
+    """
+
+    #: Facts about training (dataset, shots, accuracy, ...) written into the model card.
+    training_results: Optional[dict[str, Any]] = None
+    # Where the card's usage snippet says the adapter lives; set per save.
+    _card_location: Optional[str] = None
+
+    def save_pretrained(self, save_directory: str, is_main_process: bool = True, **kwargs: Any) -> None:
+        """Save the adapter(s), config and model card; see ``peft.PeftModel.save_pretrained``.
+
+        Raises:
+            ValueError: if ``save_directory`` is an existing file.
+        """
+        if not is_main_process:
+            return super().save_pretrained(save_directory, is_main_process=False, **kwargs)
+        target = Path(save_directory)
+        if target.is_file():
+            raise ValueError(f"save_directory={str(target)!r} is a file; pass a folder to save the adapter in.")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+        location = self._card_location
+        try:
+            self._card_location = location or str(save_directory)
+            super().save_pretrained(str(staging), is_main_process=True, **kwargs)
+            _move_files(staging, target)
+        finally:
+            self._card_location = location
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Write peft's card, then our text and tags over it (keeping any other metadata)."""
+        super().create_or_update_model_card(output_dir)
+        path = os.path.join(output_dir, "README.md")
+        config = self.active_peft_config
+        base = self.get_base_model()
+        card = render_model_card(
+            config,
+            base_model=config.base_model_name_or_path or getattr(base, "name_or_path", None) or None,
+            repo_id=self._card_location,
+            base_model_class=type(base).__name__,
+            results=self.training_results,
+            existing=ModelCard.load(path),
+        )
+        card.save(path)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: Optional[str] = None,
+        commit_description: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[bool | str] = None,
+        revision: Optional[str] = None,
+        create_pr: bool = False,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Upload the adapter, its config and its model card to the Hub repository ``repo_id``.
+
+        Exactly the files ``save_pretrained`` writes are uploaded, in one commit.
+
+        Returns:
+            The ``huggingface_hub.CommitInfo`` of the upload.
+        """
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self._card_location = repo_id
+            try:
+                self.save_pretrained(folder, **save_kwargs)
+            finally:
+                self._card_location = None
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload CLIP-Adapter",
+                commit_description=commit_description,
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
+def _move_files(source: Path, target: Path) -> None:
+    """Move every file under ``source`` to the same relative place under ``target``.
+
+    ``os.replace`` is atomic within a file system (the staging folder is a sibling of ``target``), so
+    each file in ``target`` is either the old one or the complete new one.
+    """
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            destination = target / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, destination)

@@ -1,0 +1,51 @@
+"""Registers CLIP-Adapter with peft's method registry, without touching peft's source.
+
+peft's own ``register_peft_method`` only accepts names that already exist in its closed ``PeftType``
+enum, so we own a ``str`` enum member and write it into the three registry dicts peft consults when it
+builds a tuner, reads an ``adapter_config.json`` or strips key prefixes. The dicts are mutated in place
+(never rebound) because peft's modules hold references to them.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from peft import mapping as peft_mapping
+
+
+class CLIPAdapterPeftType(str, enum.Enum):
+    """The ``peft_type`` written to ``adapter_config.json``.
+
+    A ``str`` enum compares and hashes like its value, so the string ``"CLIP_ADAPTER"`` read back from
+    JSON finds the same registry entries as the member itself.
+    """
+
+    CLIP_ADAPTER = "CLIP_ADAPTER"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+PEFT_TYPE = CLIPAdapterPeftType.CLIP_ADAPTER
+PREFIX = "clip_adapter_"
+
+
+def register() -> None:
+    """Make ``peft`` resolve ``"peft_type": "CLIP_ADAPTER"``. Safe to call any number of times.
+
+    Example:
+        >>> import peft
+        >>> from peft_clip_adapter.registration import register, PEFT_TYPE
+        >>> register(); register()
+        >>> peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING["CLIP_ADAPTER"]
+        'clip_adapter_'
+    """
+    # Imported here so that importing this module stays cheap and free of cycles.
+    from peft_clip_adapter.config import CLIPAdapterConfig
+    from peft_clip_adapter.model import CLIPAdapterModel
+
+    # Assigning (rather than "insert if absent") makes a reload of our modules point peft at the fresh
+    # classes instead of the stale ones from the first import.
+    peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = CLIPAdapterConfig
+    peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = CLIPAdapterModel
+    peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = PREFIX

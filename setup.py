@@ -1,0 +1,38 @@
+"""Packaging for peft-clip-adapter. Tested with torch 2.13, transformers 5.24 and peft 0.21.2."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+README = Path(__file__).parent / "README.md"
+
+EXAMPLES = ["tensorboard>=2.14", "matplotlib>=3.7", "tqdm>=4.66"]
+DOCS = ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"]
+TEST = ["pytest>=8", "ruff>=0.6", *EXAMPLES, *DOCS]
+
+setup(
+    name="peft-clip-adapter",
+    version="0.1.0",
+    description="CLIP-Adapter (Gao et al.) as a PEFT method for Hugging Face transformers CLIP models",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["peft_clip_adapter", "peft_clip_adapter.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.1",
+        "transformers>=5.20,<6",
+        "peft>=0.21,<0.22",
+        "accelerate>=1.10",
+        "datasets>=4.0",
+        "safetensors>=0.4",
+        "huggingface_hub>=1.0",
+        "pillow>=10",
+    ],
+    extras_require={"examples": EXAMPLES, "docs": DOCS, "test": TEST},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
