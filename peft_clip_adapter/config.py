@@ -97,9 +97,7 @@ class CLIPAdapterConfig(PeftConfig):
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
             raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r} ({type(ratio).__name__}).")
         if math.isnan(ratio) or not 0.0 <= ratio <= 1.0:
-            raise ValueError(
-                f"ratio must be in [0, 1] (the residual blend alpha; the paper uses 0.2), got {ratio}."
-            )
+            raise ValueError(f"ratio must be in [0, 1] (the residual blend alpha; the paper uses 0.2), got {ratio}.")
         self.ratio = float(ratio)
 
     def _validate_reduction(self) -> None:
@@ -112,9 +110,7 @@ class CLIPAdapterConfig(PeftConfig):
                 f"got {self.reduction!r} ({type(self.reduction).__name__})."
             )
         if reduction < 1:
-            raise ValueError(
-                f"reduction must be >= 1 (the bottleneck factor; the paper uses 4), got {reduction}."
-            )
+            raise ValueError(f"reduction must be >= 1 (the bottleneck factor; the paper uses 4), got {reduction}.")
         self.reduction = reduction
 
     def _resolve_targets(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
@@ -209,4 +210,3 @@ def _check_loaded_shapes(model: nn.Module, adapter_name: str, state_dict: dict[s
             f"d={width} (expected shape {tuple(shape)}). Load it into the CLIP variant it was trained on, "
             "and with the same `reduction`."
         )
-

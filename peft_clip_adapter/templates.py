@@ -5,7 +5,8 @@ A template is a format string with one ``{}`` for the class name, or any callabl
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import Union
 
 Template = Union[str, Callable[[str], str]]
 

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny CLIP checkpoint and a small image folder, both built locally.
+
+``HF_HUB_OFFLINE=1`` is set before anything imports ``huggingface_hub``, so an accidental download
+fails at once instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import peft_clip_adapter  # noqa: E402, F401  (registers the method)
+from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_path(tmp_path_factory) -> str:
+    """A saved tiny CLIPModel + CLIPProcessor (projection width 32), loadable with from_pretrained."""
+    return build_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture
+def tiny_clip(tiny_clip_path):
+    """A fresh tiny CLIPModel for each test, in eval mode."""
+    from transformers import CLIPModel
+
+    return CLIPModel.from_pretrained(tiny_clip_path).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_clip_path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_clip_path)
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> str:
+    """An image folder with the four shape classes, 12 images each."""
+    return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), images_per_class=12)
+
+
+@pytest.fixture
+def pixel_values() -> torch.Tensor:
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
