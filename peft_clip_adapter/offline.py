@@ -89,7 +89,14 @@ def build_tiny_clip(
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
-    tower = {"hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, "num_attention_heads": 4}
+    # Each tower config carries projection_dim too (as released CLIP checkpoints do), so that
+    # CLIPVisionModelWithProjection / CLIPTextModelWithProjection load this folder with width d.
+    tower = {
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_attention_heads": 4,
+        "projection_dim": projection_dim,
+    }
     config = CLIPConfig(
         text_config={
             **tower,
