@@ -1,0 +1,216 @@
+"""Zero-shot classification with CLIP from class names and prompt templates, and its adapted version.
+
+Two steps, as in open_clip's ``zero_shot_classifier``:
+
+1. ``encode_class_prompts`` runs the frozen text encoder ONCE over every class x template prompt and
+   returns the raw projected embeddings ``[C, T, D]`` (class batches, padded prompts).
+2. ``CLIPAdapterClassifier`` turns pooled image embeddings into logits. It re-applies only the adapters
+   on each call: the vision adapter on the image embedding, the text adapter on each cached prompt
+   embedding, so training on cached features never re-runs either encoder.
+
+Orientation: ``text_weights()`` is ``[D, C]`` (one column per class), so ``logits = image @ weights``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from peft_clip_adapter.embeddings import frozen_text_embeddings, model_device, unwrap_model
+from peft_clip_adapter.layer import CLIPAdapterLayer
+from peft_clip_adapter.model import adapter_layers
+from peft_clip_adapter.templates import DEFAULT_TEMPLATE, Template, as_template_list, clean_classname, fill_template
+
+
+def encode_class_prompts(
+    model: nn.Module,
+    tokenizer,
+    classnames: Sequence[str],
+    templates: Union[Template, Sequence[Template]] = DEFAULT_TEMPLATE,
+    *,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Frozen text embeddings of every class name in every prompt template.
+
+    Class names are cleaned (``_`` -> space) and filled into each template (a string with ``{}`` or a
+    callable). Prompts are tokenized with padding and encoded in batches of whole classes, with every
+    adapter disabled and without gradients: the result is the raw ``text_projection`` output, to which
+    ``CLIPAdapterClassifier`` applies the text adapter (if any) on each step.
+
+    Args:
+        model: A ``PeftModel`` around a CLIP model, or a plain ``CLIPModel`` /
+            ``CLIPTextModelWithProjection``.
+        tokenizer: The model's tokenizer, or a processor holding one (``processor.tokenizer``).
+        classnames: One name per class, in label order.
+        templates: One template or a sequence of them.
+        batch_size: Most prompts per forward pass; batches always hold whole classes (at least one).
+
+    Returns:
+        ``[C, T, D]`` float32 tensor on the model's device: class ``c``, template ``t``.
+
+    Raises:
+        ValueError: for no class names, duplicate class names, ``batch_size < 1``, an empty template
+            list, a template without ``{}``, or a model without ``text_projection``.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import AutoProcessor, CLIPModel
+        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> path = build_tiny_clip(tempfile.mkdtemp())
+        >>> clip, processor = CLIPModel.from_pretrained(path), AutoProcessor.from_pretrained(path)
+        >>> prompts = encode_class_prompts(clip, processor, ["red circle", "green square"],
+        ...                                ["a photo of a {}.", "itap of a {}."])
+        >>> prompts.shape, prompts.dtype
+        (torch.Size([2, 2, 32]), torch.float32)
+    """
+    classnames = list(classnames)
+    if not classnames:
+        raise ValueError("classnames is empty; pass one name per class, in label order.")
+    duplicates = sorted({name for name in classnames if classnames.count(name) > 1})
+    if duplicates:
+        raise ValueError(f"classnames has duplicates {duplicates}; two classes with one name cannot be told apart.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be at least 1.")
+    templates = as_template_list(templates)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # accept a CLIPProcessor too
+    device = model_device(unwrap_model(model))
+    classes_per_batch = max(1, batch_size // len(templates))
+
+    chunks = []
+    for start in range(0, len(classnames), classes_per_batch):
+        batch = classnames[start : start + classes_per_batch]
+        prompts = [fill_template(template, clean_classname(name)) for name in batch for template in templates]
+        tokens = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(device)
+        embeddings = frozen_text_embeddings(model, tokens["input_ids"], tokens.get("attention_mask"))  # [B*T, D]
+        chunks.append(embeddings.float().reshape(len(batch), len(templates), -1))  # [B, T, D]
+    return torch.cat(chunks)  # [C, T, D]
+
+
+class CLIPAdapterClassifier(nn.Module):
+    """CLIP-Adapter's classification head over pooled embeddings: adapters, class prompts, logit scale.
+
+    ``forward`` maps RAW (pre-adapter) pooled image embeddings ``f`` to logits::
+
+        logits = exp(logit_scale) * normalize(vision_adapter(f)) @ text_weights()
+
+    where ``text_weights()`` applies the text adapter to each cached prompt embedding, normalises it,
+    averages over templates and renormalises (open_clip's ensemble). ``logit_scale`` is CLIP's own
+    learned value, copied and frozen. The adapter layers are the model's own modules, so their
+    parameters are shared: training this head trains the ``PeftModel``, and ``save_pretrained`` on the
+    ``PeftModel`` saves the result. Without adapters (a plain ``CLIPModel``) it is CLIP's zero-shot head.
+
+    Args:
+        class_embeddings: ``[C, T, D]`` frozen prompt embeddings from ``encode_class_prompts``.
+        logit_scale: CLIP's ``logit_scale`` (the log of the temperature's inverse), a scalar.
+        vision_adapter: The layer wrapping ``visual_projection``, or ``None``.
+        text_adapter: The layer wrapping ``text_projection``, or ``None``.
+
+    Raises:
+        ValueError: if ``class_embeddings`` is not ``[C, T, D]`` or its width does not match an adapter.
+
+    Example:
+        >>> import tempfile
+        >>> from peft import get_peft_model
+        >>> from transformers import AutoProcessor, CLIPModel
+        >>> from peft_clip_adapter import CLIPAdapterConfig
+        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> path = build_tiny_clip(tempfile.mkdtemp())
+        >>> model = get_peft_model(CLIPModel.from_pretrained(path), CLIPAdapterConfig(adapt="both"))
+        >>> prompts = encode_class_prompts(model, AutoProcessor.from_pretrained(path), ["red circle", "blue triangle"])
+        >>> head = CLIPAdapterClassifier.from_model(model, prompts)
+        >>> head(torch.randn(5, 32)).shape
+        torch.Size([5, 2])
+        >>> sum(p.numel() for p in head.parameters() if p.requires_grad)  # two 32 -> 8 -> 32 adapters
+        1024
+    """
+
+    def __init__(
+        self,
+        class_embeddings: torch.Tensor,
+        logit_scale: Union[torch.Tensor, float],
+        vision_adapter: Optional[CLIPAdapterLayer] = None,
+        text_adapter: Optional[CLIPAdapterLayer] = None,
+    ) -> None:
+        super().__init__()
+        if class_embeddings.dim() != 3:
+            raise ValueError(
+                f"class_embeddings must be [C, T, D] (classes, templates, width), got shape "
+                f"{tuple(class_embeddings.shape)}; for a single template pass embeddings[:, None, :]."
+            )
+        width = class_embeddings.shape[-1]
+        for branch, layer in (("vision", vision_adapter), ("text", text_adapter)):
+            if layer is not None and layer.out_features != width:
+                raise ValueError(
+                    f"The {branch} adapter works on width {layer.out_features}, but class_embeddings have "
+                    f"width {width}; encode the prompts with the same model."
+                )
+        self.vision_adapter = vision_adapter
+        self.text_adapter = text_adapter
+        self.register_buffer("class_embeddings", class_embeddings.detach().float().clone())  # [C, T, D]
+        scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=class_embeddings.device)
+        self.register_buffer("logit_scale", scale.detach().clone())  # frozen: a buffer, never a parameter
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        class_embeddings: torch.Tensor,
+        *,
+        logit_scale: Union[torch.Tensor, float, None] = None,
+    ) -> CLIPAdapterClassifier:
+        """Build the head from a (peft-wrapped) CLIP model: its adapter layers and its ``logit_scale``.
+
+        Args:
+            model: A ``PeftModel`` made with ``CLIPAdapterConfig``, or a plain CLIP model (zero-shot).
+            class_embeddings: ``[C, T, D]`` from ``encode_class_prompts``.
+            logit_scale: Overrides the model's; required for models without one (the single-tower
+                ``CLIP*ModelWithProjection`` classes).
+
+        Returns:
+            A classifier on the device of ``class_embeddings`` that shares the model's adapter parameters.
+
+        Raises:
+            ValueError: if the model has no ``logit_scale`` and none is given (or as ``__init__``).
+        """
+        if logit_scale is None:
+            logit_scale = getattr(unwrap_model(model), "logit_scale", None)
+            if logit_scale is None:
+                raise ValueError(
+                    f"{type(unwrap_model(model)).__name__} has no `logit_scale`; pass logit_scale=... (the log "
+                    "of the inverse temperature, from the CLIPModel these towers come from)."
+                )
+        layers = adapter_layers(model)
+        return cls(class_embeddings, logit_scale, layers.get("vision"), layers.get("text"))
+
+    @property
+    def num_classes(self) -> int:
+        return self.class_embeddings.shape[0]
+
+    def text_weights(self) -> torch.Tensor:
+        """The class prototypes ``[D, C]``: text adapter per prompt, normalise, mean over templates, renormalise."""
+        prompts = self.class_embeddings  # [C, T, D]
+        if self.text_adapter is not None:
+            prompts = self.text_adapter.adapt(prompts)  # [C, T, D]
+        prototypes = F.normalize(prompts, dim=-1).mean(dim=1)  # [C, D]
+        return F.normalize(prototypes, dim=-1).T  # [D, C]
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, C]`` from raw pooled image embeddings ``[N, D]`` (before any adapter).
+
+        Raises:
+            ValueError: if ``image_features`` is not ``[N, D]`` with the prompts' width ``D``.
+        """
+        width = self.class_embeddings.shape[-1]
+        if image_features.dim() != 2 or image_features.shape[-1] != width:
+            raise ValueError(
+                f"image_features must be [N, {width}] pooled embeddings, got shape {tuple(image_features.shape)}."
+            )
+        features = image_features.float()
+        if self.vision_adapter is not None:
+            features = self.vision_adapter.adapt(features)  # [N, D]
+        features = F.normalize(features, dim=-1)  # [N, D]
+        return self.logit_scale.exp() * features @ self.text_weights()  # [N, C]
