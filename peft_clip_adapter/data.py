@@ -112,6 +112,12 @@ def load_image_classification_data(
         if validation_dir is not None:
             data_files["validation"] = _image_files_pattern(validation_dir, "validation_dir")
         loaded = datasets.load_dataset("imagefolder", data_files=data_files)
+        if label_column not in loaded["train"].column_names and label_column == "label":
+            # imagefolder only adds a "label" column when it finds two or more class sub-folders.
+            raise ValueError(
+                f"train_dir={os.fspath(train_dir)!r} gives no class labels: images are read as "
+                "<folder>/<class name>/<image>, and classification needs at least 2 class sub-folders."
+            )
     return prepare_image_classification_data(
         loaded,
         image_column=image_column,
@@ -176,10 +182,10 @@ def prepare_image_classification_data(
         raise ValueError(f"The dataset has no 'train' split; its splits are {sorted(dataset)}.")
     for split in dataset.values():
         check_columns(split, image_column, label_column)
-    if isinstance(dataset["train"].features[label_column], datasets.Value) and dataset["train"].features[
-        label_column
-    ].dtype in ("string", "large_string"):
-        dataset = dataset.class_encode_column(label_column)
+    if _is_string(dataset["train"].features[label_column]):
+        # One sorted class list over all splits (DatasetDict.class_encode_column would number each split apart).
+        names = sorted({name for split in dataset.values() for name in split.unique(label_column)})
+        dataset = dataset.cast_column(label_column, datasets.ClassLabel(names=names))
 
     train = dataset["train"]
     present = sorted(set(_label_array(train, label_column).tolist()))
@@ -238,9 +244,11 @@ def check_columns(dataset: datasets.Dataset, image_column: str, label_column: st
 
 
 def _is_integer_or_string(feature: Any) -> bool:
-    return isinstance(feature, datasets.Value) and (
-        feature.dtype.startswith(("int", "uint")) or feature.dtype in ("string", "large_string")
-    )
+    return _is_string(feature) or (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")))
+
+
+def _is_string(feature: Any) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
 def class_names(dataset: datasets.Dataset, label_column: str = "label") -> list[str]:
@@ -275,9 +283,7 @@ def class_names(dataset: datasets.Dataset, label_column: str = "label") -> list[
 def _label_array(dataset: datasets.Dataset, label_column: str) -> np.ndarray:
     """The label column as int64 class ids ``[N]``, after checking that they are class ids."""
     feature = dataset.features[label_column]
-    if not (isinstance(feature, datasets.ClassLabel) or _is_integer_or_string(feature)) or (
-        isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
-    ):
+    if not (isinstance(feature, datasets.ClassLabel) or _is_integer_or_string(feature)) or _is_string(feature):
         raise ValueError(
             f"Label column {label_column!r} has type {feature}; it must hold class ids (a ClassLabel or integers). "
             f"Encode other labels with dataset.class_encode_column({label_column!r})."
