@@ -8,25 +8,25 @@ integer) label column, so it serves the example trainer and a hand-written loop 
     transform = build_train_transform(processor.image_processor, seed=1)
     pixels = transform(load_image(train[0]["image"]), index=0, view=3)  # [3, 224, 224], always the same crop
 
-Randomness never comes from a global generator: the held-out split and the k-shot sample depend only on
-``seed`` and the dataset (never on how many processes run), and augmented view ``v`` of image ``i`` is a
-pure function of ``(seed, i, v)``, which is what lets frozen features be cached and reused.
+Image reading (:mod:`peft_clip_adapter.images`) and the transforms (:mod:`peft_clip_adapter.transforms`)
+live in their own modules and are importable from here too. Randomness never comes from a global
+generator: the held-out split and the k-shot sample depend only on ``seed`` and the dataset (never on how
+many processes run), and augmented view ``v`` of image ``i`` is a pure function of ``(seed, i, v)``, which
+is what lets frozen features be cached and reused.
 """
 
 from __future__ import annotations
 
-import abc
-import io
 import math
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import datasets
 import numpy as np
-import torch
-from PIL import Image
+
+# The image reading and transforms live in their own modules; they are part of this module's API too.
+from peft_clip_adapter.images import load_image, to_rgb
+from peft_clip_adapter.transforms import ImageTransform, build_eval_transform, build_train_transform, check_index
 
 __all__ = [
     "ImageTransform",
@@ -297,11 +297,6 @@ def _label_array(dataset: datasets.Dataset, label_column: str) -> np.ndarray:
     return labels
 
 
-def _check_seed(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}.")
-
-
 def hold_out_validation(
     dataset: datasets.Dataset,
     *,
@@ -336,7 +331,7 @@ def hold_out_validation(
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}.")
-    _check_seed(seed)
+    check_index("seed", seed)
     labels = _label_array(dataset, label_column)
     validation = []
     for label in np.unique(labels):
@@ -406,7 +401,7 @@ def sample_few_shot(
     """
     if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1:
         raise ValueError(f"shots must be an integer >= 1 (images per class), got {shots!r}.")
-    _check_seed(seed)
+    check_index("seed", seed)
     if label_column not in dataset.column_names:
         raise ValueError(f"Label column {label_column!r} not found; the dataset has columns {dataset.column_names}.")
     labels = _label_array(dataset, label_column)
@@ -428,410 +423,3 @@ def sample_few_shot(
         rng = np.random.default_rng([seed, int(label), _FEW_SHOT_STREAM])
         chosen.extend(rng.permutation(rows)[:shots].tolist())
     return dataset.select(sorted(chosen))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading images
-
-_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL image to 8-bit RGB, the way CLIP's image processor does.
-
-    Transparent images (RGBA, LA, PA, or a palette with a transparent colour) are composited on white;
-    16-bit grayscale is scaled to 8 bits instead of being clipped; float (``F``) images are read as [0, 1]
-    when they fit, else as [0, 255]. An RGB image is returned as is.
-
-    Args:
-        image: A PIL image of any mode.
-
-    Returns:
-        An RGB image of the same size.
-
-    Raises:
-        ValueError: for a mode PIL cannot convert to RGB, naming it.
-
-    Example:
-        >>> from PIL import Image
-        >>> to_rgb(Image.new("RGBA", (2, 2), (255, 0, 0, 0))).getpixel((0, 0))  # fully transparent -> white
-        (255, 255, 255)
-        >>> to_rgb(Image.new("L", (2, 2), 7)).getpixel((0, 0))
-        (7, 7, 7)
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in (*_SIXTEEN_BIT_MODES, "I", "F"):
-        image = Image.fromarray(_to_uint8(np.asarray(image), image.mode), mode="L")
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")  # [H, W, 4]
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    try:
-        return image.convert("RGB")
-    except ValueError as error:
-        raise ValueError(f"Cannot convert an image of mode {image.mode!r} to RGB: {error}") from error
-
-
-def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
-    """8-bit grayscale ``[H, W]`` from a 16-bit, 32-bit integer or float grayscale array."""
-    values = array.astype(np.float64)
-    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and values.max(initial=0) > 255):
-        values = values / 257.0  # 65535 -> 255
-    elif mode == "F" and values.max(initial=0) <= 1.0:
-        values = values * 255.0
-    return np.clip(np.round(values), 0, 255).astype(np.uint8)
-
-
-def load_image(value: Any) -> Image.Image:
-    """Read one image, whatever form a ``datasets`` image column gives it in, as an RGB PIL image.
-
-    Args:
-        value: A PIL image (a decoded ``Image`` column), a ``{"path", "bytes"}`` dict (an ``Image(decode=False)``
-            column; the bytes are used when present, else the file), a file path, or raw encoded bytes.
-
-    Returns:
-        The image in RGB (see :func:`to_rgb`), fully decoded.
-
-    Raises:
-        ValueError: for a file or bytes that cannot be read as an image, naming the file, or for a value of
-            another type.
-
-    Example:
-        >>> import io
-        >>> from PIL import Image
-        >>> buffer = io.BytesIO()
-        >>> Image.new("P", (3, 2)).save(buffer, format="PNG")
-        >>> image = load_image({"path": "tiny.png", "bytes": buffer.getvalue()})
-        >>> image.mode, image.size
-        ('RGB', (3, 2))
-    """
-    if isinstance(value, Image.Image):
-        return to_rgb(value)
-    if isinstance(value, dict):
-        path, data = value.get("path"), value.get("bytes")
-        if data is None and path is None:
-            raise ValueError("An image value {'path': None, 'bytes': None} holds no image.")
-        source, name = (io.BytesIO(data), path or f"<{len(data)} bytes>") if data is not None else (path, path)
-    elif isinstance(value, (str, os.PathLike)):
-        source = name = os.fspath(value)
-    elif isinstance(value, (bytes, bytearray)):
-        source, name = io.BytesIO(value), f"<{len(value)} bytes>"
-    else:
-        raise ValueError(
-            f"Cannot read an image from a {type(value).__name__}; expected a PIL image, a "
-            "{'path', 'bytes'} dict, a file path or encoded bytes."
-        )
-    try:
-        image = Image.open(source)
-        image.load()  # decode now, so a truncated file fails here rather than inside a transform
-        rgb = to_rgb(image)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"Cannot read image file {name!r}: {error}") from error
-    if rgb is image:  # already RGB: copy, so that closing the file keeps the pixels
-        rgb = image.copy()
-    image.close()
-    return rgb
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Transforms: a PIL image -> a normalised tensor [3, H, W], with the model's own image processor settings
-
-
-@dataclass(frozen=True)
-class _ProcessorSteps:
-    """What a CLIP-style image processor does, read once from it (no mean/std of our own)."""
-
-    resize: tuple[str, int, int] | None  # ("shortest_edge", n, n) or ("exact", height, width); None: no resize
-    resample: int  # PIL resampling filter of the resize
-    crop: tuple[int, int] | None  # (height, width) of the center crop; None: no crop
-    rescale_factor: float | None  # 1/255 for CLIP; None: no rescale
-    mean: tuple[float, ...] | None  # per channel; None: no normalisation
-    std: tuple[float, ...] | None
-
-    @classmethod
-    def from_processor(cls, processor: Any) -> _ProcessorSteps:
-        image_processor = getattr(processor, "image_processor", processor)  # a CLIPProcessor holds one
-        if not hasattr(image_processor, "size"):
-            raise ValueError(
-                f"{type(processor).__name__} is not an image processor; pass AutoProcessor.from_pretrained(...)"
-                " or its .image_processor."
-            )
-        resize = None
-        if getattr(image_processor, "do_resize", False):
-            resize = _resize_rule(image_processor.size)
-        crop = None
-        if getattr(image_processor, "do_center_crop", False):
-            size = image_processor.crop_size
-            crop = (int(_size_field(size, "height")), int(_size_field(size, "width")))
-        normalise = getattr(image_processor, "do_normalize", False)
-        return cls(
-            resize=resize,
-            resample=_pil_filter(getattr(image_processor, "resample", None)),
-            crop=crop,
-            rescale_factor=float(image_processor.rescale_factor)
-            if getattr(image_processor, "do_rescale", False)
-            else None,
-            mean=_per_channel(image_processor.image_mean) if normalise else None,
-            std=_per_channel(image_processor.image_std) if normalise else None,
-        )
-
-    @property
-    def output_size(self) -> tuple[int, int]:
-        """(height, width) of every processed image: the crop size, else a fixed resize size."""
-        if self.crop is not None:
-            return self.crop
-        if self.resize is not None and self.resize[0] == "exact":
-            return self.resize[1], self.resize[2]
-        raise ValueError(
-            "The image processor neither center-crops nor resizes to a fixed height and width, so its images "
-            "have no fixed size to random-crop to; set crop_size/do_center_crop or size={'height', 'width'}."
-        )
-
-    def resize_and_crop(self, image: Image.Image) -> Image.Image:
-        if self.resize is not None:
-            image = image.resize(_resized_shape(image, self.resize)[::-1], resample=self.resample)  # PIL: (w, h)
-        if self.crop is not None:
-            height, width = self.crop
-            # Same offsets as the processor's center crop; PIL pads with black where the crop leaves the image.
-            top, left = (image.height - height) // 2, (image.width - width) // 2
-            image = image.crop((left, top, left + width, top + height))
-        return image
-
-    def to_tensor(self, image: Image.Image) -> torch.Tensor:
-        pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W] uint8
-        # Scale in float64 then cast, exactly as the processor does.
-        scaled = pixels.double() * self.rescale_factor if self.rescale_factor is not None else pixels
-        pixels = scaled.float()  # [3, H, W]
-        if self.mean is not None:
-            mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]  # [3, 1, 1]
-            std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]  # [3, 1, 1]
-            pixels = (pixels - mean) / std  # [3, H, W]
-        return pixels.contiguous()
-
-    def describe(self) -> str:
-        return (
-            f"resize={self.resize} resample={self.resample} crop={self.crop} rescale={self.rescale_factor!r} "
-            f"mean={self.mean} std={self.std}"
-        )
-
-
-def _size_field(size: Any, key: str) -> Any:
-    """A field of a processor size: a ``SizeDict`` in transformers 5, a plain dict in saved configs."""
-    return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-
-
-def _resize_rule(size: Any) -> tuple[str, int, int]:
-    height, width, shortest = (_size_field(size, key) for key in ("height", "width", "shortest_edge"))
-    others = {
-        key: _size_field(size, key)
-        for key in ("longest_edge", "max_height", "max_width")
-        if _size_field(size, key) is not None
-    }
-    if shortest is not None and height is None and width is None and not others:
-        return ("shortest_edge", int(shortest), int(shortest))
-    if height is not None and width is not None and shortest is None and not others:
-        return ("exact", int(height), int(width))
-    raise ValueError(
-        f"Unsupported image processor size {size}; accepted forms are {{'shortest_edge': n}} and "
-        "{'height': h, 'width': w}."
-    )
-
-
-def _resized_shape(image: Image.Image, rule: tuple[str, int, int]) -> tuple[int, int]:
-    """(height, width) after resizing, with the processor's rounding for the shortest-edge rule."""
-    kind, height, width = rule
-    if kind == "exact":
-        return height, width
-    short, long = sorted((image.height, image.width))
-    new_long = int(height * long / short)  # truncation, as transformers' get_resize_output_image_size
-    return (new_long, height) if image.height > image.width else (height, new_long)
-
-
-def _pil_filter(resample: Any) -> int:
-    if resample is None:
-        return int(Image.Resampling.BILINEAR)  # the processor's own fallback
-    if hasattr(resample, "value") and isinstance(resample.value, str):  # e.g. torchvision's InterpolationMode
-        return int(Image.Resampling[resample.value.upper()])
-    return int(resample)
-
-
-def _per_channel(values: float | Sequence[float]) -> tuple[float, ...]:
-    values = (values,) * 3 if isinstance(values, (int, float)) else tuple(values)
-    if len(values) != 3:
-        raise ValueError(f"Expected one image mean/std value per RGB channel, got {list(values)}.")
-    return tuple(float(value) for value in values)
-
-
-class ImageTransform(abc.ABC):
-    """An image -> ``[3, H, W]`` float32 tensor transform, ready for CLIP's vision tower.
-
-    ``transform(image, index=i, view=v)`` takes anything :func:`load_image` reads. ``index`` (the image's
-    row) and ``view`` (the augmentation number) pick the random augmentation of a train transform; an eval
-    transform ignores them. ``description`` identifies the transform's settings in feature-cache keys.
-    """
-
-    description: str
-
-    @abc.abstractmethod
-    def __call__(self, image: Any, *, index: int = 0, view: int = 0) -> torch.Tensor:
-        """The processed image ``[3, H, W]`` float32."""
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.description})"
-
-
-class _EvalTransform(ImageTransform):
-    def __init__(self, steps: _ProcessorSteps) -> None:
-        self.steps = steps
-        self.description = f"eval {steps.describe()}"
-
-    def __call__(self, image: Any, *, index: int = 0, view: int = 0) -> torch.Tensor:
-        return self.steps.to_tensor(self.steps.resize_and_crop(load_image(image)))  # [3, H, W]
-
-
-class _TrainTransform(ImageTransform):
-    def __init__(
-        self,
-        steps: _ProcessorSteps,
-        *,
-        seed: int,
-        scale: tuple[float, float],
-        ratio: tuple[float, float],
-        flip_probability: float,
-        resample: int,
-    ) -> None:
-        self.steps, self.seed, self.scale, self.ratio = steps, seed, scale, ratio
-        self.flip_probability, self.resample = flip_probability, resample
-        self.size = steps.output_size  # (height, width) of every crop
-        self.description = (
-            f"train random-resized-crop size={self.size} scale={scale} ratio={ratio} resample={resample} "
-            f"flip={flip_probability} seed={seed} then rescale={steps.rescale_factor!r} mean={steps.mean} "
-            f"std={steps.std}"
-        )
-
-    def __call__(self, image: Any, *, index: int = 0, view: int = 0) -> torch.Tensor:
-        for name, number in (("index", index), ("view", view)):
-            if isinstance(number, bool) or not isinstance(number, (int, np.integer)) or number < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {number!r}.")
-        image = load_image(image)
-        rng = np.random.default_rng([self.seed, int(index), int(view)])  # this image's view, on any process
-        top, left, height, width = _random_resized_crop_box(rng, image.height, image.width, self.scale, self.ratio)
-        crop = image.crop((left, top, left + width, top + height))
-        crop = crop.resize(self.size[::-1], resample=self.resample)  # PIL takes (width, height)
-        if rng.random() < self.flip_probability:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return self.steps.to_tensor(crop)  # [3, H, W]
-
-
-def _random_resized_crop_box(
-    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
-) -> tuple[int, int, int, int]:
-    """(top, left, height, width) of a random crop, by torchvision's RandomResizedCrop rule."""
-    area = height * width
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        crop_width = round(math.sqrt(target_area * aspect))
-        crop_height = round(math.sqrt(target_area / aspect))
-        if 0 < crop_width <= width and 0 < crop_height <= height:
-            top = int(rng.integers(0, height - crop_height + 1))
-            left = int(rng.integers(0, width - crop_width + 1))
-            return top, left, crop_height, crop_width
-    # Ten misses (a very elongated image): fall back to the largest central crop within the ratio range.
-    if width / height < ratio[0]:
-        crop_width, crop_height = width, round(width / ratio[0])
-    elif width / height > ratio[1]:
-        crop_height, crop_width = height, round(height * ratio[1])
-    else:
-        crop_height, crop_width = height, width
-    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
-
-
-def build_eval_transform(image_processor: Any) -> ImageTransform:
-    """The processor's own resize and center crop, then its rescale and normalisation.
-
-    The result equals ``image_processor(images=image).pixel_values[0]`` (to float rounding), written with
-    PIL and torch only.
-
-    Args:
-        image_processor: The model's image processor (``CLIPImageProcessor``), or a processor holding one.
-
-    Returns:
-        An :class:`ImageTransform` that ignores ``index`` and ``view``.
-
-    Raises:
-        ValueError: for an object that is not an image processor, or a resize rule other than
-            ``{"shortest_edge": n}`` or ``{"height": h, "width": w}``.
-
-    Example:
-        >>> from PIL import Image
-        >>> from transformers import CLIPImageProcessor
-        >>> processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-        >>> pixels = build_eval_transform(processor)(Image.new("RGB", (64, 48), "white"))
-        >>> pixels.shape, pixels.dtype
-        (torch.Size([3, 32, 32]), torch.float32)
-    """
-    return _EvalTransform(_ProcessorSteps.from_processor(image_processor))
-
-
-def build_train_transform(
-    image_processor: Any,
-    *,
-    seed: int = 0,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip_probability: float = 0.5,
-    resample: int = Image.Resampling.BICUBIC,
-) -> ImageTransform:
-    """The paper's train augmentation: random-resized-crop and horizontal flip, then the processor's scaling.
-
-    The crop covers a random ``scale`` share of the image with a random aspect ratio in ``ratio`` (the
-    rule of torchvision's ``RandomResizedCrop``), is resized to the processor's crop size and flipped with
-    probability ``flip_probability``; then the processor's rescale and mean/std normalisation apply. The
-    randomness of ``transform(image, index=i, view=v)`` comes from ``(seed, i, v)`` alone.
-
-    Args:
-        image_processor: The model's image processor, or a processor holding one.
-        seed: Seed of the augmentations (integer >= 0).
-        scale: Range of the crop's share of the image area, ``0 < low <= high <= 1``.
-        ratio: Range of the crop's aspect ratio (width / height), ``0 < low <= high``.
-        flip_probability: Probability of a horizontal flip, in [0, 1].
-        resample: PIL filter of the crop's resize (bicubic, as in the paper).
-
-    Returns:
-        An :class:`ImageTransform`, deterministic in ``(seed, index, view)``.
-
-    Raises:
-        ValueError: for a bad seed, scale, ratio or flip probability, or a processor without a fixed output
-            size.
-
-    Example:
-        >>> import torch
-        >>> from PIL import Image
-        >>> from transformers import CLIPImageProcessor
-        >>> processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-        >>> transform = build_train_transform(processor, seed=0)
-        >>> image = Image.effect_noise((64, 48), 40)
-        >>> torch.equal(transform(image, index=3, view=1), transform(image, index=3, view=1))
-        True
-        >>> torch.equal(transform(image, index=3, view=1), transform(image, index=3, view=2))
-        False
-    """
-    _check_seed(seed)
-    if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
-        raise ValueError(f"scale must be (low, high) with 0 < low <= high <= 1, got {scale!r}.")
-    if not (len(ratio) == 2 and 0 < ratio[0] <= ratio[1]):
-        raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {ratio!r}.")
-    if not 0.0 <= flip_probability <= 1.0:
-        raise ValueError(f"flip_probability must be in [0, 1], got {flip_probability!r}.")
-    return _TrainTransform(
-        _ProcessorSteps.from_processor(image_processor),
-        seed=int(seed),
-        scale=(float(scale[0]), float(scale[1])),
-        ratio=(float(ratio[0]), float(ratio[1])),
-        flip_probability=float(flip_probability),
-        resample=int(resample),
-    )

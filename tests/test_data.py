@@ -14,7 +14,6 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from peft_clip_adapter.data import (
-    _random_resized_crop_box,
     build_eval_transform,
     build_train_transform,
     check_columns,
@@ -27,6 +26,7 @@ from peft_clip_adapter.data import (
     to_rgb,
 )
 from peft_clip_adapter.offline import SHAPE_CLASSES, write_shapes_dataset
+from peft_clip_adapter.transforms import _random_resized_crop_box
 
 SHAPE_NAMES = sorted(SHAPE_CLASSES)  # imagefolder sorts the class folders
 
