@@ -1,0 +1,213 @@
+"""The benchmark scripts in tiny mode: they run, write their files, and their arithmetic is right.
+
+Timings are never asserted (they depend on the machine); what is checked is the structure of the
+reports, the ratios recomputed from the reported times, the memory probe's accounting and the errors.
+"""
+
+from __future__ import annotations
+
+import doctest
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the scripts import their sibling modules, as when run directly
+
+import benchlib  # noqa: E402
+import speed  # noqa: E402
+import speed_report  # noqa: E402
+import workloads  # noqa: E402
+
+
+@pytest.mark.parametrize("module", [benchlib, speed_report, workloads])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--device", "tpu"], "--device must be 'cpu' or 'cuda"),
+        (["--sections", "overhead,speedup"], r"--sections must list names from \['overhead'"),
+        (["--views", "0"], "--views must be >= 1, got 0"),
+        (["--classes", "1"], "--classes must be >= 2"),
+        (["--arch", "vit-h-14"], r"--arch must list architectures from \['vit-b-16', 'vit-b-32'\]"),
+        (["--warmup", "-1"], "--warmup must be >= 0"),
+    ],
+)
+def test_speed_rejects_bad_arguments(argv, match):
+    with pytest.raises(ValueError, match=match):
+        speed.parse_args(argv)
+
+
+def test_defaults_follow_the_issue():
+    args = speed.parse_args([])
+    assert args.architectures == ["vit-b-32", "vit-b-16"]
+    assert (args.classes, args.shots, args.views, args.epochs, args.batch_size) == (10, 16, 10, 200, 32)
+
+
+def test_real_size_architectures_are_vit_b():
+    from transformers import CLIPConfig
+
+    vision = CLIPConfig(vision_config=benchlib.ARCHITECTURES["vit-b-16"]).vision_config
+    assert (vision.hidden_size, vision.num_hidden_layers, vision.patch_size, vision.image_size) == (768, 12, 16, 224)
+    with pytest.raises(ValueError, match="Unknown architecture 'vit-l-14'"):
+        benchlib.build_clip("vit-l-14")
+
+
+def test_reference_prompts_are_padded_like_clip_tokenize(tiny_clip):
+    config = tiny_clip.config.text_config
+    ids = benchlib.reference_prompt_ids(config, 5)
+    assert ids.shape == (5, min(77, config.max_position_embeddings))
+    assert (ids[:, 0] == config.bos_token_id).all() and (ids[:, 9] == config.eos_token_id).all()
+    words = ids[:, 1:9]
+    assert not torch.isin(words, torch.tensor([config.bos_token_id, config.eos_token_id, config.pad_token_id])).any()
+    # CLIP pools at the first end token, so the pooled position is 9 for every prompt.
+    assert ((ids == config.eos_token_id).int().argmax(dim=-1) == 9).all()
+
+
+def test_interleaved_medians_take_turns():
+    order = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    result = benchlib.interleaved_medians(calls, warmup=1, repeats=3)
+    assert order == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then alternating turns
+    for entry in result.values():
+        assert len(entry["times_s"]) == 3 and entry["median_s"] == sorted(entry["times_s"])[1]
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        benchlib.interleaved_medians(calls, warmup=0, repeats=0)
+
+
+def test_peak_memory_window_sees_a_64_mib_tensor():
+    benchlib.reset_peak_memory("cpu")
+    before, _ = benchlib.memory_bytes("cpu")
+    block = torch.ones(16 * 2**20)  # 64 MiB, touched
+    del block
+    _, peak = benchlib.memory_bytes("cpu")
+    assert peak - before >= 60 * 2**20
+
+
+def test_rescaling_to_ten_views_matches_hand_computation():
+    result = {"views": 2, "ours": {"extraction_s": 4.0, "training_s": 1.0}, "floor_s": 3.5}
+    result["reference"] = {"total_s": 300.0}
+    ten = speed._rescale_views(result, 10)
+    assert ten["ours_s"] == pytest.approx(4.0 * 5 + 1.0)
+    assert ten["floor_s"] == pytest.approx(17.5)
+    assert ten["ours_over_floor"] == round(21.0 / 17.5, 4)
+    assert ten["reference_over_ours"] == round(300.0 / 21.0, 4)
+
+
+def test_alternatives_summary_is_steps_times_step_time():
+    args = speed.parse_args(["--tiny"])  # 4 shots x 4 classes, batch 8: 2 steps per epoch
+    probes = {
+        "cached": {"step_seconds": 0.5, "peak_bytes": 1000},
+        "lora": {"step_seconds": 2.0, "peak_bytes": 1500},
+        "full": {"step_seconds": 3.0, "peak_bytes": 4000},
+    }
+    summary = speed.summarise_alternatives(probes, args)
+    assert summary["steps_per_epoch"] == 2
+    assert summary["lora"]["epoch_s"] == 4.0 and summary["lora"]["epoch_over_ours"] == 8.0
+    assert summary["full"]["peak_over_ours"] == 4.0
+
+
+def test_memory_summary_and_adapter_file_size(tiny_clip_path):
+    args = speed.parse_args(["--tiny"])
+    probes = {
+        "inference": {"peak_bytes": 2000, "increment_bytes": 300},
+        "cached": {"peak_bytes": 1900, "increment_bytes": 100},
+    }
+    memory = speed.summarise_memory(probes, tiny_clip_path, args)
+    assert memory["cached_training_over_inference"] == 0.95
+    assert memory["trainable_parameters"] == 2 * 32 * 8  # d=32, reduction 4: 32 -> 8 -> 32
+    assert 2 * 32 * 8 * 4 < memory["adapter_file_bytes"] < 2 * 32 * 8 * 4 + 2048  # fp32 weights + header
+    assert "clear_refs" in memory["method"]
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_lora_step_trains_only_lora_on_the_vision_tower(tiny_clip):
+    frozen_before = {name: p.detach().clone() for name, p in tiny_clip.named_parameters()}
+    pixels, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    weights = torch.nn.functional.normalize(torch.randn(32, 4), dim=0)
+    step = workloads.lora_training_step(tiny_clip, pixels, labels, weights)
+    trainable = _trainable(tiny_clip)
+    assert trainable and all("lora_" in name and "vision_model" in name for name in trainable)
+    assert {name.rsplit(".", 3)[-4].rsplit(".", 1)[-1] for name in trainable} == {"q_proj", "v_proj"}
+    step()
+    step()
+    after = dict(tiny_clip.named_parameters())
+    assert any(not torch.equal(trainable[name], after[name]) for name in trainable)
+    base = {name.replace("base_model.model.", "").replace(".base_layer", ""): p for name, p in after.items()}
+    assert all(torch.equal(frozen_before[name], base[name]) for name in frozen_before)
+
+
+def test_full_finetune_changes_the_vision_tower_only(tiny_clip):
+    before = {name: p.detach().clone() for name, p in tiny_clip.named_parameters()}
+    step = workloads.full_finetune_step(
+        tiny_clip, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]), torch.randn(32, 4)
+    )
+    step()
+    changed = {name for name, p in tiny_clip.named_parameters() if not torch.equal(before[name], p)}
+    assert changed and all(name.startswith(("vision_model.", "visual_projection.")) for name in changed)
+
+
+def test_cached_training_trains_the_saved_adapter(tiny_clip, tiny_clip_path, tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    import peft_clip_adapter
+
+    model = workloads.clip_adapter(tiny_clip)
+    features, labels = torch.randn(2, 8, 32), torch.arange(8) % 4  # [V, N, D], [N]
+    epoch = workloads.cached_training_epoch(model, torch.randn(4, 1, 32), features, labels, batch_size=4)
+    before = _trainable(model)
+    losses = [epoch() for _ in range(3)]
+    assert all(loss > 0 for loss in losses)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert len(saved) == len(trained) == 2
+    assert all(not torch.equal(before[name], trained[name]) for name in trained)
+    reloaded = PeftModel.from_pretrained(benchlib.build_clip(tiny_clip_path), tmp_path)
+    layer = peft_clip_adapter.adapter_layers(reloaded)["vision"]
+    torch.testing.assert_close(
+        layer.adapt(features[0]), peft_clip_adapter.adapter_layers(model)["vision"].adapt(features[0])
+    )
+
+
+@pytest.mark.slow
+def test_probe_reports_time_and_memory_in_a_fresh_process(tiny_clip_path):
+    spec = {"workload": "cached", "arch": tiny_clip_path, "device": "cpu", "batch_size": 8, "classes": 4}
+    report = speed.run_probe({**spec, "views": 2, "images": 16, "steps": 2, "warmup": 1})
+    assert len(report["step_times_s"]) == 2 and report["step_seconds"] > 0
+    assert report["peak_bytes"] >= report["baseline_bytes"] > 0
+    assert report["increment_bytes"] == report["peak_bytes"] - report["baseline_bytes"]
+    with pytest.raises(ValueError, match="Unknown workload 'bogus'; choose one of"):
+        speed.run_probe({**spec, "workload": "bogus"})
+
+
+@pytest.mark.slow
+def test_speed_tiny_run_writes_consistent_results(tmp_path, capsys):
+    report = speed.main(["--tiny", "--sections", "overhead,adapter", "--output_dir", str(tmp_path)])
+    written = json.loads((tmp_path / "speed_cpu_tiny.json").read_text())
+    assert written["command"].startswith("python benchmarks/speed.py --tiny")
+    assert set(written["machine"]) >= {"cpu", "cpu_cores", "torch", "transformers", "peft", "load_average_at_end"}
+    result = report["results"]["tiny"]
+    overhead = result["overhead"]["get_image_features"]
+    assert overhead["ratio"] == round(overhead["adapter_s"] / overhead["bare_s"], 4)
+    adapter = result["adapter"]
+    assert adapter["images"] == 16 and adapter["views"] == 2 and adapter["epochs"] == 5
+    assert adapter["reference"]["total_steps"] == 2 * 5 and adapter["reference"]["extrapolated"] is True
+    assert adapter["reference"]["total_s"] == pytest.approx(adapter["reference"]["step_s"] * 10)
+    ours = adapter["ours"]
+    assert ours["total_s"] == pytest.approx(ours["extraction_s"] + ours["training_s"])
+    assert adapter["ours_over_floor"] == round(ours["total_s"] / adapter["floor_s"], 4)
+    markdown = (tmp_path / "speed_cpu_tiny.md").read_text()
+    assert "| tiny | ours / floor (2 views, measured) |" in markdown
+    assert "extrapolated" in markdown and markdown in capsys.readouterr().out
