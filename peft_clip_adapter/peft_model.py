@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from huggingface_hub import HfApi, ModelCard
 from peft import PeftModel
+from safetensors import SafetensorError
 
 from peft_clip_adapter.card import render_model_card
 
@@ -67,6 +68,24 @@ class CLIPAdapterPeftModel(PeftModel):
         finally:
             self._card_location = location
             shutil.rmtree(staging, ignore_errors=True)
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
+        """Load a saved adapter as ``adapter_name``; see ``peft.PeftModel.load_adapter``.
+
+        ``PeftModel.from_pretrained`` and ``AutoPeftModel.from_pretrained`` load through this method too.
+
+        Raises:
+            ValueError: if the adapter's weights file cannot be read. Local folders are checked before
+                loading (see ``CLIPAdapterConfig.from_pretrained``); this also covers a damaged file
+                downloaded from the Hub, which safetensors would report only as a bare parse error.
+        """
+        try:
+            return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+        except SafetensorError as error:
+            raise ValueError(
+                f"The adapter weights of {str(model_id)!r} are truncated or corrupted ({error}). Save the "
+                "adapter again, or download it again (force_download=True) if it came from the Hub."
+            ) from error
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Write peft's card, then our text and tags over it (keeping any other metadata)."""
