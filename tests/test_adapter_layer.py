@@ -106,6 +106,10 @@ def test_only_the_adapter_trains(clip_path, adapt):
     assert names == sorted(
         f"{KEYS[b]}.clip_adapter_{w}.default.weight" for b in BRANCHES[adapt] for w in ("down", "up")
     )
+    # A training step reaches exactly those parameters.
+    logits = model(input_ids=INPUT_IDS, pixel_values=torch.randn(3, 3, 32, 32)).logits_per_image  # [3, 3]
+    F.cross_entropy(logits, torch.arange(3)).backward()
+    assert sorted(name for name, p in model.named_parameters() if p.grad is not None) == names
 
 
 def test_adapt_applies_the_formula_to_cached_embeddings(tiny_clip):
