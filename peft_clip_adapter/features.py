@@ -1,0 +1,494 @@
+"""Frozen image features: the backbone runs once per image and augmented view, then the adapter trains on them.
+
+The CLIP backbone never needs gradients in CLIP-Adapter, yet the reference trainer re-runs it on every
+step. Here ``extract_image_features`` runs it once per image and view (adapters disabled, so the result
+is the raw ``visual_projection`` output) and ``FeatureCache`` keeps the result on disk, so the next run
+with the same model, rows, transform and views skips the backbone altogether::
+
+    cache = FeatureCache("feature-cache")
+    train = cache.load_or_extract(model, train_split, build_train_transform(processor), views=10)
+    head = CLIPAdapterClassifier.from_model(model, prompts)
+    features, labels = train.flatten()  # [V*N, D], [V*N]: train the head on these
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from peft_clip_adapter.data import check_columns, load_image
+from peft_clip_adapter.embeddings import frozen_image_embeddings, model_device, unwrap_model
+from peft_clip_adapter.registration import PREFIX
+
+logger = logging.getLogger(__name__)
+
+#: Bumped whenever the file layout or the key recipe changes, so old cache files are never misread.
+CACHE_FORMAT_VERSION = 1
+
+# Config entries that name where a model came from rather than what it computes.
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "_commit_hash", "transformers_version")
+
+
+@dataclass
+class FeatureSet:
+    """Pooled image embeddings of ``N`` images under ``V`` views, with their labels.
+
+    Args:
+        features: ``[V, N, D]`` float32: ``features[v, i]`` is view ``v`` of image ``i``.
+        labels: ``[N]`` int64 class indices.
+
+    Raises:
+        ValueError: for wrong ranks, dtypes, or a different ``N`` in features and labels.
+
+    Example:
+        >>> feature_set = FeatureSet(torch.zeros(2, 3, 4), torch.tensor([0, 1, 1]))
+        >>> feature_set.num_views, feature_set.num_images, feature_set.dim
+        (2, 3, 4)
+        >>> [tuple(t.shape) for t in feature_set.flatten()]
+        [(6, 4), (6,)]
+    """
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.features.dim() != 3 or self.features.dtype != torch.float32:
+            raise ValueError(
+                f"features must be a float32 [V, N, D] tensor (views, images, width), got {self.features.dtype} "
+                f"of shape {tuple(self.features.shape)}."
+            )
+        if self.labels.dim() != 1 or self.labels.dtype != torch.int64:
+            raise ValueError(
+                f"labels must be an int64 [N] tensor, got {self.labels.dtype} {tuple(self.labels.shape)}."
+            )
+        if self.labels.shape[0] != self.features.shape[1]:
+            raise ValueError(
+                f"features hold {self.features.shape[1]} images but labels hold {self.labels.shape[0]}; "
+                "they must match."
+            )
+
+    @property
+    def num_views(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_images(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[2]
+
+    def flatten(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All views as one training set: row ``v * N + i`` is view ``v`` of image ``i``.
+
+        Returns:
+            ``([V*N, D] features, [V*N] labels)``.
+        """
+        return self.features.reshape(-1, self.dim), self.labels.repeat(self.num_views)
+
+
+def _check_extraction_args(
+    dataset: datasets.Dataset, *, views: int, batch_size: int, image_column: str, label_column: str
+) -> None:
+    if not isinstance(views, int) or views < 1:
+        raise ValueError(f"views={views!r} must be an integer >= 1 (augmented views per image).")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1.")
+    check_columns(dataset, image_column, label_column)
+    if len(dataset) == 0:
+        raise ValueError("The dataset has no rows; there are no images to extract features from.")
+
+
+def dataset_labels(dataset: datasets.Dataset, label_column: str = "label") -> torch.Tensor:
+    """The label column as an int64 tensor ``[N]``.
+
+    Raises:
+        ValueError: if a label is not a non-negative integer (string labels need
+            ``dataset.class_encode_column(label_column)`` first; ``-1`` marks unlabelled rows).
+
+    Example:
+        >>> dataset_labels(datasets.Dataset.from_dict({"label": [2, 0]}))
+        tensor([2, 0])
+    """
+    values = list(dataset[label_column])
+    bad = [value for value in values if isinstance(value, bool) or not isinstance(value, int) or value < 0]
+    if bad:
+        raise ValueError(
+            f"Label column {label_column!r} must hold class indices >= 0, found {bad[0]!r}. Encode string labels "
+            f"with dataset.class_encode_column({label_column!r}) and drop unlabelled (-1) rows."
+        )
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def _undecoded(dataset: datasets.Dataset, image_column: str) -> datasets.Dataset:
+    """Just the image column, left as ``{"path", "bytes"}`` so that ``load_image`` decodes it (and names
+    any file it cannot read) instead of ``datasets`` failing on row access."""
+    images = dataset.select_columns([image_column])
+    if isinstance(dataset.features[image_column], datasets.Image):
+        images = images.cast_column(image_column, datasets.Image(decode=False))
+    return images
+
+
+def _projection_width(model: nn.Module) -> int:
+    for name, module in unwrap_model(model).named_modules():
+        if name.rpartition(".")[2] == "visual_projection":
+            return module.out_features
+    raise ValueError(f"{type(unwrap_model(model)).__name__} has no `visual_projection` layer.")
+
+
+def _encode_rows(
+    model: nn.Module,
+    images: datasets.Dataset,
+    rows: list[int],
+    transform,
+    *,
+    views: int,
+    image_column: str,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+) -> torch.Tensor:
+    """Frozen embeddings ``[V, len(rows), D]`` (float32, CPU) of the given dataset rows."""
+    from tqdm.auto import tqdm
+
+    dtype = next((p.dtype for p in unwrap_model(model).parameters() if p.is_floating_point()), torch.float32)
+    chunks = [torch.empty(views, 0, _projection_width(model))]
+    for start in tqdm(range(0, len(rows), batch_size), desc="Extracting features", disable=not progress):
+        batch = rows[start : start + batch_size]
+        # Decode each image once; the transform gives every view from it.
+        pictures = [load_image(value) for value in images[batch][image_column]]
+        per_view = []
+        for view in range(views):
+            # The row number is the image's index, so view v of row i is the same crop on any process split.
+            pixels = torch.stack(
+                [transform(picture, index=row, view=view) for row, picture in zip(batch, pictures, strict=True)]
+            )
+            embeddings = frozen_image_embeddings(model, pixels.to(device=device, dtype=dtype))  # [B, D]
+            per_view.append(embeddings.float().cpu())
+        chunks.append(torch.stack(per_view))  # [V, B, D]
+    return torch.cat(chunks, dim=1)  # [V, len(rows), D]
+
+
+def _gather_rows(accelerator, local: torch.Tensor, rows: list[int], num_rows: int) -> torch.Tensor:
+    """Gather every process's ``[V, n_p, D]`` slice into ``[V, num_rows, D]`` in the original row order."""
+    device = accelerator.device
+    features = accelerator.pad_across_processes(local.transpose(0, 1).contiguous().to(device), dim=0)  # [n_max, V, D]
+    index = accelerator.pad_across_processes(torch.tensor(rows, dtype=torch.int64, device=device), pad_index=-1)
+    features, index = accelerator.gather(features).cpu(), accelerator.gather(index).cpu()  # [P*n_max, V, D], [P*n_max]
+    keep = index >= 0  # padding rows carry index -1
+    if sorted(index[keep].tolist()) != list(range(num_rows)):
+        raise RuntimeError("Gathered feature rows do not cover the dataset exactly once; the processes disagree.")
+    result = torch.empty(num_rows, *features.shape[1:])  # [N, V, D]
+    result[index[keep]] = features[keep]
+    return result.transpose(0, 1).contiguous()  # [V, N, D]
+
+
+def extract_image_features(
+    model: nn.Module,
+    dataset: datasets.Dataset,
+    transform,
+    *,
+    views: int = 1,
+    image_column: str = "image",
+    label_column: str = "label",
+    batch_size: int = 64,
+    accelerator=None,
+    show_progress: bool = False,
+) -> FeatureSet:
+    """Run the frozen image backbone once per row and view; return the raw pooled embeddings.
+
+    Adapters are disabled while the backbone runs, so the features are CLIP's own ``visual_projection``
+    output, to which ``CLIPAdapterClassifier`` applies the (trainable) vision adapter.
+
+    Args:
+        model: A ``PeftModel`` around a CLIP model, or a plain ``CLIPModel`` /
+            ``CLIPVisionModelWithProjection``.
+        dataset: A ``datasets.Dataset`` with an image column and an integer / ``ClassLabel`` label column.
+        transform: An ``ImageTransform`` from ``peft_clip_adapter.data``: ``transform(image, index=,
+            view=) -> [3, H, W]``; it is called with the row number as ``index``.
+        views: Augmented views per image (use 1 with a deterministic eval transform).
+        image_column: Name of the image column.
+        label_column: Name of the label column.
+        batch_size: Images per backbone forward pass.
+        accelerator: An ``accelerate.Accelerator``: rows are split across its processes
+            (``split_between_processes``) and gathered, so every process returns ALL features, in order.
+        show_progress: Show a tqdm bar (on the local main process only).
+
+    Returns:
+        A ``FeatureSet`` with ``[views, len(dataset), D]`` float32 features (on CPU) and the labels.
+
+    Raises:
+        ValueError: for ``views`` or ``batch_size`` < 1, a missing column (the message lists the columns
+            there are), an empty dataset, non-integer labels, an unreadable image (named), or a model
+            without ``visual_projection``.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import AutoProcessor, CLIPModel
+        >>> from peft_clip_adapter.data import build_eval_transform
+        >>> from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset
+        >>> path = build_tiny_clip(tempfile.mkdtemp())
+        >>> root = write_shapes_dataset(tempfile.mkdtemp(), images_per_class=2)
+        >>> dataset = datasets.load_dataset("imagefolder", data_dir=root, split="train")
+        >>> transform = build_eval_transform(AutoProcessor.from_pretrained(path).image_processor)
+        >>> feature_set = extract_image_features(CLIPModel.from_pretrained(path), dataset, transform)
+        >>> tuple(feature_set.features.shape), feature_set.labels.tolist()
+        ((1, 8, 32), [0, 0, 1, 1, 2, 2, 3, 3])
+    """
+    _check_extraction_args(
+        dataset, views=views, batch_size=batch_size, image_column=image_column, label_column=label_column
+    )
+    labels = dataset_labels(dataset, label_column)  # [N]
+    images = _undecoded(dataset, image_column)
+    rows = list(range(len(dataset)))
+    device = accelerator.device if accelerator is not None else model_device(unwrap_model(model))
+    progress = show_progress and (accelerator is None or accelerator.is_local_main_process)
+    encode = dict(views=views, image_column=image_column, batch_size=batch_size, device=device, progress=progress)
+    if accelerator is None:
+        return FeatureSet(_encode_rows(model, images, rows, transform, **encode), labels)
+    with accelerator.split_between_processes(rows) as local_rows:  # contiguous, uneven by at most one row
+        local = _encode_rows(model, images, list(local_rows), transform, **encode)  # [V, n_local, D]
+        local_rows = list(local_rows)
+    return FeatureSet(_gather_rows(accelerator, local, local_rows, len(rows)), labels)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().reshape(-1).contiguous().cpu()
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of everything in ``model`` that shapes its frozen image embeddings.
+
+    Covers the config (minus where it was loaded from) and every parameter and buffer except adapters
+    and the text side (``text_*`` modules, ``logit_scale``), by name, dtype, shape and value. peft's
+    wrapping is ignored, so a ``PeftModel`` and its plain base model share a fingerprint.
+
+    Example:
+        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        >>> model_fingerprint(a) == model_fingerprint(a), model_fingerprint(a) == model_fingerprint(b)
+        (True, False)
+    """
+    inner = unwrap_model(model)
+    digest = hashlib.sha256()
+    config = getattr(inner, "config", None)
+    if config is not None:
+        settings = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    tensors = {}
+    for name, tensor in [*inner.named_parameters(), *inner.named_buffers()]:
+        parts = [part for part in name.split(".") if part != "base_layer"]
+        if any(part.startswith((PREFIX, "text_")) for part in parts) or parts[-1] == "logit_scale":
+            continue
+        tensors[".".join(parts)] = tensor
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(_tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(dataset: datasets.Dataset, image_column: str = "image", label_column: str = "label") -> str:
+    """A hash of the exact rows of ``dataset``: its ``datasets`` fingerprint, labels and image sources.
+
+    The ``datasets`` fingerprint changes with the source files and every ``select`` / ``map`` /
+    ``shuffle``; the labels and the image file paths (or bytes, for embedded images) are hashed too, so
+    two samples of one split never share a key.
+
+    Example:
+        >>> data = datasets.Dataset.from_dict({"image": ["a.png", "b.png"], "label": [0, 1]})
+        >>> dataset_fingerprint(data) == dataset_fingerprint(data.select([1, 0]))
+        False
+    """
+    digest = hashlib.sha256()
+    digest.update(f"{dataset._fingerprint}|{len(dataset)}|".encode())
+    digest.update(_tensor_bytes(dataset_labels(dataset, label_column)))
+    # Undecoded values are {"path", "bytes"}: the bytes are read only for images with no file path.
+    for value in _undecoded(dataset, image_column)[image_column]:
+        if isinstance(value, dict):
+            value = value.get("path") or value.get("bytes") or b""
+        digest.update(value if isinstance(value, bytes) else repr(value).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def _digest(feature_set: FeatureSet) -> str:
+    digest = hashlib.sha256(_tensor_bytes(feature_set.features))
+    digest.update(_tensor_bytes(feature_set.labels))
+    return digest.hexdigest()
+
+
+def _key_of(components: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class FeatureCache:
+    """An on-disk cache of ``FeatureSet`` s, one safetensors file per key, never silently stale.
+
+    The key hashes the model (``model_fingerprint``), the dataset rows (``dataset_fingerprint``), the
+    image and label columns, the transform's ``description`` and the number of views: a change in any
+    of them is a new file. Files are written atomically (temporary file + ``os.replace``) and carry a
+    checksum, so a truncated or damaged file is detected, logged and recomputed.
+
+    Args:
+        cache_dir: Folder for the cache files (created when first written).
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import AutoProcessor, CLIPModel
+        >>> from peft_clip_adapter.data import build_eval_transform
+        >>> from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset
+        >>> path = build_tiny_clip(tempfile.mkdtemp())
+        >>> root = write_shapes_dataset(tempfile.mkdtemp(), images_per_class=1)
+        >>> dataset = datasets.load_dataset("imagefolder", data_dir=root, split="train")
+        >>> model = CLIPModel.from_pretrained(path)
+        >>> transform = build_eval_transform(AutoProcessor.from_pretrained(path).image_processor)
+        >>> cache = FeatureCache(tempfile.mkdtemp())
+        >>> first = cache.load_or_extract(model, dataset, transform)
+        >>> cache.last_hit
+        False
+        >>> torch.equal(cache.load_or_extract(model, dataset, transform).features, first.features), cache.last_hit
+        (True, True)
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike) -> None:
+        self.cache_dir = Path(cache_dir)
+        #: Whether the last ``load_or_extract`` call was served from disk, and the file it used.
+        self.last_hit: Optional[bool] = None
+        self.last_path: Optional[Path] = None
+
+    def key_components(
+        self,
+        model: nn.Module,
+        dataset: datasets.Dataset,
+        transform,
+        *,
+        views: int,
+        image_column: str = "image",
+        label_column: str = "label",
+    ) -> dict[str, Any]:
+        """What the cache key is made of (also stored, readable, in each file's metadata).
+
+        Raises:
+            ValueError: if ``transform`` has no ``description`` string to identify it.
+        """
+        description = getattr(transform, "description", None)
+        if not isinstance(description, str) or not description:
+            raise ValueError(
+                f"{type(transform).__name__} has no `description` string, so cached features could not be told "
+                "apart from another transform's. Use peft_clip_adapter.data.build_train_transform / "
+                "build_eval_transform, or give your transform a stable `description`."
+            )
+        return {
+            "format": CACHE_FORMAT_VERSION,
+            "model": model_fingerprint(model),
+            "dataset": dataset_fingerprint(dataset, image_column, label_column),
+            "image_column": image_column,
+            "label_column": label_column,
+            "transform": description,
+            "views": views,
+        }
+
+    def key(self, model: nn.Module, dataset: datasets.Dataset, transform, **kwargs: Any) -> str:
+        """The cache key (32 hex digits); keyword arguments as ``key_components``."""
+        return _key_of(self.key_components(model, dataset, transform, **kwargs))
+
+    def path(self, key: str) -> Path:
+        """The file that holds (or will hold) the features of ``key``."""
+        return self.cache_dir / f"image-features-{key}.safetensors"
+
+    def load(self, key: str) -> Optional[FeatureSet]:
+        """The cached ``FeatureSet`` of ``key``; ``None`` if absent, or damaged (logged as a warning)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                feature_set = FeatureSet(handle.get_tensor("features"), handle.get_tensor("labels"))
+            if metadata.get("key") != key or metadata.get("digest") != _digest(feature_set):
+                raise ValueError("its key or checksum does not match its content")
+        except (SafetensorError, OSError, KeyError, ValueError, TypeError) as error:
+            logger.warning("Feature cache file %s is damaged (%s); recomputing it.", path, error)
+            return None
+        return feature_set
+
+    def save(self, key: str, feature_set: FeatureSet, components: Optional[dict[str, Any]] = None) -> Path:
+        """Write ``feature_set`` under ``key`` atomically; returns the file's path."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        metadata = {"key": key, "digest": _digest(feature_set), "components": json.dumps(components or {})}
+        tensors = {"features": feature_set.features.contiguous(), "labels": feature_set.labels.contiguous()}
+        handle, temporary = tempfile.mkstemp(dir=self.cache_dir, prefix=".partial-", suffix=".safetensors")
+        os.close(handle)
+        try:
+            save_file(tensors, temporary, metadata=metadata)
+            # Readers see either no file or a whole one, even if this process dies mid-write.
+            os.replace(temporary, self.path(key))
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+        return self.path(key)
+
+    def load_or_extract(
+        self,
+        model: nn.Module,
+        dataset: datasets.Dataset,
+        transform,
+        *,
+        views: int = 1,
+        image_column: str = "image",
+        label_column: str = "label",
+        batch_size: int = 64,
+        accelerator=None,
+        show_progress: bool = False,
+    ) -> FeatureSet:
+        """The features of ``extract_image_features`` (same arguments), from disk when already computed.
+
+        With an ``accelerator``, every process must call this; extraction (when needed) is shared across
+        them, the local main process writes the file, and every process returns all features.
+
+        Raises:
+            ValueError: as ``extract_image_features``, or for a transform without ``description``.
+        """
+        columns = {"views": views, "image_column": image_column, "label_column": label_column}
+        _check_extraction_args(dataset, batch_size=batch_size, **columns)
+        components = self.key_components(model, dataset, transform, **columns)
+        key = _key_of(components)
+        cached = self.load(key)
+        hit = cached is not None
+        if accelerator is not None and accelerator.num_processes > 1:
+            # Extraction is collective, so all processes must agree on whether to run it.
+            flags = accelerator.gather(torch.tensor([hit], dtype=torch.int64, device=accelerator.device))
+            hit = bool(flags.min().item())
+        self.last_hit, self.last_path = hit, self.path(key)
+        if hit:
+            logger.info("Loaded %d x %d cached image features from %s", views, len(dataset), self.last_path)
+            return cached
+        feature_set = extract_image_features(
+            model,
+            dataset,
+            transform,
+            batch_size=batch_size,
+            accelerator=accelerator,
+            show_progress=show_progress,
+            **columns,
+        )
+        if accelerator is None or accelerator.is_local_main_process:
+            self.save(key, feature_set, components)
+            logger.info("Cached %d x %d image features in %s", views, len(dataset), self.last_path)
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
+        return feature_set
