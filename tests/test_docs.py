@@ -1,0 +1,212 @@
+"""The documentation site: it builds with ``mkdocs build --strict``, and every snippet in it runs.
+
+Snippets run offline against a tiny CLIP served under real Hub ids, with Hub uploads intercepted; the
+mechanism is in ``tests/docs_snippets.py`` and in docs/contributing.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import peft_clip_adapter
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+
+
+def _load_sibling(name: str):
+    # pytest runs with --import-mode=importlib, so tests/ is not on sys.path.
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+snippets = _load_sibling("docs_snippets")
+
+PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+PAGES_WITH_CODE = [
+    page for page in PAGES if any(s.skip_reason is None for s in snippets.python_snippets(page.read_text()))
+]
+
+#: Modules whose public classes and functions must all be in the API reference.
+API_MODULES = [
+    "peft_clip_adapter.config",
+    "peft_clip_adapter.layer",
+    "peft_clip_adapter.model",
+    "peft_clip_adapter.peft_model",
+    "peft_clip_adapter.registration",
+    "peft_clip_adapter.classifier",
+    "peft_clip_adapter.templates",
+    "peft_clip_adapter.embeddings",
+    "peft_clip_adapter.data",
+    "peft_clip_adapter.features",
+    "peft_clip_adapter.offline",
+    "peft_clip_adapter.card",
+    "peft_clip_adapter.checkpoint",
+]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, tiny_clip_path):
+    with snippets.offline_hub(tmp_path_factory.mktemp("hub-cache"), Path(tiny_clip_path)) as offline:
+        yield offline
+
+
+@pytest.fixture
+def one_thread():
+    """Snippets on the tiny model work on tensors of a few kilobytes, where handing each op to a pool of
+    threads costs far more than it saves (10x slower on a busy 2-core machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda page: str(page.relative_to(ROOT)))
+def test_page_snippets_run(page, hub, one_thread, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert snippets.run_page(page) >= 1
+
+
+def test_few_blocks_are_skipped():
+    skipped = [
+        (page.name, s.line) for page in PAGES for s in snippets.python_snippets(page.read_text()) if s.skip_reason
+    ]
+    total = sum(len(snippets.python_snippets(page.read_text())) for page in PAGES)
+    assert total >= 20
+    assert len(skipped) <= 3, skipped
+
+
+def test_offline_hub_serves_tiny_models_and_round_trips_uploads(hub, tmp_path):
+    from huggingface_hub import HfApi
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained("openai/clip-vit-base-patch32")
+    assert model.config.projection_dim == 32
+    folder = tmp_path / "upload"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    api = HfApi()
+    repo_id = api.create_repo("someone/round-trip", exist_ok=True).repo_id
+    commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="test")
+    assert hub.uploads[-1] == ("someone/round-trip", ["notes.txt"])
+    from huggingface_hub import hf_hub_download
+
+    assert Path(hf_hub_download("someone/round-trip", "notes.txt")).read_text() == "hello"
+    assert commit.oid == (hub.cache_dir / "models--someone--round-trip" / "refs" / "main").read_text()
+
+
+def test_snippet_parser_handles_indentation_attributes_and_markers():
+    page = (
+        "<!-- skip-test: needs the real checkpoint -->\n"
+        '```python title="real.py"\n'
+        "load()\n"
+        "```\n"
+        "```bash\n"
+        "echo no\n"
+        "```\n"
+        "!!! note\n    ```py\n    if True:\n        x = 1\n    ```\n"
+    )
+    found = snippets.python_snippets(page)
+    assert [(s.line, s.skip_reason) for s in found] == [(3, "needs the real checkpoint"), (10, None)]
+    assert found[1].code == "if True:\n    x = 1\n"
+
+
+@pytest.mark.parametrize(
+    ("page", "message"),
+    [
+        ("```python\nx = 1\n", "never closed"),
+        ("<!-- skip-test: -->\n```python\nx = 1\n```\n", "must say why"),
+    ],
+)
+def test_snippet_parser_rejects_bad_markup(page, message):
+    with pytest.raises(ValueError, match=message):
+        snippets.python_snippets(page)
+
+
+def test_failing_snippet_names_page_and_line(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# t\n\n```python\nvalue = 1\n```\n\n```python\nassert value == 2\n```\n")
+    with pytest.raises(AssertionError, match=r"page\.md:8 failed"):
+        snippets.run_page(page)
+
+
+def _public_names(module_name: str) -> list[str]:
+    """Classes and functions defined in the module itself (not imported), without a leading underscore."""
+    module = importlib.import_module(module_name)
+    return sorted(
+        f"{module_name}.{name}"
+        for name, value in vars(module).items()
+        if not name.startswith("_")
+        and (inspect.isclass(value) or inspect.isfunction(value))
+        and getattr(value, "__module__", None) == module_name
+    )
+
+
+def _exported_names() -> list[str]:
+    names = []
+    for name in peft_clip_adapter.__all__:
+        value = getattr(peft_clip_adapter, name)
+        module = getattr(value, "__module__", None)
+        if not (inspect.isclass(value) or inspect.isfunction(value)):
+            # A constant: find the module that assigns it at top level (others merely import it).
+            assigned = re.compile(rf"^{name}\s*[:=]", re.MULTILINE)
+            module = next(m for m in API_MODULES if assigned.search(inspect.getsource(importlib.import_module(m))))
+        names.append(f"{module}.{name}")
+    return names
+
+
+@pytest.mark.slow
+def test_mkdocs_build_strict_documents_every_public_name(tmp_path):
+    site = tmp_path / "site"
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    html = "".join(path.read_text(encoding="utf-8") for path in (site / "api").rglob("*.html"))
+    anchors = set(re.findall(r'id="(peft_clip_adapter\.[\w.]+)"', html))
+    wanted = {name for module in API_MODULES for name in _public_names(module)} | set(_exported_names())
+    assert sorted(wanted - anchors) == []
+
+
+def _message_fragments(path: Path) -> list[tuple[int, str]]:
+    """``(line, longest literal part)`` of each ``raise ValueError(<message>)`` in a source file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args):
+            continue
+        if getattr(node.exc.func, "id", None) != "ValueError":
+            continue
+        message = node.exc.args[0]
+        parts = message.values if isinstance(message, ast.JoinedStr) else [message]
+        literals = [part.value for part in parts if isinstance(part, ast.Constant) and isinstance(part.value, str)]
+        if literals:
+            found.append((node.lineno, " ".join(max(literals, key=len).split())))
+    return found
+
+
+def test_troubleshooting_quotes_every_error_message():
+    page = " ".join((DOCS / "troubleshooting.md").read_text(encoding="utf-8").split())
+    missing = [
+        f"{path.name}:{line}: {fragment!r}"
+        for path in sorted((ROOT / "peft_clip_adapter").glob("*.py"))
+        for line, fragment in _message_fragments(path)
+        if fragment.strip(" .,:;") and fragment.strip() not in page
+    ]
+    assert not missing, "Quote these messages in docs/troubleshooting.md:\n" + "\n".join(missing)
