@@ -211,3 +211,137 @@ def test_speed_tiny_run_writes_consistent_results(tmp_path, capsys):
     markdown = (tmp_path / "speed_cpu_tiny.md").read_text()
     assert "| tiny | ours / floor (2 views, measured) |" in markdown
     assert "extrapolated" in markdown and markdown in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------
+# reproduce.py
+
+import paper  # noqa: E402
+import reproduce  # noqa: E402
+
+
+def test_paper_mapping_covers_the_eleven_datasets_and_their_templates():
+    from peft_clip_adapter.templates import DATASET_TEMPLATES
+
+    assert len(paper.DATASETS) == 11 and set(paper.DATASETS) == set(DATASET_TEMPLATES)
+    assert all(entry.template in DATASET_TEMPLATES for entry in paper.DATASETS.values())
+    means = [round(sum(column) / 11, 2) for column in zip(*(e.accuracy for e in paper.DATASETS.values()), strict=True)]
+    zero_shot = round(sum(entry.zero_shot for entry in paper.DATASETS.values()) / 11, 2)
+    # The table's own mean row agrees with its rows (to the paper's rounding).
+    assert [zero_shot, *means] == pytest.approx(list(paper.PAPER_MEAN), abs=0.011)
+    assert paper.DATASETS["imagenet"].paper_accuracy(16) == 63.59
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--smoke", "--shots", "0,2"], "--shots must be comma-separated whole numbers >= 1"),
+        (["--smoke", "--seeds", "a"], "--seeds must be comma-separated whole numbers >= 0"),
+        (["--smoke", "--search_ratios", "0.2,1.5"], r"--search_ratios must be comma-separated numbers in \[0, 1\]"),
+        (["--smoke", "--ratio", "2"], r"--ratio must be in \[0, 1\]"),
+        (["--datasets", "imagenet2", "--data_root", "d", "--model_name_or_path", "m"], "Unknown dataset"),
+        (["--data_root", "d"], "Pass --model_name_or_path"),
+        (["--model_name_or_path", "m"], "Pass --data_root"),
+        (["--model_name_or_path", "m", "--dataset_dir", "mnist=/x", "--datasets", "dtd"], "KEY=PATH with KEY in"),
+    ],
+)
+def test_reproduce_rejects_bad_arguments(argv, match):
+    with pytest.raises(ValueError, match=match):
+        reproduce.parse_args(argv)
+
+
+def test_reproduce_passes_unknown_flags_to_the_trainer():
+    args, trainer_args = reproduce.parse_args(
+        ["--model_name_or_path", "m", "--data_root", "d", "--datasets", "dtd", "--num_train_epochs", "5", "--cpu"]
+    )
+    assert trainer_args == ["--num_train_epochs", "5", "--cpu"]
+    assert (
+        args.dataset_dirs == {"dtd": Path("d") / "dtd"} and args.seeds == [1, 2, 3] and args.shots == [1, 2, 4, 8, 16]
+    )
+
+
+def test_table_puts_our_mean_and_std_beside_the_paper():
+    cells = [
+        {"dataset": key, "shots": 16, "seed": seed, "accuracy": accuracy, "zero_shot_accuracy": 50.0}
+        for key, values in (("eurosat", (80.0, 84.0)), ("dtd", (60.0, 60.0)))
+        for seed, accuracy in zip((1, 2), values, strict=True)
+    ]
+    datasets = [paper.DATASETS["eurosat"], paper.DATASETS["dtd"]]
+    summary = reproduce.summarise(cells, datasets, [16])
+    assert summary["eurosat"]["shots"][16] == {"mean": 82.0, "std": 2.8284, "n": 2, "paper": 84.43}
+    markdown = reproduce.render_markdown(
+        summary, [16], {"command": "c", "model": "m", "seeds": [1, 2], "hparams": "fixed"}
+    )
+    assert "| EuroSAT | 50.00 ± 0.00 (37.52) | 82.00 ± 2.83 (84.43) |" in markdown
+    # Mean over the two datasets: ours (82 + 60) / 2, the paper's (84.43 + 65.96) / 2.
+    paper_mean = f"{(84.43 + 65.96) / 2:.2f}"
+    assert f"| mean | 50.00 ± 0.00 (39.86) | 71.00 ± 1.41 ({paper_mean}) |" in markdown
+
+
+def test_carved_validation_splits_exactly_the_trainers_shots(shapes_dir, tmp_path):
+    from peft_clip_adapter.data import load_image_classification_data, sample_few_shot
+
+    fit, held_out, fit_shots = reproduce.carve_validation(Path(shapes_dir), Path(shapes_dir), 4, 3, tmp_path / "s")
+    assert fit_shots == 3
+    fit_files = {path.relative_to(fit) for path in fit.rglob("*.png")}
+    held_files = {path.relative_to(held_out) for path in held_out.rglob("*.png")}
+    assert len(fit_files) == 4 * 3 and len(held_files) == 4 * 1 and not fit_files & held_files
+    train = load_image_classification_data(train_dir=shapes_dir, validation_dir=shapes_dir, seed=3)["train"]
+    sample = sample_few_shot(train, 4, seed=3).cast_column("image", __import__("datasets").Image(decode=False))
+    expected = {Path(image["path"]).relative_to(shapes_dir) for image in sample["image"]}
+    assert fit_files | held_files == expected
+
+
+def test_prepare_from_coop_split_links_train_val_and_test(tmp_path):
+    images = tmp_path / "images"
+    (images / "a").mkdir(parents=True)
+    for name in ("1.jpg", "2.jpg", "3.jpg"):
+        (images / "a" / name).write_bytes(b"x")
+    split = {
+        "train": [["a/1.jpg", 0, "annual crop"]],
+        "val": [["a/2.jpg", 0, "annual crop"]],
+        "test": [["a/3.jpg", 0, "annual crop"]],
+    }
+    split_file = tmp_path / "split.json"
+    split_file.write_text(json.dumps(split))
+    counts = paper.prepare_from_coop_split(split_file, images, tmp_path / "out")
+    assert counts == {"train": 2, "test": 1}
+    assert sorted(p.name for p in (tmp_path / "out" / "train" / "annual crop").iterdir()) == [
+        "000000.jpg",
+        "000001.jpg",
+    ]
+    split["test"].append(["a/missing.jpg", 0, "annual crop"])
+    split_file.write_text(json.dumps(split))
+    with pytest.raises(ValueError, match="missing.jpg .*does not exist"):
+        paper.prepare_from_coop_split(split_file, images, tmp_path / "out2")
+
+
+def test_reproduce_names_a_dataset_folder_that_is_not_laid_out(tmp_path):
+    args, trainer_args = reproduce.parse_args(
+        ["--model_name_or_path", "m", "--data_root", str(tmp_path), "--datasets", "dtd"]
+    )
+    with pytest.raises(ValueError, match=r"dtd/train is missing: DTD must be laid out as in paper.py"):
+        reproduce.run_cells(args, trainer_args)
+
+
+@pytest.mark.slow
+def test_reproduce_smoke_runs_end_to_end_and_resumes(tmp_path):
+    argv = ["--smoke", "--shots", "1,2", "--seeds", "0", "--hparams", "search", "--search_ratios", "0.2,0.6"]
+    argv += ["--output_dir", str(tmp_path)]
+    report = reproduce.main(argv)
+    cells = report["cells"]
+    assert [(cell["shots"], cell["seed"]) for cell in cells] == [(1, 0), (2, 0)]
+    assert cells[0]["strategy"] == "fixed (1 shot: nothing to hold out)" and cells[0]["ratio"] == 0.2
+    assert cells[1]["strategy"] == "search on 1 + 1 shots" and set(cells[1]["held_out_accuracy"]) == {"0.2", "0.6"}
+    assert all(0.0 <= cell["accuracy"] <= 100.0 for cell in cells)
+    final = tmp_path / "runs" / "shapes" / "2-shot" / "seed-0" / "final" / "all_results.json"
+    results = json.loads(final.read_text())
+    assert results["shots"] == 2 and results["ratio"] == cells[1]["ratio"]
+    assert cells[1]["accuracy"] == pytest.approx(100 * results["eval_accuracy"])
+    for name in ("reproduce.md", "reproduce.json", "reproduce.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "Smoke run" in (tmp_path / "reproduce.md").read_text()
+    # A second run with the same arguments reuses every finished cell instead of training again.
+    stamp = final.stat().st_mtime_ns
+    assert reproduce.main(argv)["cells"] == cells
+    assert final.stat().st_mtime_ns == stamp

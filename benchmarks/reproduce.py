@@ -1,0 +1,377 @@
+"""The paper's few-shot table in one command: CLIP-Adapter over datasets x shots x seeds, beside the reported numbers.
+
+    python benchmarks/reproduce.py --model_name_or_path openai/clip-vit-base-patch16 --data_root data
+    python benchmarks/reproduce.py --model_name_or_path ... --data_root data --datasets eurosat,dtd \\
+        --shots 1,16 --seeds 1,2,3 --hparams search --num_train_epochs 200     # unknown flags go to the trainer
+    python benchmarks/reproduce.py --smoke     # offline: tiny CLIP + generated images, end to end in a minute
+
+Each cell (dataset, shots, seed) is one run of ``examples/fewshot.py`` (its ``main(argv)``, in this
+process): ``shots`` images per class sampled with ``seed`` from ``<data_root>/<folder>/train``, accuracy
+on ``<data_root>/<folder>/test`` (layout and sources in ``paper.py``). The test split is only ever used
+for the final accuracy. The ratio (alpha) is chosen without it, by ``--hparams``:
+
+- ``fixed`` (default): the paper's default, ``--ratio`` (0.2), for every dataset.
+- ``search``: a validation split carved from the training shots themselves. Of the ``k`` shots of each
+  class, ``max(1, k // 4)`` are held out; the adapter is trained on the rest with each ratio of
+  ``--search_ratios``, the ratio with the best held-out accuracy wins (ties: the earlier in the list),
+  and the final adapter trains on all ``k`` shots with it. With 1 shot there is nothing to hold out, so
+  the fixed ratio is used (recorded per cell).
+
+Outputs in ``--output_dir``: ``reproduce.md`` (ours as mean +- std over seeds, the paper's in brackets,
+zero-shot beside), ``reproduce.json`` (every cell), ``reproduce.png`` (accuracy vs shots per dataset) and
+``runs/`` (each cell's trainer output; a cell whose folder holds a finished run with the same arguments
+is reused, so an interrupted sweep resumes; ``--rerun`` recomputes).
+
+The paper used an RN50 CLIP; transformers hosts the ViT CLIPs (ViT-B/16 is the usual choice), which
+are stronger, so expect numbers above the RN50 column. Real numbers need real weights and data;
+``--smoke`` only shows that the harness runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import shutil
+import statistics
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Optional
+
+from benchlib import markdown_table, write_results
+from paper import DATASETS, SHOTS, SMOKE_DATASET, PaperDataset, parse_dataset_keys
+
+logger = logging.getLogger("reproduce")
+
+TRAINER = Path(__file__).resolve().parents[1] / "examples" / "fewshot.py"
+CELL_FILE = "reproduce_cell.json"
+RESULTS_FILE = "all_results.json"
+#: Smoke settings: small enough for a test, large enough that every code path runs.
+SMOKE_TRAINER_ARGS = ["--num_train_epochs", "10", "--views", "2", "--learning_rate", "0.05"]
+
+
+def _int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(value < minimum for value in values):
+        raise ValueError(f"{flag} must be comma-separated whole numbers >= {minimum} (e.g. 1,2,4), got {text!r}.")
+    return values
+
+
+def _ratio_list(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0.0 <= value <= 1.0 for value in values):
+        raise ValueError(f"--search_ratios must be comma-separated numbers in [0, 1], got {text!r}.")
+    return values
+
+
+def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, list[str]]:
+    """Our flags, and the rest (passed on to the trainer, e.g. ``--num_train_epochs 50 --cpu``).
+
+    Raises:
+        ValueError: for a bad list, an unknown dataset, a missing ``--model_name_or_path`` /
+            ``--data_root`` (outside ``--smoke``), or a malformed ``--dataset_dir``.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_name_or_path", default=None, help="CLIP checkpoint (Hub id or folder).")
+    parser.add_argument("--data_root", default=None, help="Folder holding the datasets (layout: paper.py).")
+    parser.add_argument(
+        "--dataset_dir", action="append", default=[], help="KEY=PATH: a dataset's folder (train/, test/) elsewhere."
+    )
+    parser.add_argument("--datasets", default="all", help=f"'all' or comma-separated keys of {list(DATASETS)}.")
+    parser.add_argument("--shots", default=",".join(map(str, SHOTS)), help="Shots per class, comma-separated.")
+    parser.add_argument("--seeds", default="1,2,3", help="Seeds (few-shot sample and training), comma-separated.")
+    parser.add_argument("--hparams", choices=["fixed", "search"], default="fixed", help="How the ratio is chosen.")
+    parser.add_argument("--ratio", type=float, default=0.2, help="The fixed ratio (paper: 0.2).")
+    parser.add_argument("--search_ratios", default="0.2,0.4,0.6,0.8", help="Candidates of --hparams search.")
+    parser.add_argument("--output_dir", default="reproduce-output", help="Where tables, plot and runs go.")
+    parser.add_argument("--rerun", action="store_true", help="Recompute cells that already have results.")
+    parser.add_argument("--smoke", action="store_true", help="Offline end-to-end run on tiny generated data.")
+    args, trainer_args = parser.parse_known_args(argv)
+    args.shots = _int_list(args.shots, "--shots")
+    args.seeds = _int_list(args.seeds, "--seeds", minimum=0)
+    args.search_ratios = _ratio_list(args.search_ratios)
+    if not 0.0 <= args.ratio <= 1.0:
+        raise ValueError(f"--ratio must be in [0, 1] (the residual blend; the paper uses 0.2), got {args.ratio}.")
+    if args.smoke:
+        return args, _smoke_setup(args, trainer_args)
+    args.datasets = [DATASETS[key] for key in parse_dataset_keys(args.datasets)]
+    args.dataset_dirs = _dataset_dirs(args)
+    if args.model_name_or_path is None:
+        raise ValueError(
+            "Pass --model_name_or_path (e.g. openai/clip-vit-base-patch16), or --smoke for the offline run."
+        )
+    return args, trainer_args
+
+
+def _dataset_dirs(args: argparse.Namespace) -> dict[str, Path]:
+    overrides = {}
+    for item in args.dataset_dir:
+        key, sep, path = item.partition("=")
+        if not sep or key not in DATASETS:
+            raise ValueError(f"--dataset_dir must be KEY=PATH with KEY in {list(DATASETS)}, got {item!r}.")
+        overrides[key] = Path(path)
+    missing = [entry.key for entry in args.datasets if entry.key not in overrides]
+    if missing and args.data_root is None:
+        raise ValueError(f"Pass --data_root (layout: benchmarks/paper.py) or --dataset_dir for {missing}.")
+    return {entry.key: overrides.get(entry.key, Path(args.data_root or ".") / entry.folder) for entry in args.datasets}
+
+
+def _smoke_setup(args: argparse.Namespace, trainer_args: list[str]) -> list[str]:
+    """Tiny CLIP and a generated train / test image folder under ``output_dir``; small trainer settings."""
+    from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset
+
+    root = Path(args.output_dir) / "smoke-data"
+    if not (root / "tiny-clip").is_dir():
+        build_tiny_clip(root / "tiny-clip")
+        write_shapes_dataset(root / "shapes" / "train", images_per_class=8, seed=0)
+        write_shapes_dataset(root / "shapes" / "test", images_per_class=6, seed=1)
+    args.model_name_or_path = str(root / "tiny-clip")
+    args.datasets = [SMOKE_DATASET]
+    args.dataset_dirs = {SMOKE_DATASET.key: root / "shapes"}
+    return [*SMOKE_TRAINER_ARGS, *trainer_args]
+
+
+def load_trainer() -> ModuleType:
+    """``examples/fewshot.py`` as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("fewshot", TRAINER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_trainer(trainer: ModuleType, argv: list[str], output_dir: Path, rerun: bool) -> dict[str, Any]:
+    """Results of the trainer on ``argv``: reused from ``output_dir`` if it ran with the same ``argv``."""
+    cell_file, results_file = output_dir / CELL_FILE, output_dir / RESULTS_FILE
+    finished = not rerun and cell_file.is_file() and results_file.is_file()
+    if finished and json.loads(cell_file.read_text()) == argv:
+        logger.info("reusing %s", output_dir)
+        return json.loads(results_file.read_text())
+    logger.info("fewshot.py %s", " ".join(argv))
+    trainer.main([*argv, "--output_dir", str(output_dir), "--overwrite_output_dir"])
+    cell_file.write_text(json.dumps(argv))
+    return json.loads(results_file.read_text())
+
+
+def carve_validation(train_dir: Path, test_dir: Path, shots: int, seed: int, out: Path) -> tuple[Path, Path, int]:
+    """Split the ``shots`` training images the trainer samples with ``seed`` into fit / held-out folders.
+
+    The sample is drawn exactly as the trainer draws it (same loader, ``sample_few_shot``, seed), then
+    the last ``max(1, shots // 4)`` images of each class (the sample's order is already seeded) are held
+    out. Files are copied into ``out/fit/<class>/`` and ``out/held_out/<class>/``.
+
+    Returns:
+        ``(fit folder, held-out folder, shots per class left to fit on)``.
+    """
+    import datasets
+
+    from peft_clip_adapter.data import class_names, load_image_classification_data, sample_few_shot
+
+    shutil.rmtree(out, ignore_errors=True)  # never mix in files of an earlier split
+    splits = load_image_classification_data(train_dir=train_dir, validation_dir=test_dir, seed=seed)
+    sample = sample_few_shot(splits["train"], shots, seed=seed)
+    names = class_names(sample)
+    held_out_per_class = max(1, shots // 4)
+    files = sample.cast_column("image", datasets.Image(decode=False))
+    seen: dict[int, int] = {}
+    for image, label in zip(files["image"], files["label"], strict=True):
+        seen[label] = seen.get(label, 0) + 1
+        part = "held_out" if seen[label] > shots - held_out_per_class else "fit"
+        target = out / part / names[label] / Path(image["path"]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(image["path"], target)
+    return out / "fit", out / "held_out", shots - held_out_per_class
+
+
+def choose_ratio(trainer, base_argv, entry, folder, shots, seed, args, workdir) -> dict[str, Any]:
+    """The ratio for one cell, chosen as ``--hparams`` says, with what was tried."""
+    if args.hparams == "fixed" or shots < 2:
+        reason = "fixed" if args.hparams == "fixed" else "fixed (1 shot: nothing to hold out)"
+        return {"ratio": args.ratio, "strategy": reason}
+    fit, held_out, fit_shots = carve_validation(folder / "train", folder / "test", shots, seed, workdir / "split")
+    scores = {}
+    for ratio in args.search_ratios:
+        argv = [*base_argv, "--train_dir", str(fit), "--validation_dir", str(held_out)]
+        argv += ["--shots", str(fit_shots), "--seed", str(seed), "--ratio", str(ratio)]
+        scores[ratio] = run_trainer(trainer, argv, workdir / f"ratio-{ratio}", args.rerun)["eval_accuracy"]
+    best = max(args.search_ratios, key=lambda ratio: (scores[ratio], -args.search_ratios.index(ratio)))
+    return {
+        "ratio": best,
+        "strategy": f"search on {fit_shots} + {shots - fit_shots} shots",
+        "held_out_accuracy": {str(ratio): score for ratio, score in scores.items()},  # JSON keys are strings
+    }
+
+
+def run_cells(args: argparse.Namespace, trainer_args: list[str]) -> list[dict[str, Any]]:
+    """Every (dataset, shots, seed) cell: choose the ratio, train on the shots, test on the test split."""
+    trainer = load_trainer()
+    runs = Path(args.output_dir) / "runs"
+    cells = []
+    for entry in args.datasets:
+        folder = args.dataset_dirs[entry.key]
+        for split in ("train", "test"):
+            if not (folder / split).is_dir():
+                raise ValueError(f"{folder / split} is missing: {entry.name} must be laid out as in paper.py.")
+        base_argv = ["--model_name_or_path", args.model_name_or_path, "--templates", entry.template]
+        base_argv += ["--feature_cache_dir", str(Path(args.output_dir) / "feature-cache"), *trainer_args]
+        for shots in args.shots:
+            for seed in args.seeds:
+                workdir = runs / entry.key / f"{shots}-shot" / f"seed-{seed}"
+                choice = choose_ratio(trainer, base_argv, entry, folder, shots, seed, args, workdir / "search")
+                argv = [*base_argv, "--train_dir", str(folder / "train"), "--validation_dir", str(folder / "test")]
+                argv += ["--shots", str(shots), "--seed", str(seed), "--ratio", str(choice["ratio"])]
+                results = run_trainer(trainer, argv, workdir / "final", args.rerun)
+                cells.append(
+                    {
+                        "dataset": entry.key,
+                        "shots": shots,
+                        "seed": seed,
+                        "accuracy": 100.0 * results["eval_accuracy"],
+                        "zero_shot_accuracy": 100.0 * results["zero_shot_accuracy"],
+                        **choice,
+                    }
+                )
+    return cells
+
+
+def summarise(cells: list[dict[str, Any]], datasets: list[PaperDataset], shots: list[int]) -> dict[str, Any]:
+    """Mean and std (over seeds) of ours per dataset and shots, with zero-shot and the paper's numbers.
+
+    Example:
+        >>> cells = [{"dataset": "dtd", "shots": 1, "seed": s, "accuracy": a, "zero_shot_accuracy": 40.0}
+        ...          for s, a in ((1, 50.0), (2, 54.0))]
+        >>> row = summarise(cells, [DATASETS["dtd"]], [1])["dtd"]
+        >>> row["shots"][1]["mean"], row["shots"][1]["std"], row["shots"][1]["paper"], row["zero_shot"]["paper"]
+        (52.0, 2.8284, 45.8, 42.2)
+    """
+    summary = {}
+    for entry in datasets:
+        mine = [cell for cell in cells if cell["dataset"] == entry.key]
+        zero_shot = [cell["zero_shot_accuracy"] for cell in mine]
+        row = {"name": entry.name, "zero_shot": {**_stats(zero_shot), "paper": entry.zero_shot}, "shots": {}}
+        for k in shots:
+            values = [cell["accuracy"] for cell in mine if cell["shots"] == k]
+            row["shots"][k] = {**_stats(values), "paper": entry.paper_accuracy(k)}
+        summary[entry.key] = row
+    return summary
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"mean": None, "std": None, "n": 0}
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0  # sample std over seeds
+    return {"mean": round(statistics.fmean(values), 4), "std": round(spread, 4), "n": len(values)}
+
+
+def _cell_text(stats: dict[str, Any]) -> str:
+    ours = "—" if stats["mean"] is None else f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+    paper = "—" if stats["paper"] is None else f"{stats['paper']:.2f}"
+    return f"{ours} ({paper})"
+
+
+def render_markdown(summary: dict[str, Any], shots: list[int], settings: dict[str, Any]) -> str:
+    """The table: a row per dataset (and their mean), ours ± std over seeds with the paper's in brackets."""
+    headers = ["dataset", "zero-shot", *[f"{k} shot{'s' if k > 1 else ''}" for k in shots]]
+    rows = [
+        [row["name"], _cell_text(row["zero_shot"]), *[_cell_text(row["shots"][k]) for k in shots]]
+        for row in summary.values()
+    ]
+    if len(summary) > 1:
+        mean_row = ["mean", _cell_text(_mean_of(summary, lambda row: row["zero_shot"]))]
+        mean_row += [_cell_text(_mean_of(summary, lambda row, k=k: row["shots"][k])) for k in shots]
+        rows.append(mean_row)
+    lines = [
+        "# CLIP-Adapter: our accuracy beside the paper's",
+        "",
+        f"Command: `{settings['command']}`",
+        "",
+        f"Model: `{settings['model']}`; seeds {settings['seeds']}; ratio chosen by `{settings['hparams']}`. "
+        "Top-1 accuracy (%) on each dataset's test split: ours as mean ± std over seeds, the paper's "
+        "(RN50 backbone) in brackets. The mean row averages the datasets' means and standard deviations.",
+        "",
+        markdown_table(headers, rows),
+    ]
+    if settings.get("smoke"):
+        lines += [
+            "",
+            "Smoke run: a tiny random CLIP on generated images, so these numbers only show that the harness "
+            "runs end to end. Real numbers need real CLIP weights and the real datasets.",
+        ]
+    return "\n".join(lines)
+
+
+def _mean_of(summary: dict[str, Any], pick) -> dict[str, Any]:
+    """Mean over datasets of ours and of the paper's (each over the datasets that have a number)."""
+    entries = [pick(row) for row in summary.values()]
+    ours = [entry["mean"] for entry in entries if entry["mean"] is not None]
+    paper = [entry["paper"] for entry in entries if entry["paper"] is not None]
+    stds = [entry["std"] for entry in entries if entry["std"] is not None]
+    return {
+        "mean": statistics.fmean(ours) if ours else None,
+        "std": statistics.fmean(stds) if stds else 0.0,
+        "paper": statistics.fmean(paper) if len(paper) == len(entries) else None,
+    }
+
+
+def save_plot(summary: dict[str, Any], shots: list[int], path: Path) -> None:
+    """Accuracy vs shots, one panel per dataset: ours (mean ± std), the paper's, and both zero-shots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    columns = min(4, len(summary))
+    rows = math.ceil(len(summary) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    for axis, row in zip(axes.flat, summary.values(), strict=False):
+        means = [row["shots"][k]["mean"] for k in shots]
+        stds = [row["shots"][k]["std"] for k in shots]
+        axis.errorbar(shots, means, yerr=stds, marker="o", capsize=3, label="ours")
+        paper = [(k, row["shots"][k]["paper"]) for k in shots if row["shots"][k]["paper"] is not None]
+        if paper:
+            axis.plot(
+                [k for k, _ in paper], [value for _, value in paper], marker="s", linestyle="--", label="paper (RN50)"
+            )
+        axis.axhline(row["zero_shot"]["mean"], color="gray", linestyle=":", label="zero-shot (ours)")
+        axis.set(title=row["name"], xscale="log", xlabel="shots per class", ylabel="accuracy (%)")
+        axis.set_xticks(shots, [str(k) for k in shots])
+        axis.legend(fontsize="small")
+    for axis in list(axes.flat)[len(summary) :]:
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    """Run the sweep, print the table, write ``reproduce.md`` / ``.json`` / ``.png``; return the report."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args, trainer_args = parse_args(argv)
+    cells = run_cells(args, trainer_args)
+    summary = summarise(cells, args.datasets, args.shots)
+    settings = {
+        "command": " ".join(["python benchmarks/reproduce.py", *(sys.argv[1:] if argv is None else argv)]),
+        "model": args.model_name_or_path,
+        "seeds": args.seeds,
+        "hparams": args.hparams,
+        "smoke": args.smoke,
+        "trainer_args": trainer_args,
+    }
+    markdown = render_markdown(summary, args.shots, settings)
+    report = {"settings": settings, "summary": summary, "cells": cells}
+    write_results(report, markdown, args.output_dir, "reproduce")
+    save_plot(summary, args.shots, Path(args.output_dir) / "reproduce.png")
+    print(markdown)
+    return report
+
+
+if __name__ == "__main__":
+    main()
