@@ -1,0 +1,772 @@
+"""Few-shot image classification with CLIP-Adapter, on Accelerate.
+
+Trains a CLIP-Adapter (Gao et al., https://arxiv.org/abs/2110.04544) on k labelled images per class and
+reports zero-shot accuracy before and adapter accuracy after, on held-out images. The frozen CLIP
+backbone runs once per training image and augmented view (and once per eval image); the features are
+cached on disk and the adapter trains on them, so the paper's 200 epochs cost seconds.
+
+One CPU, with no arguments (a tiny untrained CLIP and a generated dataset, no network, about a minute)::
+
+    python examples/fewshot.py
+
+One process (CPU or one GPU) on a real model and your own image folders::
+
+    accelerate launch examples/fewshot.py --model_name_or_path openai/clip-vit-base-patch16 \\
+        --train_dir data/eurosat/train --validation_dir data/eurosat/val --templates eurosat \\
+        --shots 16 --output_dir runs/eurosat-16shot
+
+Two CPU processes (gloo). ``accelerate launch --cpu --num_processes 2`` silently runs ONE process; this
+runs two::
+
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
+        --dynamo_backend no examples/fewshot.py --cpu --per_device_train_batch_size 16
+
+N GPUs on one machine (the default global batch of 32 is split across them)::
+
+    accelerate launch --multi_gpu --num_processes N examples/fewshot.py --model_name_or_path ... ...
+
+Several machines (run on each, with its own --machine_rank; M machines x G GPUs each)::
+
+    accelerate launch --multi_gpu --num_machines M --num_processes $((M * G)) --machine_rank R \\
+        --main_process_ip <ip of rank 0> --main_process_port 29500 examples/fewshot.py ...
+
+Recipe (the paper's, from CoOp's config): SGD (lr 2e-3, momentum 0.9, weight decay 5e-4), global
+batch 32, 200 epochs, cosine schedule after 1 warm-up epoch at a constant 1e-5, ratio 0.2,
+reduction 4. Epoch ``e`` trains on augmented view ``e % views`` of every image (``--views`` crops +
+flips per image, fixed by ``--seed``), so with ``--views 200`` every epoch sees a fresh crop, as in the
+reference code. ``--end_to_end`` trains through the full PEFT model instead (the backbone re-runs on
+every step) on the same views, and gives the same adapter to float tolerance.
+
+Batches: the sampler is seeded (``--seed``) and the last incomplete batch is dropped (as in CoOp)
+whenever the training set holds at least one global batch, so 2 processes x 8 images and 1 process x 16
+images see the same global batches and train the same adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+import torch
+import transformers
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from peft import get_peft_model
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoProcessor
+
+import peft_clip_adapter
+from peft_clip_adapter.classifier import CLIPAdapterClassifier, encode_class_prompts
+from peft_clip_adapter.data import (
+    build_eval_transform,
+    build_train_transform,
+    check_columns,
+    class_names,
+    load_image,
+    load_image_classification_data,
+    sample_few_shot,
+)
+from peft_clip_adapter.embeddings import frozen
+from peft_clip_adapter.features import FeatureCache, FeatureSet, dataset_labels
+from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset
+from peft_clip_adapter.templates import DATASET_TEMPLATES, templates_for
+
+logger = get_logger(__name__)
+
+#: The paper's recipe (CoOp's RN50 config), used for real models.
+PAPER_DEFAULTS = {"shots": 16, "ratio": 0.2, "learning_rate": 2e-3, "views": 10, "min_crop_scale": 0.08}
+#: The offline default's settings. Its tiny CLIP is untrained, so its features are weak and a stronger
+#: adapter (larger ratio and learning rate, more shots and views) is needed to learn the task at all.
+OFFLINE_DEFAULTS = {"shots": 32, "ratio": 0.6, "learning_rate": 0.05, "views": 4, "min_crop_scale": 0.5}
+#: Global batch (per device x processes x accumulation) used when --per_device_train_batch_size is unset.
+GLOBAL_BATCH_SIZE = 32
+
+RESULTS_FILE = "all_results.json"
+PLOT_FILE = "training_curves.png"
+TRAINER_STATE_FILE = "trainer_state.json"
+TRACKING_PROJECT = "fewshot"
+
+
+# -----------------------------------------------------------------------------
+# Arguments
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and check the command line; flag names follow transformers' image-classification example."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    data = parser.add_argument_group("model and data (none of them: the offline default)")
+    data.add_argument("--model_name_or_path", default=None, help="A CLIP checkpoint (Hub id or folder).")
+    data.add_argument("--dataset_name", default=None, help="A Hub dataset id (or a local dataset script/folder).")
+    data.add_argument("--dataset_config_name", default=None, help="The dataset's configuration name.")
+    data.add_argument("--train_dir", default=None, help="An image folder with one sub-folder per class.")
+    data.add_argument("--validation_dir", default=None, help="Held-out image folder, same classes.")
+    data.add_argument("--image_column_name", default="image", help="The column holding the images.")
+    data.add_argument("--label_column_name", default="label", help="The column holding the class labels.")
+    data.add_argument(
+        "--train_val_split", type=float, default=0.2, help="Held-out fraction when the data has no validation split."
+    )
+    data.add_argument("--cache_dir", default=None, help="Offline default's model/images and the feature cache.")
+    data.add_argument("--feature_cache_dir", default=None, help="Frozen-feature cache (default: cache_dir/features).")
+
+    method = parser.add_argument_group("CLIP-Adapter")
+    method.add_argument("--shots", type=int, default=None, help="Training images per class (paper: 1-16; 16).")
+    method.add_argument("--ratio", type=float, default=None, help="Residual blend alpha in [0, 1] (paper: 0.2).")
+    method.add_argument("--reduction", type=int, default=4, help="Bottleneck factor: hidden width d // reduction.")
+    method.add_argument("--adapt", choices=["vision", "text", "both"], default="vision", help="Branch(es) to adapt.")
+    method.add_argument(
+        "--templates",
+        nargs="+",
+        default=None,
+        help="A template set (default, ensemble, " + ", ".join(sorted(DATASET_TEMPLATES)) + ") or prompt "
+        "strings with {} for the class name. Default: the dataset's own set if its name is known, else default.",
+    )
+    method.add_argument("--views", type=int, default=None, help="Cached augmented views per training image (10).")
+    method.add_argument(
+        "--min_crop_scale", type=float, default=None, help="Smallest random-resized-crop area share (paper: 0.08)."
+    )
+    method.add_argument("--end_to_end", action="store_true", help="Train through the full model, no feature cache.")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--num_train_epochs", type=int, default=200)
+    train.add_argument(
+        "--per_device_train_batch_size",
+        type=int,
+        default=None,
+        help=f"Default: a global batch of {GLOBAL_BATCH_SIZE}.",
+    )
+    train.add_argument("--per_device_eval_batch_size", type=int, default=256)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--learning_rate", type=float, default=None, help="Peak SGD learning rate (paper: 2e-3).")
+    train.add_argument("--momentum", type=float, default=0.9)
+    train.add_argument("--weight_decay", type=float, default=5e-4)
+    train.add_argument("--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine")
+    train.add_argument("--num_warmup_steps", type=int, default=None, help="Default: one epoch.")
+    train.add_argument("--warmup_learning_rate", type=float, default=1e-5, help="Constant lr during warm-up.")
+    train.add_argument("--eval_every_epochs", type=int, default=None, help="Default: about 20 evaluations a run.")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--cpu", action="store_true", help="Run on CPU even where a GPU is available.")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir", default="fewshot-output")
+    output.add_argument("--overwrite_output_dir", action="store_true", help="Replace a previous run's output.")
+    output.add_argument("--checkpointing_steps", default=None, help="Save state every N optimizer steps, or 'epoch'.")
+    output.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    output.add_argument("--with_tracking", action="store_true", help="Log metrics to --report_to.")
+    output.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, ... or all.")
+    output.add_argument("--push_to_hub", action="store_true", help="Upload the adapter and its model card.")
+    output.add_argument("--hub_model_id", default=None, help="Repository id (default: output_dir's name).")
+    output.add_argument("--hub_token", default=None, help="Hub token (default: the stored login).")
+    args = parser.parse_args(argv)
+    _resolve_defaults(args)
+    _check_args(args)
+    return args
+
+
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill the recipe: the offline default's settings with no model and no data, the paper's otherwise."""
+    data_flags = (args.dataset_name, args.train_dir, args.validation_dir)
+    args.offline_default = args.model_name_or_path is None and not any(data_flags)
+    if args.model_name_or_path is None and any(data_flags):
+        raise ValueError(
+            "Pass --model_name_or_path with your own data (e.g. openai/clip-vit-base-patch16): the offline tiny "
+            "CLIP only knows the words of its generated dataset."
+        )
+    if args.model_name_or_path is not None and not any(data_flags):
+        raise ValueError(f"--model_name_or_path {args.model_name_or_path} needs data: --dataset_name or --train_dir.")
+    defaults = OFFLINE_DEFAULTS if args.offline_default else PAPER_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.cache_dir = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "peft-clip-adapter")
+    args.feature_cache_dir = args.feature_cache_dir or os.path.join(args.cache_dir, "features")
+    if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
+        if not args.checkpointing_steps.isdigit():
+            raise ValueError(
+                f"--checkpointing_steps {args.checkpointing_steps!r} must be a whole number of steps or 'epoch'."
+            )
+        args.checkpointing_steps = int(args.checkpointing_steps)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse out-of-range numbers before anything is loaded, naming the flag and the accepted range."""
+    at_least_one = {
+        "shots": args.shots,
+        "views": args.views,
+        "reduction": args.reduction,
+        "num_train_epochs": args.num_train_epochs,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "per_device_eval_batch_size": args.per_device_eval_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "eval_every_epochs": args.eval_every_epochs,
+        "checkpointing_steps": None if args.checkpointing_steps == "epoch" else args.checkpointing_steps,
+    }
+    for name, value in at_least_one.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}.")
+    if not 0.0 <= args.ratio <= 1.0:
+        raise ValueError(f"--ratio must be in [0, 1] (the residual blend; the paper uses 0.2), got {args.ratio}.")
+    if not args.learning_rate > 0 or not args.warmup_learning_rate >= 0:
+        raise ValueError(
+            f"--learning_rate must be > 0 and --warmup_learning_rate >= 0, got {args.learning_rate} and "
+            f"{args.warmup_learning_rate}."
+        )
+    if not 0.0 < args.train_val_split < 1.0:
+        raise ValueError(f"--train_val_split must be in (0, 1), got {args.train_val_split}.")
+    if args.num_warmup_steps is not None and args.num_warmup_steps < 0:
+        raise ValueError(f"--num_warmup_steps must be >= 0, got {args.num_warmup_steps}.")
+
+
+# -----------------------------------------------------------------------------
+# Output folder, offline default, model and data
+
+
+def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Refuse an output_dir holding another run's files unless --overwrite_output_dir (or resuming).
+
+    With --overwrite_output_dir the previous run's checkpoints and tracking logs are removed, so that
+    neither ``--resume_from_checkpoint latest`` nor the logs can mix two runs; other files are overwritten.
+    """
+    output_dir = Path(args.output_dir)
+    if output_dir.is_file():
+        raise ValueError(f"--output_dir {output_dir} is a file; pass a folder.")
+    entries = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    if entries and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        raise ValueError(
+            f"--output_dir {output_dir} already holds another run's files ({', '.join(entries[:5])}"
+            f"{', ...' if len(entries) > 5 else ''}). Pass --overwrite_output_dir to replace them, "
+            "--resume_from_checkpoint to continue that run, or choose another --output_dir."
+        )
+    accelerator.wait_for_everyone()  # every process has checked before anything is removed
+    if accelerator.is_main_process:
+        if entries and args.overwrite_output_dir and not args.resume_from_checkpoint:
+            for path in [*_checkpoints(output_dir), output_dir / TRACKING_PROJECT]:
+                shutil.rmtree(path, ignore_errors=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+
+
+def prepare_offline_default(args: argparse.Namespace, accelerator: Accelerator) -> None:
+    """Build the tiny CLIP and the shapes image folders once (in cache_dir) and point the args at them."""
+    root = Path(args.cache_dir) / "offline-default"
+    model_dir, train_dir, validation_dir = (
+        root / "tiny-clip-h64-d64",
+        root / "shapes-train",
+        root / "shapes-validation",
+    )
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            # Each folder is built aside and renamed into place, so a killed build is never mistaken for a whole one.
+            _build_once(model_dir, lambda path: build_tiny_clip(path, hidden_size=64, projection_dim=64))
+            _build_once(train_dir, lambda path: write_shapes_dataset(path, images_per_class=40, seed=0))
+            _build_once(validation_dir, lambda path: write_shapes_dataset(path, images_per_class=25, seed=1))
+    args.model_name_or_path, args.train_dir, args.validation_dir = str(model_dir), str(train_dir), str(validation_dir)
+    logger.warning(
+        "Offline default: a tiny, randomly initialised (untrained) CLIP and a generated dataset of coloured "
+        "shapes. The absolute accuracy means nothing; what matters is the adapter beating zero-shot. Settings "
+        "tuned for this weak model: %s (the paper's defaults apply to real models).",
+        ", ".join(f"{name}={getattr(args, name)}" for name in OFFLINE_DEFAULTS),
+    )
+
+
+def _build_once(target: Path, build) -> None:
+    if target.is_dir():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    """The frozen CLIP with an adapter on --adapt, and its processor (tokenizer + image processor)."""
+    model = AutoModel.from_pretrained(args.model_name_or_path)
+    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
+    found = {name.rpartition(".")[2] for name in peft_clip_adapter.projection_modules(model)}
+    missing = sorted({"text_projection", "visual_projection"} - found)
+    if missing:
+        raise ValueError(
+            f"{type(model).__name__} from {args.model_name_or_path} has no {' / '.join(missing)} layer: the trainer "
+            "needs both CLIP towers with their projections to classify images by class-name prompts. Use a "
+            "CLIPModel checkpoint such as openai/clip-vit-base-patch16."
+        )
+    config = peft_clip_adapter.CLIPAdapterConfig(ratio=args.ratio, reduction=args.reduction, adapt=args.adapt)
+    return get_peft_model(model, config), processor
+
+
+def load_data(args: argparse.Namespace) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """The k-shot training sample, the full held-out split and the class names, checked."""
+    splits = load_image_classification_data(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_dir=args.train_dir,
+        validation_dir=args.validation_dir,
+        image_column=args.image_column_name,
+        label_column=args.label_column_name,
+        validation_fraction=args.train_val_split,
+        seed=args.seed,
+    )
+    for split in ("train", "validation"):
+        check_columns(splits[split], args.image_column_name, args.label_column_name)
+    names = class_names(splits["train"], args.label_column_name)
+    if len(names) < 2:
+        raise ValueError(
+            f"The training data has {len(names)} class ({names}) in column {args.label_column_name!r}; "
+            "classification needs at least 2 classes."
+        )
+    train = sample_few_shot(splits["train"], args.shots, label_column=args.label_column_name, seed=args.seed)
+    return train, splits["validation"], names
+
+
+def resolve_templates(args: argparse.Namespace) -> list[str]:
+    """The prompt templates: a named set, explicit strings, or the dataset's own set when its name is known."""
+    values = args.templates
+    if not values:
+        hint = "".join(char for char in (args.dataset_name or args.train_dir or "").lower() if char.isalnum())
+        known = [name for name in DATASET_TEMPLATES if name.replace("_", "") in hint]
+        values = [max(known, key=len)] if known else ["default"]
+    if len(values) == 1 and "{}" not in values[0]:
+        return templates_for(values[0])
+    bad = [value for value in values if "{}" not in value]
+    if bad:
+        raise ValueError(
+            f"--templates {bad} have no '{{}}' placeholder: pass one template-set name or prompt strings like "
+            "'a photo of a {}.'."
+        )
+    return list(values)
+
+
+def check_images(dataset: datasets.Dataset, image_column: str) -> None:
+    """Decode every image once, so an unreadable file fails (by name) before training starts."""
+    raw = dataset.select_columns([image_column])
+    if isinstance(raw.features[image_column], datasets.Image):
+        raw = raw.cast_column(image_column, datasets.Image(decode=False))
+    for value in raw[image_column]:
+        load_image(value)
+
+
+# -----------------------------------------------------------------------------
+# Training and evaluation
+
+
+class EndToEndHead(nn.Module):
+    """Logits from pixels through the full PEFT model: ``exp(logit_scale) * normalize(f') @ text_weights``.
+
+    ``f'`` comes out of the model's own (adapted) ``visual_projection``, so every step re-runs the frozen
+    backbone. The PEFT model is deliberately kept out of this module's children: the only trainable
+    parameters are the adapters, which ``classifier`` already registers, so DDP synchronises exactly
+    those and checkpoints hold the same keys as training on cached features.
+    """
+
+    def __init__(self, peft_model: nn.Module, classifier: CLIPAdapterClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self._peft_model = (peft_model,)  # a tuple: not registered as a submodule (see above)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        output = self._peft_model[0].get_image_features(pixel_values=pixel_values)
+        features = output if isinstance(output, torch.Tensor) else output.pooler_output  # [B, D], adapted
+        features = F.normalize(features.float(), dim=-1)  # [B, D]
+        return self.classifier.logit_scale.exp() * features @ self.classifier.text_weights()  # [B, C]
+
+
+def learning_rate_at(step: int, args: argparse.Namespace, warmup_steps: int, total_steps: int) -> float:
+    """CoOp's schedule, per optimizer step: a constant warm-up lr, then the schedule over the whole run.
+
+    As in CoOp, the cosine is evaluated over all steps including the warm-up, so the first step after
+    the warm-up epoch gets ``cos(pi / epochs)``. The lr is a pure function of the step, so resuming needs
+    no scheduler state.
+    """
+    if step < warmup_steps:
+        return args.warmup_learning_rate
+    progress = step / max(total_steps, 1)
+    if args.lr_scheduler_type == "cosine":
+        return 0.5 * args.learning_rate * (1.0 + math.cos(math.pi * progress))
+    if args.lr_scheduler_type == "linear":
+        return args.learning_rate * (1.0 - progress)
+    return args.learning_rate
+
+
+@torch.no_grad()
+def evaluate(
+    classifier: CLIPAdapterClassifier, eval_set: FeatureSet, loader: DataLoader, accelerator: Accelerator
+) -> dict[str, Any]:
+    """Top-1 and per-class accuracy over the cached eval features; rows are split across processes.
+
+    ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch, so every eval
+    image counts exactly once.
+    """
+    features = eval_set.features[0].to(accelerator.device)  # [N, D]
+    labels = eval_set.labels.to(accelerator.device)  # [N]
+    predictions, targets = [], []
+    for (rows,) in loader:
+        logits = classifier(features[rows])  # [B, C]
+        batch_predictions, batch_labels = accelerator.gather_for_metrics((logits.argmax(dim=-1), labels[rows]))
+        predictions.append(batch_predictions)
+        targets.append(batch_labels)
+    predictions, targets = torch.cat(predictions).cpu(), torch.cat(targets).cpu()  # [N], [N]
+    correct = predictions == targets
+    per_class = []
+    for label in range(classifier.num_classes):
+        members = targets == label
+        per_class.append(correct[members].float().mean().item() if members.any() else None)
+    return {"accuracy": correct.float().mean().item(), "per_class": per_class, "count": len(targets)}
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (their trainer state is written last), oldest first."""
+    found = [path.parent for path in output_dir.glob(f"*/{TRAINER_STATE_FILE}")]
+    return sorted(found, key=lambda path: json.loads((path / TRAINER_STATE_FILE).read_text())["completed_steps"])
+
+
+def save_checkpoint(accelerator: Accelerator, folder: Path, state: dict[str, Any]) -> None:
+    """``accelerator.save_state`` plus the loop's own state (step and history), written last."""
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        (folder / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
+    """Restore model, optimizer and RNG states from --resume_from_checkpoint and return the loop's state."""
+    if args.resume_from_checkpoint == "latest":
+        found = _checkpoints(Path(args.output_dir))
+        if not found:
+            raise ValueError(f"--resume_from_checkpoint latest: {args.output_dir} holds no complete checkpoint.")
+        folder = found[-1]
+    else:
+        folder = Path(args.resume_from_checkpoint)
+        if not (folder / TRAINER_STATE_FILE).is_file():
+            raise ValueError(f"--resume_from_checkpoint {folder} is not a complete checkpoint of this script.")
+    accelerator.load_state(str(folder))
+    logger.info("Resumed from %s", folder)
+    return json.loads((folder / TRAINER_STATE_FILE).read_text())
+
+
+# -----------------------------------------------------------------------------
+# Results
+
+
+def save_plot(path: Path, results: dict[str, Any]) -> None:
+    """Training loss per epoch and eval accuracy (with the zero-shot baseline), side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    from matplotlib import pyplot as plt
+
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    losses = results["train_loss_per_epoch"]
+    loss_axis.plot(range(1, len(losses) + 1), losses)
+    loss_axis.set(xlabel="epoch", ylabel="training loss (cross-entropy)", title="Training loss")
+    history = results["eval_accuracy_per_epoch"]
+    accuracy_axis.plot([int(epoch) for epoch in history], list(history.values()), marker="o", label="CLIP-Adapter")
+    accuracy_axis.axhline(results["zero_shot_accuracy"], color="gray", linestyle="--", label="zero-shot")
+    accuracy_axis.set(xlabel="epoch", ylabel="top-1 accuracy", title="Held-out accuracy", ylim=(0, 1))
+    accuracy_axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _per_class(names: list[str], values: list[Optional[float]]) -> dict[str, Optional[float]]:
+    return dict(zip(names, values, strict=True))
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Run the trainer with command-line arguments ``argv`` (default: ``sys.argv``); return the results.
+
+    Raises:
+        ValueError: for bad arguments or data, each before training starts.
+        RuntimeError: if ``WORLD_SIZE > 1`` but Accelerate sees a single process.
+    """
+    args = parse_args(argv)
+    accelerator = Accelerator(
+        cpu=args.cpu,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=args.report_to if args.with_tracking else None,
+        project_dir=args.output_dir,
+        # A sampler seeded per epoch gives the same global batches for any process count and after resuming.
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} but Accelerate sees one process, so each launched process would train alone. "
+            "On CPU launch with `accelerate launch --multi_gpu --num_processes N ... examples/fewshot.py --cpu` "
+            "(`accelerate launch --cpu --num_processes N` runs a single process)."
+        )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    prepare_output_dir(args, accelerator)
+    if args.offline_default:
+        prepare_offline_default(args, accelerator)
+
+    # Model, data and class prototypes: everything that can be wrong is checked here, before training.
+    templates = resolve_templates(args)
+    with accelerator.main_process_first():
+        peft_model, processor = load_model(args)
+        train_dataset, eval_dataset, names = load_data(args)
+    peft_model.to(accelerator.device).eval()  # the backbone stays frozen (and in eval mode) throughout
+    logger.info(
+        "%d classes, %d training images (%d shots), %d held-out images; templates %s",
+        len(names),
+        len(train_dataset),
+        args.shots,
+        len(eval_dataset),
+        templates,
+    )
+    class_embeddings = encode_class_prompts(peft_model, processor.tokenizer, names, templates)  # [C, T, D]
+    classifier = CLIPAdapterClassifier.from_model(peft_model, class_embeddings)
+
+    start = time.perf_counter()
+    threads = torch.get_num_threads()
+    cache = FeatureCache(args.feature_cache_dir)
+    columns = {"image_column": args.image_column_name, "label_column": args.label_column_name}
+    extract = {
+        **columns,
+        "batch_size": args.per_device_eval_batch_size,
+        "accelerator": accelerator,
+        "show_progress": True,
+    }
+    train_transform = build_train_transform(
+        processor.image_processor, seed=args.seed, scale=(args.min_crop_scale, 1.0)
+    )
+    eval_set = cache.load_or_extract(
+        peft_model, eval_dataset, build_eval_transform(processor.image_processor), views=1, **extract
+    )
+    if args.end_to_end:
+        check_images(train_dataset, args.image_column_name)
+        train_set = None
+    else:
+        train_set = cache.load_or_extract(peft_model, train_dataset, train_transform, views=args.views, **extract)
+    feature_seconds = time.perf_counter() - start
+
+    # Data loaders over row indices: the cached features (or images) are looked up per batch.
+    num_processes = accelerator.num_processes
+    per_device = args.per_device_train_batch_size or max(
+        1, GLOBAL_BATCH_SIZE // (num_processes * args.gradient_accumulation_steps)
+    )
+    num_train = len(train_dataset)
+    train_loader = DataLoader(
+        TensorDataset(torch.arange(num_train)),
+        batch_size=per_device,
+        shuffle=True,
+        drop_last=num_train >= per_device * num_processes,  # CoOp drops the last incomplete batch
+    )
+    eval_loader = DataLoader(
+        TensorDataset(torch.arange(len(eval_dataset))), batch_size=args.per_device_eval_batch_size
+    )
+
+    trainable = [parameter for parameter in classifier.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.SGD(
+        trainable, lr=args.learning_rate, momentum=args.momentum, weight_decay=args.weight_decay
+    )
+    head = EndToEndHead(peft_model, classifier) if args.end_to_end else classifier
+    head, optimizer, train_loader, eval_loader = accelerator.prepare(head, optimizer, train_loader, eval_loader)
+
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * args.num_train_epochs
+    warmup_steps = steps_per_epoch if args.num_warmup_steps is None else args.num_warmup_steps
+    eval_every = args.eval_every_epochs or max(1, args.num_train_epochs // 20)
+    logger.info(
+        "Training %d epochs x %d steps, global batch %d (%d per device x %d processes x %d accumulation), %s",
+        args.num_train_epochs,
+        steps_per_epoch,
+        per_device * num_processes * args.gradient_accumulation_steps,
+        per_device,
+        num_processes,
+        args.gradient_accumulation_steps,
+        "end to end through the model" if args.end_to_end else f"on {args.views} cached views per image",
+    )
+
+    zero_shot = _evaluate_zero_shot(peft_model, classifier, eval_set, eval_loader, accelerator)
+    logger.info("Zero-shot accuracy: %.4f (%d images)", zero_shot["accuracy"], zero_shot["count"])
+    if args.with_tracking:
+        accelerator.init_trackers(TRACKING_PROJECT, config=_tracker_config(args))
+        accelerator.log({"eval_accuracy": zero_shot["accuracy"]}, step=0)
+
+    state = {
+        "completed_steps": 0,
+        "train_loss_per_epoch": [],
+        "eval_accuracy_per_epoch": {},
+        "epoch_loss_sum": 0.0,
+        "epoch_steps": 0,
+    }
+    if args.resume_from_checkpoint:
+        state = load_checkpoint(args, accelerator)
+    start_epoch, skip_batches = divmod(state["completed_steps"], steps_per_epoch)
+    skip_batches *= args.gradient_accumulation_steps
+
+    start = time.perf_counter()
+    if accelerator.device.type == "cpu" and not args.end_to_end:
+        # The adapter's matrices are tiny: on CPU, intra-op threads only add synchronisation (measured
+        # 50x slower with 2 threads on a busy 2-core machine), so train on cached features with one.
+        torch.set_num_threads(1)
+    progress = tqdm(total=total_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process)
+    unwrapped = accelerator.unwrap_model(head)
+    unwrapped_classifier = unwrapped.classifier if args.end_to_end else unwrapped
+    image_rows = train_dataset.select_columns([args.image_column_name])
+    train_labels = dataset_labels(train_dataset, args.label_column_name)  # [N]
+    for epoch in range(start_epoch, args.num_train_epochs):
+        head.train()
+        view = epoch % args.views  # epoch e trains on augmented view e % views of every image
+        train_loader.set_epoch(epoch)
+        batches = train_loader
+        if epoch == start_epoch and skip_batches:
+            batches = accelerator.skip_first_batches(train_loader, skip_batches)
+        loss_sum = torch.tensor(state["epoch_loss_sum"], device=accelerator.device)
+        for (rows,) in batches:
+            with accelerator.accumulate(head):
+                if args.end_to_end:
+                    pictures = image_rows[rows.tolist()][args.image_column_name]
+                    inputs = torch.stack(
+                        [
+                            train_transform(load_image(picture), index=row, view=view)
+                            for row, picture in zip(rows.tolist(), pictures, strict=True)
+                        ]
+                    )
+                else:
+                    inputs = train_set.features[view, rows.cpu()]  # [B, D] raw pooled embeddings
+                logits = head(inputs.to(accelerator.device))  # [B, C]
+                loss = F.cross_entropy(logits, train_labels[rows.cpu()].to(accelerator.device))
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate_at(state["completed_steps"], args, warmup_steps, total_steps)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            loss_sum += loss.detach() / args.gradient_accumulation_steps
+            if not accelerator.sync_gradients:
+                continue
+            state["completed_steps"] += 1
+            state["epoch_steps"] += 1
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
+            if isinstance(args.checkpointing_steps, int) and state["completed_steps"] % args.checkpointing_steps == 0:
+                state["epoch_loss_sum"] = accelerator.reduce(loss_sum, "mean").item()
+                save_checkpoint(accelerator, Path(args.output_dir) / f"step_{state['completed_steps']}", state)
+
+        epoch_loss = accelerator.reduce(loss_sum, "mean").item() / max(state["epoch_steps"], 1)
+        state["train_loss_per_epoch"].append(epoch_loss)
+        state["epoch_loss_sum"], state["epoch_steps"] = 0.0, 0
+        metrics = {"train_loss": epoch_loss, "learning_rate": optimizer.param_groups[0]["lr"]}
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == args.num_train_epochs:
+            accuracy = evaluate(unwrapped_classifier, eval_set, eval_loader, accelerator)["accuracy"]
+            state["eval_accuracy_per_epoch"][str(epoch + 1)] = accuracy
+            metrics["eval_accuracy"] = accuracy
+            logger.info("epoch %d: loss %.4f, eval accuracy %.4f", epoch + 1, epoch_loss, accuracy)
+        if args.with_tracking:
+            accelerator.log(metrics, step=epoch + 1)
+        if args.checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, Path(args.output_dir) / f"epoch_{epoch + 1}", state)
+    progress.close()
+    train_seconds = time.perf_counter() - start
+    torch.set_num_threads(threads)
+
+    final = evaluate(unwrapped_classifier, eval_set, eval_loader, accelerator)
+    logger.info(
+        "CLIP-Adapter accuracy: %.4f (zero-shot %.4f) on %d held-out images",
+        final["accuracy"],
+        zero_shot["accuracy"],
+        final["count"],
+    )
+    for name, before, after in zip(names, zero_shot["per_class"], final["per_class"], strict=True):
+        logger.info("  %-30s zero-shot %s  adapter %s", name, _percent(before), _percent(after))
+
+    dataset = args.dataset_name or ("offline-shapes" if args.offline_default else args.train_dir)
+    results = {
+        "zero_shot_accuracy": zero_shot["accuracy"],
+        "eval_accuracy": final["accuracy"],
+        "per_class_accuracy": _per_class(names, final["per_class"]),
+        "zero_shot_per_class_accuracy": _per_class(names, zero_shot["per_class"]),
+        "train_loss_per_epoch": state["train_loss_per_epoch"],
+        "eval_accuracy_per_epoch": state["eval_accuracy_per_epoch"],
+        "feature_extraction_seconds": feature_seconds,
+        "train_seconds": train_seconds,
+        "num_train_images": num_train,
+        "num_eval_images": final["count"],
+        "num_classes": len(names),
+        "shots": args.shots,
+        "seed": args.seed,
+        "views": args.views,
+        "ratio": args.ratio,
+        "reduction": args.reduction,
+        "adapt": args.adapt,
+        "templates": templates,
+        "end_to_end": args.end_to_end,
+        "num_processes": num_processes,
+        "model_name_or_path": args.model_name_or_path,
+        "dataset": dataset,
+    }
+    _save_outputs(args, accelerator, peft_model, results)
+    if args.with_tracking:
+        accelerator.end_training()
+    return results
+
+
+def _evaluate_zero_shot(peft_model, classifier, eval_set, eval_loader, accelerator) -> dict[str, Any]:
+    # `frozen` disables the adapters the classifier shares with the model: this is CLIP's own zero-shot head.
+    with frozen(peft_model):
+        return evaluate(classifier, eval_set, eval_loader, accelerator)
+
+
+def _save_outputs(args, accelerator: Accelerator, peft_model, results: dict[str, Any]) -> None:
+    """The adapter with its model card, all_results.json, the plot, and the Hub upload if asked."""
+    peft_model.training_results = {
+        "base_model": args.model_name_or_path,
+        "dataset": results["dataset"],
+        "shots": args.shots,
+        "ratio": args.ratio,
+        "accuracy": results["eval_accuracy"],
+        "zero_shot_accuracy": results["zero_shot_accuracy"],
+        "num_eval_images": results["num_eval_images"],
+    }
+    accelerator.wait_for_everyone()
+    output_dir = Path(args.output_dir)
+    accelerator.unwrap_model(peft_model).save_pretrained(str(output_dir), is_main_process=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        save_plot(output_dir / PLOT_FILE, results)
+        logger.info("Saved the adapter, %s and %s in %s", RESULTS_FILE, PLOT_FILE, output_dir)
+        if args.push_to_hub:
+            repo_id = args.hub_model_id or output_dir.resolve().name
+            peft_model.push_to_hub(repo_id, token=args.hub_token, commit_message="Upload CLIP-Adapter (few-shot)")
+            logger.info("Pushed the adapter to %s", repo_id)
+    accelerator.wait_for_everyone()
+
+
+def _tracker_config(args: argparse.Namespace) -> dict[str, Any]:
+    # Trackers accept scalars only.
+    return {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
+    }
+
+
+def _percent(value: Optional[float]) -> str:
+    return "   n/a" if value is None else f"{100 * value:5.1f}%"
+
+
+if __name__ == "__main__":
+    main()

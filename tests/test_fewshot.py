@@ -1,0 +1,336 @@
+"""The few-shot trainer ``examples/fewshot.py``, run in-process through its ``main(argv)``.
+
+Short runs on the tiny CLIP fixture check the outputs, tracking, Hub upload and the cached vs end-to-end
+equivalence; each bad input must fail with a clear ``ValueError`` before training. The offline default
+(no arguments) must beat zero-shot by a clear margin on held-out images.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fewshot.py"
+RESULT_KEYS = {
+    "zero_shot_accuracy",
+    "eval_accuracy",
+    "per_class_accuracy",
+    "zero_shot_per_class_accuracy",
+    "train_loss_per_epoch",
+    "feature_extraction_seconds",
+    "train_seconds",
+    "num_train_images",
+    "num_eval_images",
+    "num_classes",
+    "shots",
+    "seed",
+    "views",
+    "ratio",
+    "reduction",
+    "adapt",
+    "model_name_or_path",
+    "dataset",
+}
+CLASSES = ["blue triangle", "green square", "red circle", "yellow cross"]
+
+
+@pytest.fixture(scope="module")
+def fewshot():
+    """The example script as a module (it is not part of the package)."""
+    spec = importlib.util.spec_from_file_location("fewshot_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; Accelerate keeps process-wide singletons."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _args(tiny_clip_path: str, shapes_dir: str, tmp_path: Path, *extra: str) -> list[str]:
+    # 12 images per class: 10 train / 2 held out each; 4 shots -> 16 training images = one global batch of 16.
+    return [
+        "--model_name_or_path", tiny_clip_path,
+        "--train_dir", shapes_dir,
+        "--shots", "4",
+        "--views", "2",
+        "--num_train_epochs", "3",
+        "--per_device_train_batch_size", "8",
+        "--learning_rate", "0.05",
+        "--output_dir", str(tmp_path / "out"),
+        "--cache_dir", str(tmp_path / "cache"),
+        *extra,
+    ]  # fmt: skip
+
+
+def _adapter(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "adapter_model.safetensors")
+
+
+def test_short_run_writes_adapter_results_and_plot(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    results = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path))
+    out = tmp_path / "out"
+    assert sorted(path.name for path in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "all_results.json",
+        "training_curves.png",
+    ]
+    saved = json.loads((out / "all_results.json").read_text())
+    assert set(saved) >= RESULT_KEYS
+    assert saved == json.loads(json.dumps(results))
+    assert (saved["num_train_images"], saved["num_eval_images"], saved["num_classes"]) == (16, 8, 4)
+    assert (saved["shots"], saved["views"], saved["ratio"], saved["reduction"], saved["adapt"]) == (
+        4,
+        2,
+        0.2,
+        4,
+        "vision",
+    )
+    assert sorted(saved["per_class_accuracy"]) == CLASSES
+    assert len(saved["train_loss_per_epoch"]) == 3
+    assert all(loss > 0 for loss in saved["train_loss_per_epoch"])
+    # 2 eval images per class: every accuracy is a multiple of 1/2 and the mean of the per-class ones.
+    per_class = list(saved["per_class_accuracy"].values())
+    assert saved["eval_accuracy"] == pytest.approx(sum(per_class) / 4)
+    assert all(value in (0.0, 0.5, 1.0) for value in per_class)
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (out / "README.md").read_text()
+    assert "import peft_clip_adapter" in card and "zero_shot_accuracy" in card
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["ratio"], config["base_model_name_or_path"]) == (
+        "CLIP_ADAPTER",
+        0.2,
+        tiny_clip_path,
+    )
+
+
+def test_saved_adapter_reloads_with_the_reported_accuracy(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    """The adapter on disk, reloaded with peft, classifies the held-out images exactly as reported."""
+    from peft import PeftModel
+    from transformers import AutoProcessor, CLIPModel
+
+    from peft_clip_adapter.classifier import CLIPAdapterClassifier, encode_class_prompts
+    from peft_clip_adapter.data import build_eval_transform, load_image_classification_data
+    from peft_clip_adapter.features import FeatureCache
+
+    results = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--adapt", "both", "--templates", "ensemble"))
+    model = PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_path), str(tmp_path / "out")).eval()
+    processor = AutoProcessor.from_pretrained(tiny_clip_path)
+    heldout = load_image_classification_data(train_dir=shapes_dir, seed=0)["validation"]
+    cache = FeatureCache(tmp_path / "cache" / "features")
+    eval_set = cache.load_or_extract(model, heldout, build_eval_transform(processor.image_processor))
+    assert cache.last_hit  # the run cached exactly these eval features
+    prompts = encode_class_prompts(model, processor, CLASSES, results["templates"])
+    with torch.no_grad():
+        logits = CLIPAdapterClassifier.from_model(model, prompts)(eval_set.features[0])  # [8, 4]
+    accuracy = (logits.argmax(-1) == eval_set.labels).float().mean().item()
+    assert len(results["templates"]) == 7
+    assert accuracy == pytest.approx(results["eval_accuracy"])
+
+
+def test_cached_features_and_end_to_end_train_the_same_adapter(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    cached = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path / "cached"))
+    end_to_end = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path / "e2e", "--end_to_end"))
+    first, second = _adapter(tmp_path / "cached" / "out"), _adapter(tmp_path / "e2e" / "out")
+    assert sorted(first) == sorted(second)
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-5)
+    assert cached["train_loss_per_epoch"] == pytest.approx(end_to_end["train_loss_per_epoch"], rel=1e-4)
+    assert cached["eval_accuracy"] == end_to_end["eval_accuracy"]
+
+
+def test_tensorboard_tracking_and_overwrite(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    stale = tmp_path / "out" / "step_5"
+    stale.mkdir(parents=True)
+    (stale / "trainer_state.json").write_text(json.dumps({"completed_steps": 5}))
+    fewshot.main(
+        _args(tiny_clip_path, shapes_dir, tmp_path, "--with_tracking", "--report_to", "tensorboard",
+              "--overwrite_output_dir", "--checkpointing_steps", "epoch")
+    )  # fmt: skip
+    out = tmp_path / "out"
+    assert list((out / "fewshot").rglob("events.out.tfevents.*"))
+    assert not stale.exists()  # the previous run's checkpoint is gone, so `latest` cannot pick it
+    assert sorted(path.name for path in out.glob("epoch_*")) == ["epoch_1", "epoch_2", "epoch_3"]
+
+
+def test_push_to_hub_uploads_the_adapter_with_results(fewshot, tiny_clip_path, shapes_dir, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, RepoUrl
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = repo_id
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        calls["upload_folder"] = repo_id
+        calls["files"] = {
+            path.name: path.read_text() for path in Path(folder_path).iterdir() if path.suffix != ".safetensors"
+        }
+        calls["files"]["adapter_model.safetensors"] = load_file(Path(folder_path) / "adapter_model.safetensors")
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    results = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--push_to_hub", "--hub_model_id", "me/shapes"))
+    assert calls["create_repo"] == calls["upload_folder"] == "me/shapes"
+    card = calls["files"]["README.md"]
+    assert "| shots | 4 |" in card and "| ratio | 0.2 |" in card
+    assert f"| accuracy | {results['eval_accuracy']:.4g} |" in card
+    assert f"| zero_shot_accuracy | {results['zero_shot_accuracy']:.4g} |" in card
+    assert f"| base_model | {tiny_clip_path} |" in card
+    pushed, saved = calls["files"]["adapter_model.safetensors"], _adapter(tmp_path / "out")
+    assert all(torch.equal(pushed[key], saved[key]) for key in saved)
+
+
+# -----------------------------------------------------------------------------
+# Bad input: each a clear error before training
+
+
+def test_missing_column_lists_the_columns(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"Image column 'img' not found; the dataset has columns \['image', 'label'\]"
+    ):
+        fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--image_column_name", "img"))
+    with pytest.raises(ValueError, match=r"Label column 'class' not found; the dataset has columns"):
+        fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path / "2", "--label_column_name", "class"))
+
+
+def test_unreadable_image_is_named(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data / "train")
+    shutil.copytree(shapes_dir, data / "validation")
+    broken = data / "validation" / "red circle" / "001.png"
+    broken.write_bytes(b"not a png")
+    argv = _args(tiny_clip_path, str(data / "train"), tmp_path, "--validation_dir", str(data / "validation"))
+    with pytest.raises(ValueError, match=r"Cannot read image file .*red circle/001\.png"):
+        fewshot.main(argv)
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_unreadable_training_image_fails_before_end_to_end_training(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(shapes_dir, data / "train")
+    shutil.copytree(shapes_dir, data / "validation")
+    (data / "train" / "green square" / "003.png").write_bytes(b"\x89PNG broken")
+    # 12 shots: every training image is sampled, the broken one too.
+    argv = _args(tiny_clip_path, str(data / "train"), tmp_path, "--validation_dir", str(data / "validation"))
+    argv += ["--end_to_end", "--shots", "12"]
+    with pytest.raises(ValueError, match=r"Cannot read image file .*green square/003\.png"):
+        fewshot.main(argv)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--shots", "0"], r"--shots must be at least 1, got 0"),
+        (["--views", "0"], r"--views must be at least 1, got 0"),
+        (["--ratio", "1.5"], r"--ratio must be in \[0, 1\]"),
+        (["--learning_rate", "0"], r"--learning_rate must be > 0"),
+        (["--checkpointing_steps", "often"], r"--checkpointing_steps 'often' must be a whole number of steps"),
+        (["--templates", "a photo of a {}.", "a thing"], r"\['a thing'\] have no '\{\}' placeholder"),
+        (["--templates", "imagenet21k"], r"Unknown template set 'imagenet21k'"),
+    ],
+)
+def test_bad_numbers_and_templates(fewshot, tiny_clip_path, shapes_dir, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, *extra))
+
+
+def test_more_shots_than_a_class_has(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"shots"):
+        fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--shots", "50"))
+
+
+def test_single_class_dataset(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    data = tmp_path / "one-class"
+    shutil.copytree(Path(shapes_dir) / "red circle", data / "red circle")
+    with pytest.raises(ValueError, match=r"class.*at least 2|2 classes"):
+        fewshot.main(_args(tiny_clip_path, str(data), tmp_path))
+
+
+def test_output_dir_with_another_runs_files(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "all_results.json").write_text("{}")
+    with pytest.raises(
+        ValueError, match=r"already holds another run's files \(all_results.json\).*--overwrite_output_dir"
+    ):
+        fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"--output_dir .*file is a file"):
+        fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--output_dir", str(tmp_path / "file")))
+
+
+def test_model_without_projection_layers(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    from transformers import AutoProcessor, CLIPModel, CLIPVisionModel
+
+    folder = tmp_path / "vision-only"
+    CLIPVisionModel(CLIPModel.from_pretrained(tiny_clip_path).config.vision_config).save_pretrained(folder)
+    AutoProcessor.from_pretrained(tiny_clip_path).save_pretrained(folder)
+    argv = _args(tiny_clip_path, shapes_dir, tmp_path, "--model_name_or_path", str(folder))
+    with pytest.raises(ValueError, match=r"CLIPVisionModel .* has no text_projection / visual_projection layer"):
+        fewshot.main(argv)
+
+
+def test_data_without_model_and_model_without_data(fewshot, shapes_dir, tiny_clip_path):
+    with pytest.raises(ValueError, match=r"Pass --model_name_or_path with your own data"):
+        fewshot.main(["--train_dir", shapes_dir])
+    with pytest.raises(ValueError, match=r"needs data: --dataset_name or --train_dir"):
+        fewshot.main(["--model_name_or_path", tiny_clip_path])
+
+
+def test_world_size_without_processes_fails_loudly(fewshot, tiny_clip_path, shapes_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match=r"WORLD_SIZE=2 but Accelerate sees one process"):
+        fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path))
+
+
+def test_learning_rate_schedule_is_coops(fewshot):
+    """Constant 1e-5 warm-up epoch, then the cosine over the whole run (CoOp's ConstantWarmupScheduler)."""
+    args = fewshot.parse_args(["--learning_rate", "0.002", "--num_train_epochs", "4"])
+    # 2 steps per epoch, 8 in all, warm-up = one epoch.
+    rates = [fewshot.learning_rate_at(step, args, warmup_steps=2, total_steps=8) for step in range(8)]
+    assert rates[:2] == [1e-5, 1e-5]
+    # After it, 0.5 * lr * (1 + cos(pi * step / 8)): step 2 is a quarter of the way, step 4 halfway.
+    assert rates[2:] == pytest.approx(
+        [
+            0.001 * (1 + 2**-0.5),
+            0.001 * (1 + 0.3826834),
+            0.001,
+            0.001 * (1 - 0.3826834),
+            0.001 * (1 - 2**-0.5),
+            0.001 * (1 - 0.9238795),
+        ]
+    )
+
+
+# -----------------------------------------------------------------------------
+# The offline default
+
+
+@pytest.mark.slow
+def test_offline_default_beats_zero_shot(fewshot, tmp_path, caplog):
+    """No model, no data: the tiny untrained CLIP and the generated shapes, with the offline settings."""
+    caplog.set_level("WARNING")
+    results = fewshot.main(["--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")])
+    assert "untrained" in caplog.text
+    assert (results["shots"], results["ratio"], results["views"], results["num_classes"]) == (32, 0.6, 4, 4)
+    assert (results["num_train_images"], results["num_eval_images"]) == (128, 100)
+    assert len(results["train_loss_per_epoch"]) == 200
+    assert results["train_loss_per_epoch"][-1] < results["train_loss_per_epoch"][0] - 0.3
+    assert results["eval_accuracy"] >= results["zero_shot_accuracy"] + 0.2
