@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import inspect
+import pkgutil
 import re
 import subprocess
 import sys
@@ -38,22 +39,12 @@ PAGES_WITH_CODE = [
     page for page in PAGES if any(s.skip_reason is None for s in snippets.python_snippets(page.read_text()))
 ]
 
-#: Modules whose public classes and functions must all be in the API reference.
-API_MODULES = [
-    "peft_clip_adapter.config",
-    "peft_clip_adapter.layer",
-    "peft_clip_adapter.model",
-    "peft_clip_adapter.peft_model",
-    "peft_clip_adapter.registration",
-    "peft_clip_adapter.classifier",
-    "peft_clip_adapter.templates",
-    "peft_clip_adapter.embeddings",
-    "peft_clip_adapter.data",
-    "peft_clip_adapter.features",
-    "peft_clip_adapter.offline",
-    "peft_clip_adapter.card",
-    "peft_clip_adapter.checkpoint",
-]
+#: Every public module of the package: their public classes and functions must be in the API reference.
+API_MODULES = sorted(
+    f"peft_clip_adapter.{info.name}"
+    for info in pkgutil.iter_modules(peft_clip_adapter.__path__)
+    if not info.name.startswith("_")
+)
 
 
 @pytest.fixture(scope="module")
@@ -147,12 +138,12 @@ def test_failing_snippet_names_page_and_line(tmp_path):
 def _public_names(module_name: str) -> list[str]:
     """Classes and functions defined in the module itself (not imported), without a leading underscore."""
     module = importlib.import_module(module_name)
+    public = getattr(module, "__all__", None) or [name for name in vars(module) if not name.startswith("_")]
     return sorted(
         f"{module_name}.{name}"
-        for name, value in vars(module).items()
-        if not name.startswith("_")
-        and (inspect.isclass(value) or inspect.isfunction(value))
-        and getattr(value, "__module__", None) == module_name
+        for name in public
+        if (inspect.isclass(getattr(module, name)) or inspect.isfunction(getattr(module, name)))
+        and getattr(module, name).__module__ == module_name
     )
 
 
