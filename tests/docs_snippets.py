@@ -23,7 +23,7 @@ import hashlib
 import re
 import shutil
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -55,23 +55,23 @@ class Snippet:
     skip_reason: Optional[str] = None
 
 
-def python_snippets(markdown: str) -> list[Snippet]:
-    """The fenced Python blocks of a Markdown text, in order, with their skip markers.
+def fenced_blocks(markdown: str, languages: Collection[str]) -> list[Snippet]:
+    """The fenced code blocks of a Markdown text whose language is in ``languages``, in order.
 
-    A block counts as Python when its info string starts with ``python``, ``py`` or ``python3`` (a
-    ``title="..."`` or other attributes may follow). A ``<!-- skip-test: reason -->`` comment on the
-    nearest non-blank line above the opening fence marks the block as skipped.
+    The language is the first word of the info string (a ``title="..."`` or other attributes may
+    follow). A ``<!-- skip-test: reason -->`` comment on the nearest non-blank line above the opening
+    fence marks the block as skipped. Blocks indented under an admonition or a list are dedented.
 
     Raises:
         ValueError: if a fence is never closed, or a skip marker gives no reason.
 
     Example:
-        >>> page = "Text\\n\\n```python\\nx = 1\\n```\\n<!-- skip-test: needs a GPU -->\\n```py\\ny = 2\\n```\\n"
-        >>> [(s.code, s.line, s.skip_reason) for s in python_snippets(page)]
-        [('x = 1\\n', 4, None), ('y = 2\\n', 8, 'needs a GPU')]
+        >>> page = "```bash\\nls\\n```\\n```python\\nx = 1\\n```\\n"
+        >>> [(s.code, s.line) for s in fenced_blocks(page, {"bash", "sh"})]
+        [('ls\\n', 2)]
     """
     lines = markdown.splitlines()
-    snippets: list[Snippet] = []
+    blocks: list[Snippet] = []
     index = 0
     while index < len(lines):
         opening = _FENCE.match(lines[index])
@@ -85,11 +85,44 @@ def python_snippets(markdown: str) -> list[Snippet]:
         if end == len(lines):
             raise ValueError(f"The code fence opened on line {index + 1} is never closed.")
         language = info.split()[0].strip("{}.").lower() if info else ""
-        if language in _PYTHON_LANGUAGES:
+        if language in languages:
             code = textwrap.dedent("\n".join(lines[index + 1 : end]) + "\n")
-            snippets.append(Snippet(code, index + 2, _skip_reason(lines, index)))
+            blocks.append(Snippet(code, index + 2, _skip_reason(lines, index)))
         index = end + 1
-    return snippets
+    return blocks
+
+
+def python_snippets(markdown: str) -> list[Snippet]:
+    """The fenced Python blocks (``python``, ``py`` or ``python3``) of a Markdown text, in order.
+
+    Raises:
+        ValueError: as ``fenced_blocks``.
+
+    Example:
+        >>> page = "Text\\n\\n```python\\nx = 1\\n```\\n<!-- skip-test: needs a GPU -->\\n```py\\ny = 2\\n```\\n"
+        >>> [(s.code, s.line, s.skip_reason) for s in python_snippets(page)]
+        [('x = 1\\n', 4, None), ('y = 2\\n', 8, 'needs a GPU')]
+    """
+    return fenced_blocks(markdown, _PYTHON_LANGUAGES)
+
+
+def shell_commands(markdown: str) -> list[str]:
+    """The commands of the page's ``bash`` / ``sh`` / ``console`` blocks, one per command.
+
+    Lines continued with a trailing backslash are joined; comments and blank lines are dropped.
+
+    Example:
+        >>> shell_commands("```bash\\n# train\\npython a.py \\\\\\n  --x 1\\n```\\n")
+        ['python a.py --x 1']
+    """
+    commands = []
+    for block in fenced_blocks(markdown, {"bash", "sh", "shell", "console"}):
+        joined = re.sub(r"\s*\\\n\s*", " ", block.code)  # join "\\"-continued lines
+        for line in joined.splitlines():
+            line = line.split(" # ")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
 
 
 def _skip_reason(lines: Sequence[str], fence_index: int) -> Optional[str]:

@@ -201,3 +201,41 @@ def test_troubleshooting_quotes_every_error_message():
         if fragment.strip(" .,:;") and fragment.strip() not in page
     ]
     assert not missing, "Quote these messages in docs/troubleshooting.md:\n" + "\n".join(missing)
+
+
+def _script_flags(script: str) -> set[str]:
+    """The ``--flags`` a script's argparse parser defines, read from its source."""
+    return set(re.findall(r"""["'](--[a-z][a-z0-9_]*)["']""", (ROOT / script).read_text(encoding="utf-8")))
+
+
+def _launch_flags() -> set[str]:
+    from accelerate.commands.launch import launch_command_parser
+
+    return {option for action in launch_command_parser()._actions for option in action.option_strings}
+
+
+def test_documented_commands_use_real_flags():
+    trainer = _script_flags("examples/fewshot.py")
+    # reproduce.py passes the flags it does not know on to the trainer.
+    known = {
+        "examples/fewshot.py": trainer,
+        "benchmarks/reproduce.py": _script_flags("benchmarks/reproduce.py") | trainer,
+    }
+    launch = _launch_flags()
+    wrong, checked = [], 0
+    for page in PAGES:
+        for command in snippets.shell_commands(page.read_text(encoding="utf-8")):
+            for script, flags in known.items():
+                if script not in command:
+                    continue
+                checked += 1
+                before, after = command.split(script, 1)
+                used = re.findall(r"(?<!\S)(--[a-z][a-z0-9_]*)", after)
+                wrong += [f"{page.name}: {flag} (not a flag of {script})" for flag in used if flag not in flags]
+                if "accelerate launch" in before:
+                    used = re.findall(r"(?<!\S)(--[a-z][a-z0-9_]*)", before)
+                    wrong += [
+                        f"{page.name}: {flag} (not an accelerate launch flag)" for flag in used if flag not in launch
+                    ]
+    assert checked >= 10  # the docs show the trainer and the harness in many commands
+    assert not wrong, "\n".join(wrong)
