@@ -10,14 +10,17 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fewshot.py"
+# pytest runs with --import-mode=importlib, so tests/ is not on sys.path: load the helpers by path.
+_spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+fewshot, fresh_accelerate_state = helpers.fewshot, helpers.fresh_accelerate_state  # fixtures
 RESULT_KEYS = {
     "zero_shot_accuracy",
     "eval_accuracy",
@@ -41,44 +44,10 @@ RESULT_KEYS = {
 CLASSES = ["blue triangle", "green square", "red circle", "yellow cross"]
 
 
-@pytest.fixture(scope="module")
-def fewshot():
-    """The example script as a module (it is not part of the package)."""
-    spec = importlib.util.spec_from_file_location("fewshot_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; Accelerate keeps process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def _args(tiny_clip_path: str, shapes_dir: str, tmp_path: Path, *extra: str) -> list[str]:
     # 12 images per class: 10 train / 2 held out each; 4 shots -> 16 training images = one global batch of 16.
-    return [
-        "--model_name_or_path", tiny_clip_path,
-        "--train_dir", shapes_dir,
-        "--shots", "4",
-        "--views", "2",
-        "--num_train_epochs", "3",
-        "--per_device_train_batch_size", "8",
-        "--learning_rate", "0.05",
-        "--output_dir", str(tmp_path / "out"),
-        "--cache_dir", str(tmp_path / "cache"),
-        *extra,
-    ]  # fmt: skip
-
-
-def _adapter(output_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(output_dir / "adapter_model.safetensors")
+    flags = dict(shots=4, views=2, num_train_epochs=3, per_device_train_batch_size=8, learning_rate=0.05)
+    return [*helpers.trainer_args(tiny_clip_path, shapes_dir, tmp_path, **flags), *extra]
 
 
 def test_short_run_writes_adapter_results_and_plot(fewshot, tiny_clip_path, shapes_dir, tmp_path):
@@ -147,7 +116,8 @@ def test_saved_adapter_reloads_with_the_reported_accuracy(fewshot, tiny_clip_pat
 def test_cached_features_and_end_to_end_train_the_same_adapter(fewshot, tiny_clip_path, shapes_dir, tmp_path):
     cached = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path / "cached"))
     end_to_end = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path / "e2e", "--end_to_end"))
-    first, second = _adapter(tmp_path / "cached" / "out"), _adapter(tmp_path / "e2e" / "out")
+    first = helpers.adapter_tensors(tmp_path / "cached" / "out")
+    second = helpers.adapter_tensors(tmp_path / "e2e" / "out")
     assert sorted(first) == sorted(second)
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-5)
@@ -194,7 +164,7 @@ def test_push_to_hub_uploads_the_adapter_with_results(fewshot, tiny_clip_path, s
     assert f"| accuracy | {results['eval_accuracy']:.4g} |" in card
     assert f"| zero_shot_accuracy | {results['zero_shot_accuracy']:.4g} |" in card
     assert f"| base_model | {tiny_clip_path} |" in card
-    pushed, saved = calls["files"]["adapter_model.safetensors"], _adapter(tmp_path / "out")
+    pushed, saved = calls["files"]["adapter_model.safetensors"], helpers.adapter_tensors(tmp_path / "out")
     assert all(torch.equal(pushed[key], saved[key]) for key in saved)
 
 
