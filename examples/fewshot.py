@@ -52,7 +52,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -429,6 +429,111 @@ def evaluate(
     return {"accuracy": correct.float().mean().item(), "per_class": per_class, "count": len(targets)}
 
 
+def make_batch_inputs(
+    args: argparse.Namespace,
+    train_set: Optional[FeatureSet],
+    train_dataset: datasets.Dataset,
+    transform,
+) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """What the head takes for a batch of training rows in augmented view ``view``.
+
+    Cached raw pooled embeddings ``[B, D]``, or with --end_to_end the freshly transformed images
+    ``[B, 3, H, W]`` (the same view of the same rows, so both modes train the same adapter).
+    """
+    if not args.end_to_end:
+        return lambda rows, view: train_set.features[view, rows.cpu()]  # [B, D]
+    images = train_dataset.select_columns([args.image_column_name])
+
+    def pixels(rows: torch.Tensor, view: int) -> torch.Tensor:
+        indices = rows.tolist()
+        pictures = images[indices][args.image_column_name]
+        crops = [
+            transform(load_image(image), index=row, view=view) for row, image in zip(indices, pictures, strict=True)
+        ]
+        return torch.stack(crops)  # [B, 3, H, W]
+
+    return pixels
+
+
+def train(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    head: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_loader: DataLoader,
+    *,
+    batch_inputs: Callable[[torch.Tensor, int], torch.Tensor],
+    train_labels: torch.Tensor,
+    evaluate_now: Callable[[], float],
+    schedule: dict[str, int],
+) -> dict[str, Any]:
+    """The epoch loop, from scratch or from --resume_from_checkpoint; returns the loss and accuracy history.
+
+    Epoch ``e`` trains on view ``e % views``. The loop's state (optimizer steps done, history, the running
+    loss of the current epoch) goes into every checkpoint, so a resumed run continues mid-epoch
+    (``skip_first_batches``) and reports the same history as an uninterrupted one.
+    """
+    state = {"completed_steps": 0, "train_loss_per_epoch": [], "eval_accuracy_per_epoch": {}}
+    state.update(epoch_loss_sum=0.0, epoch_steps=0)
+    if args.resume_from_checkpoint:
+        state = load_checkpoint(args, accelerator)
+    steps_per_epoch, accumulation = schedule["steps_per_epoch"], args.gradient_accumulation_steps
+    start_epoch, skip_steps = divmod(state["completed_steps"], steps_per_epoch)
+    eval_every = args.eval_every_epochs or max(1, args.num_train_epochs // 20)
+    threads = torch.get_num_threads()
+    if accelerator.device.type == "cpu" and not args.end_to_end:
+        # The adapter's matrices are tiny: on CPU, intra-op threads only add synchronisation (measured
+        # 50x slower with 2 threads on a busy 2-core machine), so train on cached features with one.
+        torch.set_num_threads(1)
+    progress = tqdm(
+        total=schedule["total_steps"], initial=state["completed_steps"], disable=not accelerator.is_local_main_process
+    )
+    for epoch in range(start_epoch, args.num_train_epochs):
+        head.train()
+        view = epoch % args.views
+        train_loader.set_epoch(epoch)  # the seeded shuffle of this epoch, on every process
+        batches = train_loader
+        if epoch == start_epoch and skip_steps:
+            batches = accelerator.skip_first_batches(train_loader, skip_steps * accumulation)
+        loss_sum = torch.tensor(state["epoch_loss_sum"], device=accelerator.device)
+        for (rows,) in batches:
+            with accelerator.accumulate(head):
+                logits = head(batch_inputs(rows, view).to(accelerator.device))  # [B, C]
+                loss = F.cross_entropy(logits, train_labels[rows.cpu()].to(accelerator.device))
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate_at(
+                        state["completed_steps"], args, schedule["warmup_steps"], schedule["total_steps"]
+                    )
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            loss_sum += loss.detach() / accumulation
+            if not accelerator.sync_gradients:
+                continue
+            state["completed_steps"] += 1
+            state["epoch_steps"] += 1
+            progress.update(1)
+            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
+            if isinstance(args.checkpointing_steps, int) and state["completed_steps"] % args.checkpointing_steps == 0:
+                state["epoch_loss_sum"] = accelerator.reduce(loss_sum, "mean").item()
+                save_checkpoint(accelerator, Path(args.output_dir) / f"step_{state['completed_steps']}", state)
+
+        epoch_loss = accelerator.reduce(loss_sum, "mean").item() / max(state["epoch_steps"], 1)
+        state["train_loss_per_epoch"].append(epoch_loss)
+        state["epoch_loss_sum"], state["epoch_steps"] = 0.0, 0
+        metrics = {"train_loss": epoch_loss, "learning_rate": optimizer.param_groups[0]["lr"]}
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == args.num_train_epochs:
+            metrics["eval_accuracy"] = state["eval_accuracy_per_epoch"][str(epoch + 1)] = evaluate_now()
+            logger.info("epoch %d: loss %.4f, eval accuracy %.4f", epoch + 1, epoch_loss, metrics["eval_accuracy"])
+        if args.with_tracking:
+            accelerator.log(metrics, step=epoch + 1)
+        if args.checkpointing_steps == "epoch":
+            save_checkpoint(accelerator, Path(args.output_dir) / f"epoch_{epoch + 1}", state)
+    progress.close()
+    torch.set_num_threads(threads)
+    return state
+
+
 def _checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints (their trainer state is written last), oldest first."""
     found = [path.parent for path in output_dir.glob(f"*/{TRAINER_STATE_FILE}")]
@@ -542,7 +647,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     classifier = CLIPAdapterClassifier.from_model(peft_model, class_embeddings)
 
     start = time.perf_counter()
-    threads = torch.get_num_threads()
     cache = FeatureCache(args.feature_cache_dir)
     columns = {"image_column": args.image_column_name, "label_column": args.label_column_name}
     extract = {
@@ -590,7 +694,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     total_steps = steps_per_epoch * args.num_train_epochs
     warmup_steps = steps_per_epoch if args.num_warmup_steps is None else args.num_warmup_steps
-    eval_every = args.eval_every_epochs or max(1, args.num_train_epochs // 20)
     logger.info(
         "Training %d epochs x %d steps, global batch %d (%d per device x %d processes x %d accumulation), %s",
         args.num_train_epochs,
@@ -608,82 +711,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         accelerator.init_trackers(TRACKING_PROJECT, config=_tracker_config(args))
         accelerator.log({"eval_accuracy": zero_shot["accuracy"]}, step=0)
 
-    state = {
-        "completed_steps": 0,
-        "train_loss_per_epoch": [],
-        "eval_accuracy_per_epoch": {},
-        "epoch_loss_sum": 0.0,
-        "epoch_steps": 0,
-    }
-    if args.resume_from_checkpoint:
-        state = load_checkpoint(args, accelerator)
-    start_epoch, skip_batches = divmod(state["completed_steps"], steps_per_epoch)
-    skip_batches *= args.gradient_accumulation_steps
-
     start = time.perf_counter()
-    if accelerator.device.type == "cpu" and not args.end_to_end:
-        # The adapter's matrices are tiny: on CPU, intra-op threads only add synchronisation (measured
-        # 50x slower with 2 threads on a busy 2-core machine), so train on cached features with one.
-        torch.set_num_threads(1)
-    progress = tqdm(total=total_steps, initial=state["completed_steps"], disable=not accelerator.is_local_main_process)
     unwrapped = accelerator.unwrap_model(head)
     unwrapped_classifier = unwrapped.classifier if args.end_to_end else unwrapped
-    image_rows = train_dataset.select_columns([args.image_column_name])
-    train_labels = dataset_labels(train_dataset, args.label_column_name)  # [N]
-    for epoch in range(start_epoch, args.num_train_epochs):
-        head.train()
-        view = epoch % args.views  # epoch e trains on augmented view e % views of every image
-        train_loader.set_epoch(epoch)
-        batches = train_loader
-        if epoch == start_epoch and skip_batches:
-            batches = accelerator.skip_first_batches(train_loader, skip_batches)
-        loss_sum = torch.tensor(state["epoch_loss_sum"], device=accelerator.device)
-        for (rows,) in batches:
-            with accelerator.accumulate(head):
-                if args.end_to_end:
-                    pictures = image_rows[rows.tolist()][args.image_column_name]
-                    inputs = torch.stack(
-                        [
-                            train_transform(load_image(picture), index=row, view=view)
-                            for row, picture in zip(rows.tolist(), pictures, strict=True)
-                        ]
-                    )
-                else:
-                    inputs = train_set.features[view, rows.cpu()]  # [B, D] raw pooled embeddings
-                logits = head(inputs.to(accelerator.device))  # [B, C]
-                loss = F.cross_entropy(logits, train_labels[rows.cpu()].to(accelerator.device))
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate_at(state["completed_steps"], args, warmup_steps, total_steps)
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            loss_sum += loss.detach() / args.gradient_accumulation_steps
-            if not accelerator.sync_gradients:
-                continue
-            state["completed_steps"] += 1
-            state["epoch_steps"] += 1
-            progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
-            if isinstance(args.checkpointing_steps, int) and state["completed_steps"] % args.checkpointing_steps == 0:
-                state["epoch_loss_sum"] = accelerator.reduce(loss_sum, "mean").item()
-                save_checkpoint(accelerator, Path(args.output_dir) / f"step_{state['completed_steps']}", state)
-
-        epoch_loss = accelerator.reduce(loss_sum, "mean").item() / max(state["epoch_steps"], 1)
-        state["train_loss_per_epoch"].append(epoch_loss)
-        state["epoch_loss_sum"], state["epoch_steps"] = 0.0, 0
-        metrics = {"train_loss": epoch_loss, "learning_rate": optimizer.param_groups[0]["lr"]}
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == args.num_train_epochs:
-            accuracy = evaluate(unwrapped_classifier, eval_set, eval_loader, accelerator)["accuracy"]
-            state["eval_accuracy_per_epoch"][str(epoch + 1)] = accuracy
-            metrics["eval_accuracy"] = accuracy
-            logger.info("epoch %d: loss %.4f, eval accuracy %.4f", epoch + 1, epoch_loss, accuracy)
-        if args.with_tracking:
-            accelerator.log(metrics, step=epoch + 1)
-        if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, Path(args.output_dir) / f"epoch_{epoch + 1}", state)
-    progress.close()
+    schedule = {"warmup_steps": warmup_steps, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch}
+    state = train(
+        args,
+        accelerator,
+        head,
+        optimizer,
+        train_loader,
+        batch_inputs=make_batch_inputs(args, train_set, train_dataset, train_transform),
+        train_labels=dataset_labels(train_dataset, args.label_column_name),  # [N]
+        evaluate_now=lambda: evaluate(unwrapped_classifier, eval_set, eval_loader, accelerator)["accuracy"],
+        schedule=schedule,
+    )
     train_seconds = time.perf_counter() - start
-    torch.set_num_threads(threads)
 
     final = evaluate(unwrapped_classifier, eval_set, eval_loader, accelerator)
     logger.info(
