@@ -307,6 +307,9 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
             "CLIPModel checkpoint such as openai/clip-vit-base-patch16."
         )
     config = peft_clip_adapter.CLIPAdapterConfig(ratio=args.ratio, reduction=args.reduction, adapt=args.adapt)
+    # Seed right here: the adapter's initial weights then depend on --seed alone, not on what ran before
+    # (building the offline model on a first run reseeds torch, for one).
+    set_seed(args.seed)
     return get_peft_model(model, config), processor
 
 

@@ -304,3 +304,13 @@ def test_offline_default_beats_zero_shot(fewshot, tmp_path, caplog):
     assert len(results["train_loss_per_epoch"]) == 200
     assert results["train_loss_per_epoch"][-1] < results["train_loss_per_epoch"][0] - 0.3
     assert results["eval_accuracy"] >= results["zero_shot_accuracy"] + 0.2
+
+
+def test_same_seed_same_adapter_on_a_first_and_a_later_run(fewshot, tmp_path):
+    """The first offline run builds its model and images (which reseeds torch); a later run reuses them."""
+    argv = ["--cache_dir", str(tmp_path / "cache"), "--num_train_epochs", "3"]
+    first = fewshot.main([*argv, "--output_dir", str(tmp_path / "first")])
+    later = fewshot.main([*argv, "--output_dir", str(tmp_path / "later")])
+    expected, actual = helpers.adapter_tensors(tmp_path / "first"), helpers.adapter_tensors(tmp_path / "later")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+    assert first["train_loss_per_epoch"] == later["train_loss_per_epoch"]
