@@ -35,7 +35,8 @@ batch 32, 200 epochs, cosine schedule after 1 warm-up epoch at a constant 1e-5, 
 reduction 4. Epoch ``e`` trains on augmented view ``e % views`` of every image (``--views`` crops +
 flips per image, fixed by ``--seed``), so with ``--views 200`` every epoch sees a fresh crop, as in the
 reference code. ``--end_to_end`` trains through the full PEFT model instead (the backbone re-runs on
-every step) on the same views, and gives the same adapter to float tolerance.
+every step) on the same views, and gives the same adapter to float tolerance. Evaluation always runs on
+the cached eval features: the eval transform is deterministic, so that equals running the full model.
 
 Batches: the sampler is seeded (``--seed``) and the last incomplete batch is dropped (as in CoOp)
 whenever the training set holds at least one global batch, so 2 processes x 8 images and 1 process x 16
