@@ -252,11 +252,17 @@ def measure_time_to_adapter(source: str, args: argparse.Namespace, workdir: Path
     reference_s = step_s * total_steps
 
     # The floor, then ours: same images x views; ours starts from an empty cache (a cold run).
-    with model.disable_adapter():  # the floor is the bare backbone
+    def time_floor(views: int) -> float:
+        with model.disable_adapter():  # the floor is the bare backbone
+            run = floor_pass(base, images=images, views=views, batch_size=batch, image_size=size, device=device)
+            return benchlib.seconds(run, device)
+
+    with model.disable_adapter():
         for _ in range(args.warmup):
             floor_pass(base, images=batch, views=1, batch_size=batch, image_size=size, device=device)()
-        floor = floor_pass(base, images=images, views=args.views, batch_size=batch, image_size=size, device=device)
-        floor_s = benchlib.seconds(floor, device)
+    # Half of the floor's views before ours and half after, so a slow drift of a shared machine's speed
+    # weighs on both sides alike.
+    floor_s = time_floor(args.views // 2)
     with torch.no_grad():
         text_weights = workloads.zero_shot_weights(base, prompt_ids)  # [D, C]
     cache = FeatureCache(workdir / "cache")
@@ -269,6 +275,7 @@ def measure_time_to_adapter(source: str, args: argparse.Namespace, workdir: Path
         model, class_embeddings, feature_set.features.to(device), feature_set.labels.to(device), batch_size=batch
     )
     training_s = benchlib.seconds(lambda: [train() for _ in range(args.epochs)], device)
+    floor_s += time_floor(args.views - args.views // 2)
     ours_s = extraction_s + training_s
 
     result = {
@@ -403,12 +410,16 @@ def build_notes(args: argparse.Namespace) -> list[str]:
         f"text tower on all {args.classes} prompts (77 tokens) on every step; {args.reference_steps} step(s) were "
         "timed after warm-up and multiplied by steps per epoch x epochs (extrapolated). Ours (cold feature "
         "cache: decode, augment, extract, write safetensors; then every training epoch) and the floor were "
-        "timed in full, once.",
+        "timed in full, once (the floor in two halves, before and after ours).",
         "LoRA / full fine-tuning: steps on a fixed random batch (no decoding or augmentation, which favours them), "
         "AdamW; epoch time = median step x steps per epoch.",
         f"Memory: {benchlib.MEMORY_METHODS['cuda' if args.device.startswith('cuda') else 'cpu']}. "
         "Peak = everything the process holds (model weights included); increment = peak minus the resident size "
         "after the model was built.",
+        "On a shared CPU two timings of the same work differ by a few percent from run to run, either way; "
+        "an end-to-end ratio within that band (an adapter ratio a little above or below 1, ours / floor "
+        "below 1) is that jitter, and the '(backbone + adapter alone) / backbone' row isolates the adapter's "
+        "own cost.",
     ]
     if args.views != 10 and "adapter" in args.sections:
         notes.append(

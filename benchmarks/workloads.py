@@ -146,15 +146,23 @@ def full_finetune_step(model, pixel_values, labels, text_weights) -> Callable[[]
 def build_workload(spec: dict[str, Any]) -> Callable[[], Any]:
     """The step of ``spec["workload"]`` on a model of ``spec["arch"]``, with random inputs of the real shapes.
 
-    ``spec`` keys: workload, arch, device, batch_size, classes; for "cached" also views and images.
+    ``spec`` keys: workload, arch, device, batch_size, classes; for "cached" also views and images. The
+    step holds on to the model (``step.model``), so every workload is measured with the backbone
+    resident, as in the trainer, which keeps it to evaluate and save.
 
     Raises:
         ValueError: for an unknown workload.
     """
+    if spec["workload"] not in WORKLOADS:
+        raise ValueError(f"Unknown workload {spec['workload']!r}; choose one of {sorted(WORKLOADS)}.")
+    model = build_clip(spec["arch"]).to(spec["device"])
+    step = _build_step(spec, model)
+    step.model = model
+    return step
+
+
+def _build_step(spec: dict[str, Any], model) -> Callable[[], Any]:
     name, device = spec["workload"], spec["device"]
-    if name not in WORKLOADS:
-        raise ValueError(f"Unknown workload {name!r}; choose one of {sorted(WORKLOADS)}.")
-    model = build_clip(spec["arch"]).to(device)
     generator = torch.Generator().manual_seed(0)
     classes, batch = spec["classes"], spec["batch_size"]
     size = model.config.vision_config.image_size
