@@ -429,8 +429,9 @@ def evaluate(
     per_class = []
     for label in range(classifier.num_classes):
         members = targets == label
-        per_class.append(correct[members].float().mean().item() if members.any() else None)
-    return {"accuracy": correct.float().mean().item(), "per_class": per_class, "count": len(targets)}
+        # Integer counts, so that 11 of 50 is reported as 0.22 and not as float32's 0.2199999988.
+        per_class.append(correct[members].sum().item() / members.sum().item() if members.any() else None)
+    return {"accuracy": correct.sum().item() / len(targets), "per_class": per_class, "count": len(targets)}
 
 
 def make_batch_inputs(
@@ -517,7 +518,8 @@ def train(
             state["completed_steps"] += 1
             state["epoch_steps"] += 1
             progress.update(1)
-            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}")
+            # refresh=False: the bar redraws at tqdm's own pace, not once per step (floods logs when piped).
+            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", refresh=False)
             if isinstance(args.checkpointing_steps, int) and state["completed_steps"] % args.checkpointing_steps == 0:
                 state["epoch_loss_sum"] = accelerator.reduce(loss_sum, "mean").item()
                 save_checkpoint(accelerator, Path(args.output_dir) / f"step_{state['completed_steps']}", state)
