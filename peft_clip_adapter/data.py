@@ -108,16 +108,13 @@ def load_image_classification_data(
             raise ValueError("validation_dir goes with train_dir, not with dataset_name; pass one source only.")
         loaded = datasets.load_dataset(dataset_name, dataset_config_name)
     else:
-        data_files = {"train": _image_files_pattern(train_dir, "train_dir")}
+        # Each folder is read on its own: the imagefolder builder drops labels when files sit at different
+        # depths, which a train and a validation folder in different places would.
+        train = _load_image_folder(train_dir, "train_dir", label_column)
+        loaded = datasets.DatasetDict({"train": train})
         if validation_dir is not None:
-            data_files["validation"] = _image_files_pattern(validation_dir, "validation_dir")
-        loaded = datasets.load_dataset("imagefolder", data_files=data_files)
-        if label_column not in loaded["train"].column_names and label_column == "label":
-            # imagefolder only adds a "label" column when it finds two or more class sub-folders.
-            raise ValueError(
-                f"train_dir={os.fspath(train_dir)!r} gives no class labels: images are read as "
-                "<folder>/<class name>/<image>, and classification needs at least 2 class sub-folders."
-            )
+            validation = _load_image_folder(validation_dir, "validation_dir", label_column)
+            loaded["validation"] = _relabel_like(validation, train, label_column)
     return prepare_image_classification_data(
         loaded,
         image_column=image_column,
@@ -127,18 +124,51 @@ def load_image_classification_data(
     )
 
 
-def _image_files_pattern(folder: str | os.PathLike, argument: str) -> str:
-    """The ``data_files`` glob of an image folder, after checking that it holds at least one image."""
+def _load_image_folder(folder: str | os.PathLike, argument: str, label_column: str) -> datasets.Dataset:
+    """Load ``<folder>/<class name>/<image>`` with the imagefolder builder, checking that it has classes."""
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
     if not os.path.isdir(folder):
         raise ValueError(f"{argument}={os.fspath(folder)!r} is not a folder.")
     extensions = {extension.lower() for extension in ImageFolder.EXTENSIONS}
-    for _, _, files in os.walk(folder):
-        if any(os.path.splitext(name)[1].lower() in extensions for name in files):
-            return os.path.join(os.fspath(folder), "**")
-    raise ValueError(
-        f"{argument}={os.fspath(folder)!r} holds no image files; expected <folder>/<class name>/<image>.png|jpg|..."
+    if not any(os.path.splitext(name)[1].lower() in extensions for _, _, files in os.walk(folder) for name in files):
+        raise ValueError(
+            f"{argument}={os.fspath(folder)!r} holds no image files; expected "
+            "<folder>/<class name>/<image>.png|jpg|..."
+        )
+    # data_files (not data_dir) so that sub-folders named "train" or "val" are not taken for splits.
+    dataset = datasets.load_dataset("imagefolder", data_files={"train": os.path.join(folder, "**")}, split="train")
+    if label_column not in dataset.column_names and label_column == "label":
+        # imagefolder only adds a "label" column when it finds two or more class sub-folders.
+        raise ValueError(
+            f"{argument}={os.fspath(folder)!r} gives no class labels: images are read as "
+            "<folder>/<class name>/<image>, and classification needs at least 2 class sub-folders."
+        )
+    return dataset
+
+
+def _relabel_like(dataset: datasets.Dataset, reference: datasets.Dataset, label_column: str) -> datasets.Dataset:
+    """Renumber ``dataset``'s class ids to follow ``reference``'s class list, matching classes by name."""
+    if label_column not in dataset.column_names:
+        return dataset  # reported by check_columns, with the columns there are
+    names = reference.features[label_column].names
+    own = dataset.features[label_column].names
+    unknown = sorted(set(own) - set(names))
+    if unknown:
+        raise ValueError(
+            f"The validation folder has classes {unknown} that the training folder lacks; the training "
+            f"classes are {names}."
+        )
+    if own == names:
+        return dataset
+    ids = [names.index(name) for name in own]
+    features = dataset.features.copy()
+    features[label_column] = datasets.ClassLabel(names=names)
+    return dataset.map(
+        lambda labels: {label_column: [ids[label] for label in labels]},
+        input_columns=label_column,
+        batched=True,
+        features=features,
     )
 
 

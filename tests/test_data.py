@@ -101,6 +101,23 @@ def test_bad_sources_are_refused(kwargs, match):
         load_image_classification_data(**kwargs)
 
 
+def test_train_and_validation_folders_at_different_depths(tmp_path):
+    # The imagefolder builder drops labels when files sit at different depths; each folder loads alone.
+    train = write_shapes_dataset(tmp_path / "data" / "eurosat" / "train", images_per_class=3)
+    validation = write_shapes_dataset(tmp_path / "val", images_per_class=1, classes=["yellow cross", "blue triangle"])
+    splits = load_image_classification_data(train_dir=train, validation_dir=validation)
+    assert splits["validation"].features["label"].names == SHAPE_NAMES
+    names = splits["validation"].features["label"].names
+    assert sorted(names[label] for label in splits["validation"]["label"]) == ["blue triangle", "yellow cross"]
+
+
+def test_validation_class_missing_from_training_is_refused(tmp_path):
+    train = write_shapes_dataset(tmp_path / "train", images_per_class=2, classes=["red circle", "blue triangle"])
+    validation = write_shapes_dataset(tmp_path / "val", images_per_class=1, classes=["red circle", "green square"])
+    with pytest.raises(ValueError, match=r"validation folder has classes \['green square'\] that the training"):
+        load_image_classification_data(train_dir=train, validation_dir=validation)
+
+
 def test_empty_and_single_class_folders_are_refused(tmp_path):
     (tmp_path / "empty" / "cats").mkdir(parents=True)
     (tmp_path / "empty" / "cats" / "notes.txt").write_text("no images here")
