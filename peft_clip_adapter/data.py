@@ -66,13 +66,15 @@ def load_image_classification_data(
     """Load an image classification dataset as ``"train"`` and ``"validation"`` splits.
 
     The source is either a dataset on the Hub (or a local dataset folder) loaded with
-    ``datasets.load_dataset(dataset_name, dataset_config_name)``, or image folders laid out as
+    ``datasets.load_dataset(dataset_name, dataset_config_name)`` (a folder written by ``save_to_disk`` is
+    read with ``datasets.load_from_disk``), or image folders laid out as
     ``<dir>/<class name>/<image>`` (loaded with the ``imagefolder`` builder, train and validation together
     so that both get the same class list). When the source has no validation split, a stratified, seeded
     ``validation_fraction`` of the training images is held out (see :func:`hold_out_validation`).
 
     Args:
-        dataset_name: Hub dataset id or local dataset path. Exclusive with ``train_dir``.
+        dataset_name: Hub dataset id, local dataset path or ``save_to_disk`` folder. Exclusive with
+            ``train_dir``.
         dataset_config_name: Configuration of ``dataset_name``, if it has several.
         train_dir: Folder of training images, one sub-folder per class.
         validation_dir: Folder of validation images, same class sub-folders. Only with ``train_dir``.
@@ -106,7 +108,7 @@ def load_image_classification_data(
     if dataset_name is not None:
         if validation_dir is not None:
             raise ValueError("validation_dir goes with train_dir, not with dataset_name; pass one source only.")
-        loaded = datasets.load_dataset(dataset_name, dataset_config_name)
+        loaded = _load_dataset(dataset_name, dataset_config_name)
     else:
         # Each folder is read on its own: the imagefolder builder drops labels when files sit at different
         # depths, which a train and a validation folder in different places would.
@@ -122,6 +124,18 @@ def load_image_classification_data(
         validation_fraction=validation_fraction,
         seed=seed,
     )
+
+
+def _load_dataset(dataset_name: str | os.PathLike, dataset_config_name: str | None) -> datasets.DatasetDict:
+    """A Hub id or local dataset folder, or a folder written by ``save_to_disk``.
+
+    ``load_dataset`` refuses a saved ``Dataset`` ("use load_from_disk"), which a command line has no way to
+    call, so such folders (recognised by the files ``save_to_disk`` writes) are read with ``load_from_disk``.
+    """
+    folder = os.fspath(dataset_name)
+    if any(os.path.isfile(os.path.join(folder, name)) for name in ("state.json", "dataset_dict.json")):
+        return datasets.load_from_disk(folder)
+    return datasets.load_dataset(folder, dataset_config_name)
 
 
 def _load_image_folder(folder: str | os.PathLike, argument: str, label_column: str) -> datasets.Dataset:

@@ -87,6 +87,18 @@ def test_dataset_name_loads_a_local_dataset_folder(shapes_dir):
     assert splits.num_rows == {"train": 36, "validation": 12}
 
 
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_dataset_name_reads_a_save_to_disk_folder(shapes_dir, tmp_path, as_dict):
+    # load_dataset refuses a saved Dataset ("use load_from_disk"), which a command line cannot call.
+    saved = datasets.load_dataset("imagefolder", data_dir=shapes_dir, split="train")
+    saved = saved.cast_column("label", datasets.Value("int64"))  # integer labels, no ClassLabel
+    (datasets.DatasetDict({"train": saved}) if as_dict else saved).save_to_disk(tmp_path / "saved")
+    splits = load_image_classification_data(dataset_name=str(tmp_path / "saved"), validation_fraction=0.25)
+    assert splits.num_rows == {"train": 36, "validation": 12}
+    assert splits["train"].features["label"] == datasets.Value("int64")
+    assert sorted(Counter(splits["validation"]["label"]).values()) == [3, 3, 3, 3]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
