@@ -76,7 +76,8 @@ def fill_template(template: Template, classname: str) -> str:
     """One prompt: ``template`` applied to ``classname``.
 
     Raises:
-        ValueError: if a string template has no ``{}`` placeholder.
+        ValueError: if a string template has no ``{}`` placeholder, or other fields (a second ``{}``,
+            ``{name}``, an unpaired brace) that ``str.format`` cannot fill with the class name alone.
 
     Example:
         >>> fill_template("{} texture.", "banded")
@@ -86,7 +87,13 @@ def fill_template(template: Template, classname: str) -> str:
         return template(classname)
     if "{}" not in template:
         raise ValueError(f"Template {template!r} has no '{{}}' placeholder for the class name.")
-    return template.format(classname)
+    try:
+        return template.format(classname)
+    except (IndexError, KeyError, ValueError) as error:  # str.format's errors say nothing about templates
+        raise ValueError(
+            f"Template {template!r} must hold exactly one '{{}}' for the class name and no other fields "
+            f"(write literal braces as '{{{{' and '}}}}'); str.format said: {error}"
+        ) from error
 
 
 def as_template_list(templates: Union[Template, Sequence[Template]]) -> list[Template]:

@@ -83,6 +83,9 @@ def test_prompts_skip_the_text_adapter_and_leave_flags_alone(tiny_clip, tiny_pro
         ({"batch_size": 0}, "batch_size=0 must be at least 1"),
         ({"templates": []}, "at least one prompt template"),
         ({"templates": "a photo"}, "no '{}' placeholder"),
+        ({"templates": "a {} of {}"}, r"'a \{\} of \{\}' must hold exactly one '\{\}' .* Replacement index 1"),
+        ({"templates": "a {} in {style}"}, r"no other fields .* 'style'"),
+        ({"templates": "a {} }"}, r"literal braces as '\{\{' and '\}\}'"),
     ],
 )
 def test_prompt_encoding_rejects_bad_input(tiny_clip, tiny_processor, kwargs, match):
