@@ -53,8 +53,9 @@ def encode_class_prompts(
         ``[C, T, D]`` float32 tensor on the model's device: class ``c``, template ``t``.
 
     Raises:
-        ValueError: for no class names, duplicate class names, ``batch_size < 1``, an empty template
-            list, a template without ``{}``, or a model without ``text_projection``.
+        ValueError: for no class names, duplicate class names (also once ``_`` became a space),
+            ``batch_size < 1``, an empty template list, a template without ``{}``, or a model without
+            ``text_projection``.
 
     Example:
         >>> import tempfile
@@ -70,7 +71,9 @@ def encode_class_prompts(
     classnames = list(classnames)
     if not classnames:
         raise ValueError("classnames is empty; pass one name per class, in label order.")
-    duplicates = sorted({name for name in classnames if classnames.count(name) > 1})
+    # Compared as they appear in the prompts: "red_circle" and "red circle" would get one prototype.
+    cleaned = [clean_classname(name) for name in classnames]
+    duplicates = sorted({name for name, clean in zip(classnames, cleaned, strict=True) if cleaned.count(clean) > 1})
     if duplicates:
         raise ValueError(f"classnames has duplicates {duplicates}; two classes with one name cannot be told apart.")
     if batch_size < 1:

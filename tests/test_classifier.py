@@ -80,6 +80,7 @@ def test_prompts_skip_the_text_adapter_and_leave_flags_alone(tiny_clip, tiny_pro
     [
         ({"classnames": []}, "classnames is empty"),
         ({"classnames": ["cat", "dog", "cat"]}, r"duplicates \['cat'\]"),
+        ({"classnames": ["red_circle", "dog", "red circle "]}, r"duplicates \['red circle ', 'red_circle'\]"),
         ({"batch_size": 0}, "batch_size=0 must be at least 1"),
         ({"templates": []}, "at least one prompt template"),
         ({"templates": "a photo"}, "no '{}' placeholder"),
