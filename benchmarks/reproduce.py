@@ -132,7 +132,8 @@ def _smoke_setup(args: argparse.Namespace, trainer_args: list[str]) -> list[str]
     root = Path(args.output_dir) / "smoke-data"
     if not (root / "tiny-clip").is_dir():
         build_tiny_clip(root / "tiny-clip")
-        write_shapes_dataset(root / "shapes" / "train", images_per_class=8, seed=0)
+        # As many training images as the largest default shot count, so the documented bare --smoke runs.
+        write_shapes_dataset(root / "shapes" / "train", images_per_class=max(SHOTS), seed=0)
         write_shapes_dataset(root / "shapes" / "test", images_per_class=6, seed=1)
     args.model_name_or_path = str(root / "tiny-clip")
     args.datasets = [SMOKE_DATASET]

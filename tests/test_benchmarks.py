@@ -324,6 +324,14 @@ def test_reproduce_names_a_dataset_folder_that_is_not_laid_out(tmp_path):
         reproduce.run_cells(args, trainer_args)
 
 
+def test_reproduce_smoke_data_has_enough_images_for_the_default_shots(tmp_path):
+    # `python benchmarks/reproduce.py --smoke` samples up to 16 shots per class from the generated folder.
+    args, _ = reproduce.parse_args(["--smoke", "--output_dir", str(tmp_path)])
+    train = args.dataset_dirs["shapes"] / "train"
+    counts = {folder.name: len(list(folder.iterdir())) for folder in train.iterdir()}
+    assert len(counts) == 4 and min(counts.values()) == max(args.shots) == 16
+
+
 @pytest.mark.slow
 def test_reproduce_smoke_runs_end_to_end_and_resumes(tmp_path):
     argv = ["--smoke", "--shots", "1,2", "--seeds", "0", "--hparams", "search", "--search_ratios", "0.2,0.6"]
