@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, Optional
 
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from peft_clip_adapter.config import CLIPAdapterConfig
 
@@ -44,13 +47,16 @@ def render_model_card(
     data = existing.data if existing is not None else ModelCardData()
     base_model = base_model or config.base_model_name_or_path
     tags = set(data.tags or []) | set(TAGS)
-    if base_model:
-        data.base_model = base_model
+    # The Hub refuses a README whose `base_model` is not a model id (peft's card writes local paths
+    # and '' there), which would make push_to_hub fail after training: local paths stay in the text only.
+    tags = {tag for tag in tags if not tag.startswith("base_model:")}
+    data.base_model = base_model if _is_hub_id(base_model) else None
+    if data.base_model:
         tags.add(f"base_model:adapter:{base_model}")
     data.tags = sorted(tags)
     data.library_name = "peft"
     data.pipeline_tag = "zero-shot-image-classification"
-    if results and results.get("dataset"):
+    if results and _is_hub_id(str(results.get("dataset") or "")):
         data.datasets = [str(results["dataset"])]
 
     base_name = base_model or "<base model id or path>"
@@ -97,3 +103,14 @@ def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _is_hub_id(name: Optional[str]) -> bool:
+    """Whether ``name`` can stand in the card's metadata: a Hub repository id, not a local path."""
+    if not name or os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True

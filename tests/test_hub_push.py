@@ -77,6 +77,19 @@ def test_pushed_model_card_shows_the_import_tags_and_base_model(hub, model):
     assert "| ratio (residual blend) | 0.6 |" in text
 
 
+def test_a_local_base_model_and_dataset_stay_out_of_the_card_metadata(hub, tiny_clip, tiny_clip_path, shapes_dir):
+    # The Hub rejects a README whose base_model is a local path, so such a push would fail after training.
+    assert tiny_clip.name_or_path == str(tiny_clip_path)  # loaded from a local folder
+    model = get_peft_model(tiny_clip, CLIPAdapterConfig())
+    model.training_results = {"dataset": str(shapes_dir), "shots": 4}
+    model.push_to_hub(REPO_ID)
+    card = ModelCard(hub.uploads[0].files["README.md"].decode())
+    assert card.data.base_model is None and card.data.datasets is None
+    assert sorted(card.data.tags) == ["clip-adapter", "peft", "transformers"]
+    assert f'CLIPModel.from_pretrained("{tiny_clip_path}")' in card.text  # still named in the text
+    assert f"| dataset | {shapes_dir} |" in card.text
+
+
 def test_training_results_appear_in_the_card(hub, model, tmp_path):
     model.training_results = {"dataset": "shapes", "shots": 4, "accuracy": 0.875}
     model.push_to_hub(REPO_ID)
