@@ -25,6 +25,14 @@ class CLIPAdapterLayer(nn.Module, BaseTunerLayer):
     which it does by default) and casts its result back, so the layer's output dtype always equals the
     base layer's.
 
+    Args:
+        base_layer: The projection ``nn.Linear`` to wrap; its ``out_features`` is the adapter width ``d``.
+        adapter_name: Name of the first adapter (peft's default is ``"default"``).
+        config: A ``CLIPAdapterConfig``; its ``ratio``, ``reduction`` and ``inference_mode`` are used.
+
+    Raises:
+        ValueError: if ``config.reduction`` is larger than ``d`` (the bottleneck would have width 0).
+
     Example:
         >>> import torch
         >>> from peft_clip_adapter import CLIPAdapterConfig
@@ -50,7 +58,30 @@ class CLIPAdapterLayer(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: Any) -> None:
-        """Create (or replace) the adapter ``adapter_name`` with ``config.ratio`` and ``config.reduction``."""
+        """Create (or replace) the adapter ``adapter_name`` with ``config.ratio`` and ``config.reduction``.
+
+        Args:
+            adapter_name: Key of the adapter in the layer's ``ModuleDict`` s.
+            config: A ``CLIPAdapterConfig`` (``ratio``, ``reduction``, ``inference_mode``).
+
+        Returns:
+            None; the new adapter's weights live on the base layer's device.
+
+        Raises:
+            ValueError: if ``config.reduction`` is larger than the projection width ``d``.
+
+        Example:
+            >>> import torch
+            >>> from peft_clip_adapter import CLIPAdapterConfig
+            >>> layer = CLIPAdapterLayer(torch.nn.Linear(8, 4, bias=False), "default", CLIPAdapterConfig())
+            >>> layer.update_layer("wide", CLIPAdapterConfig(reduction=1))
+            >>> layer.clip_adapter_down["wide"].weight.shape
+            torch.Size([4, 4])
+            >>> layer.update_layer("bad", CLIPAdapterConfig(reduction=8))
+            Traceback (most recent call last):
+            ...
+            ValueError: reduction=8 is larger than the projection width d=4, ...
+        """
         width = self.out_features
         if config.reduction > width:
             raise ValueError(
@@ -70,9 +101,23 @@ class CLIPAdapterLayer(nn.Module, BaseTunerLayer):
         This is the layer's forward without the base projection: it lets a training loop run the
         frozen backbone once, cache its pooled embeddings and train the adapter on the cache.
 
+        Args:
+            features: Pooled, projected embeddings ``[..., d]``, any float dtype.
+
         Returns:
             A tensor of the same shape and dtype as ``features``; ``features`` itself when adapters are
             disabled or none is active.
+
+        Raises:
+            RuntimeError: from ``torch`` if the last dimension of ``features`` is not ``d``.
+
+        Example:
+            >>> import torch
+            >>> from peft_clip_adapter import CLIPAdapterConfig
+            >>> layer = CLIPAdapterLayer(torch.nn.Linear(8, 4, bias=False), "default", CLIPAdapterConfig(ratio=0.0))
+            >>> f = torch.randn(3, 4)  # [N, d]
+            >>> torch.equal(layer.adapt(f), f)  # ratio 0 keeps CLIP's embedding
+            True
         """
         if self.disable_adapters:
             return features
@@ -88,9 +133,51 @@ class CLIPAdapterLayer(nn.Module, BaseTunerLayer):
         return features
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base projection followed by ``adapt``.
+
+        Args:
+            x: The projection's input ``[..., in_features]`` (the pooled encoder output).
+            *args: Passed to the base layer.
+            **kwargs: Passed to the base layer.
+
+        Returns:
+            The adapted embedding ``[..., d]`` in the base layer's dtype.
+
+        Raises:
+            RuntimeError: from ``torch`` if the last dimension of ``x`` is not ``in_features``.
+
+        Example:
+            >>> import torch
+            >>> from peft_clip_adapter import CLIPAdapterConfig
+            >>> layer = CLIPAdapterLayer(torch.nn.Linear(8, 4, bias=False), "default", CLIPAdapterConfig())
+            >>> x = torch.randn(2, 8)  # [N, in_features]
+            >>> torch.equal(layer(x), layer.adapt(layer.base_layer(x)))
+            True
+        """
         return self.adapt(self.base_layer(x, *args, **kwargs))
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Always refused: a ReLU bottleneck has no equivalent weight matrix to add to the projection.
+
+        Args:
+            safe_merge: Ignored (peft's signature).
+            adapter_names: Ignored (peft's signature).
+
+        Returns:
+            Never returns.
+
+        Raises:
+            ValueError: always, pointing to ``unload()`` instead.
+
+        Example:
+            >>> import torch
+            >>> from peft_clip_adapter import CLIPAdapterConfig
+            >>> layer = CLIPAdapterLayer(torch.nn.Linear(8, 4, bias=False), "default", CLIPAdapterConfig())
+            >>> layer.merge()
+            Traceback (most recent call last):
+            ...
+            ValueError: CLIP-Adapter cannot be merged into the projection weights: ...
+        """
         raise ValueError(
             "CLIP-Adapter cannot be merged into the projection weights: its ReLU bottleneck is not "
             "linear, so no single matrix reproduces it. Keep the adapter as a module, or call unload() "
@@ -98,6 +185,16 @@ class CLIPAdapterLayer(nn.Module, BaseTunerLayer):
         )
 
     def unmerge(self) -> None:
+        """Do nothing: no adapter is ever merged (see ``merge``).
+
+        Returns:
+            None.
+
+        Example:
+            >>> import torch
+            >>> from peft_clip_adapter import CLIPAdapterConfig
+            >>> CLIPAdapterLayer(torch.nn.Linear(8, 4, bias=False), "default", CLIPAdapterConfig()).unmerge()
+        """
         # Nothing is ever merged (see `merge`), so there is nothing to undo.
         return None
 
