@@ -19,6 +19,15 @@ MODEL_TAG = "clip-adapter"
 def projection_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every module named ``visual_projection`` or ``text_projection`` in ``model``, by full name.
 
+    Layers already wrapped by CLIP-Adapter are left out; their inner ``base_layer`` is not named like a
+    projection, so it is not listed either.
+
+    Args:
+        model: Any ``nn.Module``, usually a CLIP-style transformers model.
+
+    Returns:
+        ``{full module name: module}``; empty when the model has no such projection.
+
     Example:
         >>> from transformers import CLIPConfig, CLIPModel
         >>> config = CLIPConfig(
@@ -42,6 +51,12 @@ def adapter_layers(model: nn.Module) -> dict[str, CLIPAdapterLayer]:
 
     Works on a ``PeftModel``, on the tuner or on the base model they wrap. A training loop on cached
     embeddings calls ``layer.adapt(features)`` on these.
+
+    Args:
+        model: A ``PeftModel``, a ``CLIPAdapterModel`` or the base model they wrap.
+
+    Returns:
+        ``{"vision": layer, "text": layer}``, holding only the adapted branches (empty if none is).
 
     Raises:
         ValueError: if a branch holds more than one adapter layer (the embedding would be ambiguous).
@@ -77,6 +92,17 @@ class CLIPAdapterModel(BaseTuner):
     merged (the adapter is non-linear), but ``unload()`` returns the untouched base model.
 
     Users do not build this class: ``peft.get_peft_model`` does, once ``peft_clip_adapter`` is imported.
+
+    Args:
+        model: The base model to adapt (modified in place).
+        peft_config: A ``CLIPAdapterConfig`` (or peft's ``{adapter name: config}`` mapping).
+        adapter_name: Name of the first adapter.
+        **kwargs: Passed to peft's ``BaseTuner``.
+
+    Raises:
+        ValueError: if the config is not a ``CLIPAdapterConfig``, the model has no ``visual_projection`` /
+            ``text_projection``, ``target_modules`` matches nothing or matches a module other than a
+            projection ``Linear``, or on ``merge_adapter()`` / ``merge_and_unload()`` (non-linear adapter).
 
     Example:
         >>> import peft_clip_adapter

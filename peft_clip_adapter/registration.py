@@ -18,6 +18,14 @@ class CLIPAdapterPeftType(str, enum.Enum):
 
     A ``str`` enum compares and hashes like its value, so the string ``"CLIP_ADAPTER"`` read back from
     JSON finds the same registry entries as the member itself.
+
+    Raises:
+        ValueError: from ``enum`` when looked up with any other value.
+
+    Example:
+        >>> from peft_clip_adapter.registration import CLIPAdapterPeftType
+        >>> CLIPAdapterPeftType("CLIP_ADAPTER") == "CLIP_ADAPTER", str(CLIPAdapterPeftType.CLIP_ADAPTER)
+        (True, 'CLIP_ADAPTER')
     """
 
     CLIP_ADAPTER = "CLIP_ADAPTER"
@@ -32,6 +40,12 @@ PREFIX = "clip_adapter_"
 
 def register() -> None:
     """Make ``peft`` resolve ``"peft_type": "CLIP_ADAPTER"``. Safe to call any number of times.
+
+    ``import peft_clip_adapter`` calls it; call it yourself only after reloading peft's modules. It raises
+    nothing of its own.
+
+    Returns:
+        None; peft's config, tuner and prefix registries gain (or refresh) the ``CLIP_ADAPTER`` entry.
 
     Example:
         >>> import peft
