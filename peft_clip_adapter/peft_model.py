@@ -50,8 +50,31 @@ class CLIPAdapterPeftModel(PeftModel):
     def save_pretrained(self, save_directory: str, is_main_process: bool = True, **kwargs: Any) -> None:
         """Save the adapter(s), config and model card; see ``peft.PeftModel.save_pretrained``.
 
+        Args:
+            save_directory: Folder to save into (created if needed); files already there are replaced
+                one by one, only once every new file is written.
+            is_main_process: ``False`` on the other processes of a distributed run, which write nothing.
+            **kwargs: Passed to ``peft.PeftModel.save_pretrained`` (e.g. ``selected_adapters``).
+
+        Returns:
+            None.
+
         Raises:
             ValueError: if ``save_directory`` is an existing file.
+
+        Example:
+            >>> import tempfile
+            >>> import peft_clip_adapter
+            >>> from peft import get_peft_model
+            >>> from transformers import CLIPModel
+            >>> from peft_clip_adapter.offline import build_tiny_clip
+            >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
+            >>> model = get_peft_model(clip, peft_clip_adapter.CLIPAdapterConfig())
+            >>> model.save_pretrained(f"{tempfile.mkdtemp()}/adapter")
+            >>> model.save_pretrained(tempfile.mkstemp()[1])
+            Traceback (most recent call last):
+            ...
+            ValueError: save_directory=... is a file; pass a folder to save the adapter in.
         """
         if not is_main_process:
             return super().save_pretrained(save_directory, is_main_process=False, **kwargs)
@@ -74,10 +97,33 @@ class CLIPAdapterPeftModel(PeftModel):
 
         ``PeftModel.from_pretrained`` and ``AutoPeftModel.from_pretrained`` load through this method too.
 
+        Args:
+            model_id: A local folder written by ``save_pretrained``, or a Hub repository id.
+            adapter_name: Name the loaded adapter gets in this model.
+            *args: Passed to ``peft.PeftModel.load_adapter``.
+            **kwargs: Passed to ``peft.PeftModel.load_adapter`` (e.g. ``is_trainable``).
+
+        Returns:
+            What ``peft.PeftModel.load_adapter`` returns (the load result of the weights).
+
         Raises:
             ValueError: if the adapter's weights file cannot be read. Local folders are checked before
                 loading (see ``CLIPAdapterConfig.from_pretrained``); this also covers a damaged file
                 downloaded from the Hub, which safetensors would report only as a bare parse error.
+
+        Example:
+            >>> import tempfile
+            >>> import peft_clip_adapter
+            >>> from peft import get_peft_model
+            >>> from transformers import CLIPModel
+            >>> from peft_clip_adapter.offline import build_tiny_clip
+            >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
+            >>> model = get_peft_model(clip, peft_clip_adapter.CLIPAdapterConfig())
+            >>> folder = tempfile.mkdtemp()
+            >>> model.save_pretrained(folder)
+            >>> _ = model.load_adapter(folder, "second")
+            >>> sorted(model.peft_config)
+            ['default', 'second']
         """
         try:
             return super().load_adapter(model_id, adapter_name, *args, **kwargs)
@@ -88,7 +134,33 @@ class CLIPAdapterPeftModel(PeftModel):
             ) from error
 
     def create_or_update_model_card(self, output_dir: str) -> None:
-        """Write peft's card, then our text and tags over it (keeping any other metadata)."""
+        """Write peft's card, then our text and tags over it (keeping any other metadata).
+
+        ``save_pretrained`` calls this; the card shows the ``import peft_clip_adapter`` needed to load the
+        adapter and the ``training_results`` when set.
+
+        Args:
+            output_dir: Folder that receives (or already holds) ``README.md``.
+
+        Returns:
+            None.
+
+        Raises:
+            OSError: if ``output_dir`` does not exist or cannot be written.
+
+        Example:
+            >>> import tempfile
+            >>> import peft_clip_adapter
+            >>> from peft import get_peft_model
+            >>> from transformers import CLIPModel
+            >>> from peft_clip_adapter.offline import build_tiny_clip
+            >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
+            >>> model = get_peft_model(clip, peft_clip_adapter.CLIPAdapterConfig())
+            >>> folder = tempfile.mkdtemp()
+            >>> model.create_or_update_model_card(folder)
+            >>> "import peft_clip_adapter" in open(f"{folder}/README.md").read()
+            True
+        """
         super().create_or_update_model_card(output_dir)
         path = os.path.join(output_dir, "README.md")
         config = self.active_peft_config
@@ -119,8 +191,27 @@ class CLIPAdapterPeftModel(PeftModel):
 
         Exactly the files ``save_pretrained`` writes are uploaded, in one commit.
 
+        Args:
+            repo_id: ``"user/name"``; the repository is created if it does not exist.
+            commit_message: Defaults to ``"Upload CLIP-Adapter"``.
+            commit_description: Optional longer description of the commit.
+            private: Visibility of a newly created repository.
+            token: Hub token; ``None`` uses the logged-in one.
+            revision: Branch to push to.
+            create_pr: Open a pull request instead of committing to the branch.
+            **save_kwargs: Passed to ``save_pretrained``.
+
         Returns:
             The ``huggingface_hub.CommitInfo`` of the upload.
+
+        Raises:
+            huggingface_hub.errors.HfHubHTTPError: if the Hub refuses to create or write the repository.
+
+        Example:
+            The upload needs the network, so the example is not run here (the tests intercept it):
+
+            >>> model.training_results = {"dataset": "eurosat", "shots": 16, "accuracy": 0.84}  # doctest: +SKIP
+            >>> model.push_to_hub("me/clip-adapter-eurosat")  # doctest: +SKIP
         """
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
