@@ -81,14 +81,17 @@ class FeatureSet:
 
     @property
     def num_views(self) -> int:
+        """``V``, the number of augmented views per image (``features.shape[0]``)."""
         return self.features.shape[0]
 
     @property
     def num_images(self) -> int:
+        """``N``, the number of images (``features.shape[1]``)."""
         return self.features.shape[1]
 
     @property
     def dim(self) -> int:
+        """``D``, the embedding width (``features.shape[2]``, CLIP's ``projection_dim``)."""
         return self.features.shape[2]
 
     def flatten(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +99,12 @@ class FeatureSet:
 
         Returns:
             ``([V*N, D] features, [V*N] labels)``.
+
+        Example:
+            >>> feature_set = FeatureSet(torch.zeros(2, 3, 4), torch.tensor([0, 1, 1]))
+            >>> features, labels = feature_set.flatten()
+            >>> labels.tolist()
+            [0, 1, 1, 0, 1, 1]
         """
         return self.features.reshape(-1, self.dim), self.labels.repeat(self.num_views)
 
@@ -346,6 +355,10 @@ class FeatureCache:
     Args:
         cache_dir: Folder for the cache files (created when first written).
 
+    Raises:
+        ValueError: from ``load_or_extract`` / ``key_components`` for a transform without a
+            ``description`` or bad extraction arguments (see ``extract_image_features``).
+
     Example:
         >>> import tempfile
         >>> from transformers import AutoProcessor, CLIPModel
@@ -382,8 +395,27 @@ class FeatureCache:
     ) -> dict[str, Any]:
         """What the cache key is made of (also stored, readable, in each file's metadata).
 
+        Args:
+            model: The CLIP model (or PeftModel) the features come from; its weights are fingerprinted.
+            dataset: The rows to encode; their content is fingerprinted.
+            transform: The image transform; its ``description`` string identifies it.
+            views: Augmented views per image.
+            image_column: Name of the image column.
+            label_column: Name of the label column.
+
+        Returns:
+            ``{"format", "model", "dataset", "image_column", "label_column", "transform", "views"}``.
+
         Raises:
             ValueError: if ``transform`` has no ``description`` string to identify it.
+
+        Example:
+            >>> import tempfile
+            >>> cache = FeatureCache(tempfile.mkdtemp())
+            >>> cache.key_components(torch.nn.Linear(2, 2), datasets.Dataset.from_dict({"label": [0]}), len, views=1)
+            Traceback (most recent call last):
+            ...
+            ValueError: builtin_function_or_method has no `description` string, ...
         """
         description = getattr(transform, "description", None)
         if not isinstance(description, str) or not description:
@@ -403,15 +435,55 @@ class FeatureCache:
         }
 
     def key(self, model: nn.Module, dataset: datasets.Dataset, transform, **kwargs: Any) -> str:
-        """The cache key (32 hex digits); keyword arguments as ``key_components``."""
+        """The cache key (32 hex digits): a hash of ``key_components``.
+
+        Args:
+            model: As ``key_components``.
+            dataset: As ``key_components``.
+            transform: As ``key_components``.
+            **kwargs: ``views`` (required), ``image_column``, ``label_column``, as ``key_components``.
+
+        Returns:
+            32 lowercase hex digits.
+
+        Raises:
+            ValueError: as ``key_components``.
+
+        Example:
+            See the class example; ``load_or_extract`` computes the key for you.
+        """
         return _key_of(self.key_components(model, dataset, transform, **kwargs))
 
     def path(self, key: str) -> Path:
-        """The file that holds (or will hold) the features of ``key``."""
+        """The file that holds (or will hold) the features of ``key``.
+
+        Args:
+            key: A key from ``key``.
+
+        Returns:
+            ``<cache_dir>/image-features-<key>.safetensors`` (it may not exist yet).
+
+        Example:
+            >>> FeatureCache("cache").path("0" * 32).name
+            'image-features-00000000000000000000000000000000.safetensors'
+        """
         return self.cache_dir / f"image-features-{key}.safetensors"
 
     def load(self, key: str) -> Optional[FeatureSet]:
-        """The cached ``FeatureSet`` of ``key``; ``None`` if absent, or damaged (logged as a warning)."""
+        """The cached ``FeatureSet`` of ``key``; ``None`` if absent, or damaged (logged as a warning).
+
+        Args:
+            key: A key from ``key``.
+
+        Returns:
+            The ``FeatureSet``, or ``None`` (absent, truncated, or its checksum or key does not match).
+
+        Example:
+            >>> import tempfile
+            >>> cache = FeatureCache(tempfile.mkdtemp())
+            >>> cache.load("0" * 32) is None
+            True
+        """
         path = self.path(key)
         if not path.is_file():
             return None
@@ -427,7 +499,27 @@ class FeatureCache:
         return feature_set
 
     def save(self, key: str, feature_set: FeatureSet, components: Optional[dict[str, Any]] = None) -> Path:
-        """Write ``feature_set`` under ``key`` atomically; returns the file's path."""
+        """Write ``feature_set`` under ``key`` atomically; returns the file's path.
+
+        Args:
+            key: A key from ``key``.
+            feature_set: The features to store.
+            components: The key's ``key_components``, stored in the file's metadata for inspection.
+
+        Returns:
+            The written file, ``path(key)``.
+
+        Raises:
+            OSError: if ``cache_dir`` cannot be created or written.
+
+        Example:
+            >>> import tempfile
+            >>> cache = FeatureCache(tempfile.mkdtemp())
+            >>> feature_set = FeatureSet(torch.zeros(2, 3, 4), torch.tensor([0, 1, 1]))
+            >>> path = cache.save("0" * 32, feature_set)
+            >>> torch.equal(cache.load("0" * 32).features, feature_set.features)
+            True
+        """
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         metadata = {"key": key, "digest": _digest(feature_set), "components": json.dumps(components or {})}
         tensors = {"features": feature_set.features.contiguous(), "labels": feature_set.labels.contiguous()}
@@ -459,9 +551,27 @@ class FeatureCache:
 
         With an ``accelerator``, every process must call this; extraction (when needed) is shared across
         them, the local main process writes the file, and every process returns all features.
+        ``last_hit`` and ``last_path`` then say whether the file was reused and which file it is.
+
+        Args:
+            model: As ``extract_image_features``.
+            dataset: As ``extract_image_features``.
+            transform: As ``extract_image_features``; it must have a ``description`` string.
+            views: As ``extract_image_features``.
+            image_column: As ``extract_image_features``.
+            label_column: As ``extract_image_features``.
+            batch_size: As ``extract_image_features``.
+            accelerator: As ``extract_image_features``.
+            show_progress: As ``extract_image_features``.
+
+        Returns:
+            The ``FeatureSet`` (``[views, len(dataset), D]`` features and ``[len(dataset)]`` labels).
 
         Raises:
             ValueError: as ``extract_image_features``, or for a transform without ``description``.
+
+        Example:
+            See the class example.
         """
         columns = {"views": views, "image_column": image_column, "label_column": label_column}
         _check_extraction_args(dataset, batch_size=batch_size, **columns)
