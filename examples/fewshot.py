@@ -100,6 +100,14 @@ RESULTS_FILE = "all_results.json"
 PLOT_FILE = "training_curves.png"
 TRAINER_STATE_FILE = "trainer_state.json"
 TRACKING_PROJECT = "fewshot"
+#: The flags that define what a run trains; a checkpoint resumes only under the same values.
+RUN_SETTINGS = (
+    "model_name_or_path", "dataset_name", "dataset_config_name", "train_dir", "validation_dir", "image_column_name",
+    "label_column_name", "train_val_split", "shots", "ratio", "reduction", "adapt", "templates", "views",
+    "min_crop_scale", "end_to_end", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "momentum", "weight_decay", "lr_scheduler_type", "num_warmup_steps", "warmup_learning_rate",
+    "seed",
+)  # fmt: skip
 
 
 # -----------------------------------------------------------------------------
@@ -479,9 +487,9 @@ def train(
     (``skip_first_batches``) and reports the same history as an uninterrupted one.
     """
     state = {"completed_steps": 0, "train_loss_per_epoch": [], "eval_accuracy_per_epoch": {}}
-    state.update(epoch_loss_sum=0.0, epoch_steps=0)
+    state.update(epoch_loss_sum=0.0, epoch_steps=0, settings={name: getattr(args, name) for name in RUN_SETTINGS})
     if args.resume_from_checkpoint:
-        state = load_checkpoint(args, accelerator)
+        state = load_checkpoint(args, accelerator, expected_settings=state["settings"])
     steps_per_epoch, accumulation = schedule["steps_per_epoch"], args.gradient_accumulation_steps
     start_epoch, skip_steps = divmod(state["completed_steps"], steps_per_epoch)
     eval_every = args.eval_every_epochs or max(1, args.num_train_epochs // 20)
@@ -554,8 +562,14 @@ def save_checkpoint(accelerator: Accelerator, folder: Path, state: dict[str, Any
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
-    """Restore model, optimizer and RNG states from --resume_from_checkpoint and return the loop's state."""
+def load_checkpoint(
+    args: argparse.Namespace, accelerator: Accelerator, expected_settings: dict[str, Any]
+) -> dict[str, Any]:
+    """Restore model, optimizer and RNG states from --resume_from_checkpoint and return the loop's state.
+
+    A checkpoint saved under other ``RUN_SETTINGS`` is refused: it would fail to load (another --adapt or
+    --end_to_end) or silently continue another run (other shots, seed, schedule, ...).
+    """
     if args.resume_from_checkpoint == "latest":
         found = _checkpoints(Path(args.output_dir))
         if not found:
@@ -565,9 +579,21 @@ def load_checkpoint(args: argparse.Namespace, accelerator: Accelerator) -> dict[
         folder = Path(args.resume_from_checkpoint)
         if not (folder / TRAINER_STATE_FILE).is_file():
             raise ValueError(f"--resume_from_checkpoint {folder} is not a complete checkpoint of this script.")
+    state = json.loads((folder / TRAINER_STATE_FILE).read_text())
+    saved = state.get("settings", expected_settings)
+    changed = [
+        f"--{name} {saved.get(name)!r} -> {value!r}"
+        for name, value in expected_settings.items()
+        if saved.get(name) != value
+    ]
+    if changed:
+        raise ValueError(
+            f"--resume_from_checkpoint {folder} was saved by a run with other settings ({'; '.join(changed)}). "
+            "Resume with that run's flags, or start afresh in another --output_dir (or with --overwrite_output_dir)."
+        )
     accelerator.load_state(str(folder))
     logger.info("Resumed from %s", folder)
-    return json.loads((folder / TRAINER_STATE_FILE).read_text())
+    return state
 
 
 # -----------------------------------------------------------------------------

@@ -80,3 +80,21 @@ def test_resume_without_a_checkpoint_is_refused(fewshot, tiny_clip_path, shapes_
         fewshot.main([*argv, "latest"])
     with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*nowhere is not a complete checkpoint"):
         fewshot.main([*argv, str(tmp_path / "nowhere")])
+
+
+def test_resume_under_other_settings_is_refused(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    argv = helpers.trainer_args(
+        tiny_clip_path, shapes_dir, tmp_path, shots=4, views=1, num_train_epochs=2, checkpointing_steps="epoch"
+    )
+    fewshot.main(argv)
+    resume = [*argv, "--resume_from_checkpoint", "latest"]
+    # Another branch would not even load (other state-dict keys); other shots would silently train another run.
+    with pytest.raises(
+        ValueError, match=r"epoch_2 was saved by a run with other settings \(--adapt 'vision' -> 'both'\)"
+    ):
+        fewshot.main([*resume, "--adapt", "both"])
+    with pytest.raises(ValueError, match=r"other settings \(--shots 4 -> 8; --end_to_end False -> True\)"):
+        fewshot.main([*resume, "--shots", "8", "--end_to_end"])
+    assert fewshot.main(resume)["train_loss_per_epoch"] == pytest.approx(
+        json.loads((tmp_path / "out" / "epoch_2" / "trainer_state.json").read_text())["train_loss_per_epoch"]
+    )
