@@ -383,7 +383,8 @@ class EndToEndHead(nn.Module):
     ``f'`` comes out of the model's own (adapted) ``visual_projection``, so every step re-runs the frozen
     backbone. The PEFT model is deliberately kept out of this module's children: the only trainable
     parameters are the adapters, which ``classifier`` already registers, so DDP synchronises exactly
-    those and checkpoints hold the same keys as training on cached features.
+    those and checkpoints hold only the classifier (under a ``classifier.`` prefix, so a checkpoint
+    resumes in the mode that wrote it).
     """
 
     def __init__(self, peft_model: nn.Module, classifier: CLIPAdapterClassifier) -> None:
