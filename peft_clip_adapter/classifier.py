@@ -178,6 +178,9 @@ class CLIPAdapterClassifier(nn.Module):
 
         Raises:
             ValueError: if the model has no ``logit_scale`` and none is given (or as ``__init__``).
+
+        Example:
+            See the class example; with a plain ``CLIPModel`` the head is CLIP's zero-shot classifier.
         """
         if logit_scale is None:
             logit_scale = getattr(unwrap_model(model), "logit_scale", None)
@@ -191,10 +194,23 @@ class CLIPAdapterClassifier(nn.Module):
 
     @property
     def num_classes(self) -> int:
+        """``C``, the number of classes (rows of ``class_embeddings``)."""
         return self.class_embeddings.shape[0]
 
     def text_weights(self) -> torch.Tensor:
-        """The class prototypes ``[D, C]``: text adapter per prompt, normalise, mean over templates, renormalise."""
+        """The class prototypes ``[D, C]``: text adapter per prompt, normalise, mean over templates, renormalise.
+
+        Recomputed on every call, so a training text adapter's gradient reaches its weights.
+
+        Returns:
+            ``[D, C]`` unit-norm columns, one per class.
+
+        Example:
+            >>> head = CLIPAdapterClassifier(torch.randn(3, 2, 4), logit_scale=0.0)  # 3 classes, 2 templates
+            >>> weights = head.text_weights()
+            >>> weights.shape, torch.allclose(weights.norm(dim=0), torch.ones(3))
+            (torch.Size([4, 3]), True)
+        """
         prompts = self.class_embeddings  # [C, T, D]
         if self.text_adapter is not None:
             prompts = self.text_adapter.adapt(prompts)  # [C, T, D]
@@ -204,8 +220,23 @@ class CLIPAdapterClassifier(nn.Module):
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         """Logits ``[N, C]`` from raw pooled image embeddings ``[N, D]`` (before any adapter).
 
+        Args:
+            image_features: ``[N, D]`` pooled, projected image embeddings (e.g. from the feature cache).
+
+        Returns:
+            ``[N, C]`` float32 logits, scaled by ``exp(logit_scale)``.
+
         Raises:
             ValueError: if ``image_features`` is not ``[N, D]`` with the prompts' width ``D``.
+
+        Example:
+            >>> head = CLIPAdapterClassifier(torch.randn(3, 2, 4), logit_scale=0.0)  # 3 classes, 2 templates
+            >>> head(torch.randn(5, 4)).shape
+            torch.Size([5, 3])
+            >>> head(torch.randn(5, 8))
+            Traceback (most recent call last):
+            ...
+            ValueError: image_features must be [N, 4] pooled embeddings, got shape (5, 8).
         """
         width = self.class_embeddings.shape[-1]
         if image_features.dim() != 2 or image_features.shape[-1] != width:

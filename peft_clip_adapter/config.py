@@ -158,6 +158,14 @@ class CLIPAdapterConfig(PeftConfig):
     ) -> CLIPAdapterConfig:
         """Load a config saved by ``save_pretrained`` (a local folder or a Hub id), checking it first.
 
+        Args:
+            pretrained_model_name_or_path: A folder holding ``adapter_config.json``, or a Hub repository id.
+            subfolder: Sub-folder of that folder or repository.
+            **kwargs: Passed to ``peft.PeftConfig.from_pretrained`` (e.g. ``revision``).
+
+        Returns:
+            The ``CLIPAdapterConfig``.
+
         Raises:
             ValueError: if ``adapter_config.json`` is not valid JSON, is not a CLIP-Adapter config, or
                 holds values of the wrong type; or if a local ``adapter_model.safetensors`` beside it is
@@ -179,7 +187,28 @@ class CLIPAdapterConfig(PeftConfig):
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
-        """Read ``adapter_config.json``, refusing files that are not JSON or not a CLIP-Adapter config."""
+        """Read ``adapter_config.json``, refusing files that are not JSON or not a CLIP-Adapter config.
+
+        Args:
+            path_json_file: Path of the JSON file.
+            **kwargs: Passed to ``peft.PeftConfig.from_json_file``.
+
+        Returns:
+            The file's fields as a dict (``from_pretrained`` builds the config from it).
+
+        Raises:
+            ValueError: if the file is not valid JSON, not a JSON object, or its ``peft_type`` is not
+                ``"CLIP_ADAPTER"``.
+
+        Example:
+            >>> import json, tempfile
+            >>> path = tempfile.mkstemp(suffix=".json")[1]
+            >>> _ = open(path, "w").write(json.dumps({"peft_type": "LORA"}))
+            >>> CLIPAdapterConfig.from_json_file(path)
+            Traceback (most recent call last):
+            ...
+            ValueError: ... has peft_type='LORA'; a CLIP-Adapter config has peft_type='CLIP_ADAPTER'. ...
+        """
         try:
             loaded = super().from_json_file(path_json_file, **kwargs)
         except json.JSONDecodeError as error:
