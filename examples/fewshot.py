@@ -337,6 +337,15 @@ def load_data(args: argparse.Namespace) -> tuple[datasets.Dataset, datasets.Data
     for split in ("train", "validation"):
         check_columns(splits[split], args.image_column_name, args.label_column_name)
     names = class_names(splits["train"], args.label_column_name)
+    if not isinstance(splits["train"].features[args.label_column_name], datasets.ClassLabel):
+        # Class ids alone make prompts like "a photo of a 0.": training still works, zero-shot cannot.
+        logger.warning(
+            "Label column %r holds integer ids without class names, so the prompts name the classes %s. The "
+            "zero-shot accuracy means little; give the names with dataset.cast_column(%r, ClassLabel(names=...)).",
+            args.label_column_name,
+            names[:5],
+            args.label_column_name,
+        )
     if len(names) < 2:
         raise ValueError(
             f"The training data has {len(names)} class ({names}) in column {args.label_column_name!r}; "

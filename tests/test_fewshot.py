@@ -172,6 +172,20 @@ def test_push_to_hub_uploads_the_adapter_with_results(fewshot, tiny_clip_path, s
 # Bad input: each a clear error before training
 
 
+def test_integer_labels_without_names_train_with_a_warning(fewshot, tiny_clip_path, shapes_dir, tmp_path, caplog):
+    import datasets
+
+    saved = datasets.load_dataset("imagefolder", data_dir=shapes_dir, split="train")
+    saved.cast_column("label", datasets.Value("int64")).save_to_disk(tmp_path / "saved")
+    argv = _args(tiny_clip_path, shapes_dir, tmp_path, "--dataset_name", str(tmp_path / "saved"))
+    argv.remove("--train_dir")
+    argv.remove(str(shapes_dir))
+    caplog.set_level("WARNING")
+    results = fewshot.main(argv)
+    assert "holds integer ids without class names, so the prompts name the classes ['0', '1', '2', '3']" in caplog.text
+    assert list(results["per_class_accuracy"]) == ["0", "1", "2", "3"] and results["num_train_images"] == 16
+
+
 def test_missing_column_lists_the_columns(fewshot, tiny_clip_path, shapes_dir, tmp_path):
     with pytest.raises(
         ValueError, match=r"Image column 'img' not found; the dataset has columns \['image', 'label'\]"
