@@ -18,6 +18,12 @@ def verify_adapter_weights(folder: str | os.PathLike) -> None:
 
     Only the header and the file size are read, so this is cheap for any size.
 
+    Args:
+        folder: A folder written by ``save_pretrained``.
+
+    Returns:
+        None; a folder without the weights file passes.
+
     Raises:
         ValueError: naming the file, if it is truncated, has a corrupted header, or its tensors do not
             add up to its size.

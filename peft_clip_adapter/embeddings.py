@@ -20,6 +20,12 @@ from peft_clip_adapter.layer import CLIPAdapterLayer
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a ``PeftModel`` and/or a ``DistributedDataParallel`` wrapper.
 
+    Args:
+        model: A ``PeftModel``, a ``DistributedDataParallel`` wrapper, both, or a plain module.
+
+    Returns:
+        The innermost model (a plain module is returned as is).
+
     Example:
         >>> from torch import nn
         >>> layer = nn.Linear(2, 2)
@@ -74,6 +80,13 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
 
 def has_module(model: nn.Module, name: str) -> bool:
     """Whether ``model`` holds a submodule whose own name (last dotted part) is ``name``.
+
+    Args:
+        model: Any module.
+        name: A module's own name, e.g. ``"text_projection"``.
+
+    Returns:
+        ``True`` if some submodule's last dotted name part is ``name``.
 
     Example:
         >>> from torch import nn
@@ -165,6 +178,12 @@ def frozen_text_embeddings(
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (CPU for a model without parameters).
+
+    Args:
+        model: Any module.
+
+    Returns:
+        The ``torch.device`` of its first parameter, or ``cpu``.
 
     Example:
         >>> model_device(torch.nn.Linear(2, 2))

@@ -124,6 +124,13 @@ def _check_extraction_args(
 def dataset_labels(dataset: datasets.Dataset, label_column: str = "label") -> torch.Tensor:
     """The label column as an int64 tensor ``[N]``.
 
+    Args:
+        dataset: A ``datasets.Dataset``.
+        label_column: Name of its integer label column.
+
+    Returns:
+        ``[N]`` int64 labels, in row order.
+
     Raises:
         ValueError: if a label is not a non-negative integer (string labels need
             ``dataset.class_encode_column(label_column)`` first; ``-1`` marks unlabelled rows).
@@ -286,6 +293,12 @@ def model_fingerprint(model: nn.Module) -> str:
     and the text side (``text_*`` modules, ``logit_scale``), by name, dtype, shape and value. peft's
     wrapping is ignored, so a ``PeftModel`` and its plain base model share a fingerprint.
 
+    Args:
+        model: A CLIP model, a ``PeftModel`` around one, or any module.
+
+    Returns:
+        A hex digest string.
+
     Example:
         >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
         >>> model_fingerprint(a) == model_fingerprint(a), model_fingerprint(a) == model_fingerprint(b)
@@ -316,6 +329,17 @@ def dataset_fingerprint(dataset: datasets.Dataset, image_column: str = "image", 
     The ``datasets`` fingerprint changes with the source files and every ``select`` / ``map`` /
     ``shuffle``; the labels and the image file paths (or bytes, for embedded images) are hashed too, so
     two samples of one split never share a key.
+
+    Args:
+        dataset: A ``datasets.Dataset``.
+        image_column: Name of its image column.
+        label_column: Name of its label column.
+
+    Returns:
+        A hex digest string.
+
+    Raises:
+        ValueError: if a label is not a non-negative integer (as ``dataset_labels``).
 
     Example:
         >>> data = datasets.Dataset.from_dict({"image": ["a.png", "b.png"], "label": [0, 1]})

@@ -43,6 +43,12 @@ ENSEMBLE_TEMPLATES: tuple[str, ...] = (
 def templates_for(name: str) -> list[str]:
     """Templates by name: a dataset key of ``DATASET_TEMPLATES``, ``"ensemble"`` or ``"default"``.
 
+    Args:
+        name: A key of ``DATASET_TEMPLATES`` (``"eurosat"``, ``"dtd"``, ...), ``"ensemble"`` or ``"default"``.
+
+    Returns:
+        A new list of template strings, each with one ``{}``.
+
     Raises:
         ValueError: for an unknown name (the message lists the known ones).
 
@@ -65,6 +71,12 @@ def templates_for(name: str) -> list[str]:
 def clean_classname(name: str) -> str:
     """Class names as the reference code writes them in prompts: underscores become spaces.
 
+    Args:
+        name: A class name, e.g. a folder name.
+
+    Returns:
+        ``name`` with every ``_`` replaced by a space and surrounding whitespace stripped.
+
     Example:
         >>> clean_classname("Annual_Crop")
         'Annual Crop'
@@ -74,6 +86,13 @@ def clean_classname(name: str) -> str:
 
 def fill_template(template: Template, classname: str) -> str:
     """One prompt: ``template`` applied to ``classname``.
+
+    Args:
+        template: A string with one ``{}``, or a callable ``classname -> prompt``.
+        classname: The class name to put in (used as given; see ``clean_classname``).
+
+    Returns:
+        The prompt.
 
     Raises:
         ValueError: if a string template has no ``{}`` placeholder, or other fields (a second ``{}``,
@@ -98,6 +117,12 @@ def fill_template(template: Template, classname: str) -> str:
 
 def as_template_list(templates: Union[Template, Sequence[Template]]) -> list[Template]:
     """Normalise one template, or several, into a non-empty list.
+
+    Args:
+        templates: One template (a string or a callable) or a sequence of them.
+
+    Returns:
+        A new list of the templates.
 
     Raises:
         ValueError: for an empty sequence.
