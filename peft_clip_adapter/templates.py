@@ -126,6 +126,14 @@ def as_template_list(templates: Union[Template, Sequence[Template]]) -> list[Tem
 
     Raises:
         ValueError: for an empty sequence.
+
+    Example:
+        >>> as_template_list("{} texture."), as_template_list(("a {}.", "the {}."))
+        (['{} texture.'], ['a {}.', 'the {}.'])
+        >>> as_template_list([])
+        Traceback (most recent call last):
+        ...
+        ValueError: Pass at least one prompt template.
     """
     if isinstance(templates, str) or callable(templates):
         return [templates]

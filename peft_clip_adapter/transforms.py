@@ -177,6 +177,16 @@ class ImageTransform(abc.ABC):
     ``transform(image, index=i, view=v)`` takes anything :func:`load_image` reads. ``index`` (the image's
     row) and ``view`` (the augmentation number) pick the random augmentation of a train transform; an eval
     transform ignores them. ``description`` identifies the transform's settings in feature-cache keys.
+    ``build_train_transform`` and ``build_eval_transform`` return instances; a subclass of your own needs a
+    stable ``description`` and ``__call__``.
+
+    Example:
+        >>> class Gray(ImageTransform):
+        ...     description = "gray 8 px"
+        ...     def __call__(self, image, *, index=0, view=0):
+        ...         return torch.full((3, 8, 8), 0.5)
+        >>> Gray()(None).shape, Gray()
+        (torch.Size([3, 8, 8]), Gray(gray 8 px))
     """
 
     description: str
