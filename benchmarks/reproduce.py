@@ -80,7 +80,11 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
         ValueError: for a bad list, an unknown dataset, a missing ``--model_name_or_path`` /
             ``--data_root`` (outside ``--smoke``), or a malformed ``--dataset_dir``.
     """
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        # parse_known_args: without this line --help would not say where the other flags go.
+        epilog="Flags not listed here go to examples/fewshot.py (e.g. --num_train_epochs 50 --cpu); see its --help.",
+    )
     parser.add_argument("--model_name_or_path", default=None, help="CLIP checkpoint (Hub id or folder).")
     parser.add_argument("--data_root", default=None, help="Folder holding the datasets (layout: paper.py).")
     parser.add_argument(

@@ -250,6 +250,12 @@ def test_reproduce_rejects_bad_arguments(argv, match):
         reproduce.parse_args(argv)
 
 
+def test_reproduce_help_says_where_other_flags_go(capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--help"])
+    assert "Flags not listed here go to examples/fewshot.py" in " ".join(capsys.readouterr().out.split())
+
+
 def test_reproduce_passes_unknown_flags_to_the_trainer():
     args, trainer_args = reproduce.parse_args(
         ["--model_name_or_path", "m", "--data_root", "d", "--datasets", "dtd", "--num_train_epochs", "5", "--cpu"]
