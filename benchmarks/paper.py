@@ -9,14 +9,16 @@ Class names are the sub-folder names (``_`` becomes a space in prompts), so rena
 names the paper's prompts use (CoOp's ``split_zhou_*.json`` files list them, e.g. Caltech101's
 ``Faces_easy`` is ``face``); ``prepare_from_coop_split`` builds the layout from such a file. For ImageNet,
 ``train/`` holds the ILSVRC-2012 training set and ``test/`` its validation set, with folders renamed from
-WordNet ids to CLIP's class names. A dataset that lives elsewhere (or on the Hub, exported to folders)
-is pointed to with ``reproduce.py --dataset_dir KEY=PATH``.
+WordNet ids to CLIP's class names. A dataset that lives elsewhere is pointed to with
+``reproduce.py --dataset_dir KEY=PATH``; one on the Hub with ``--dataset_hub KEY=ID[:CONFIG]``, which
+exports it to this layout once (``export_hub_dataset``).
 
 Reported accuracy: CLIP-Adapter with an RN50 backbone (Gao et al., 2021), as in DESIGN.md section 1.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -156,4 +158,77 @@ def prepare_from_coop_split(
                 if not link.exists():
                     link.symlink_to(image.resolve())
                 counts[target] += 1
+    return counts
+
+
+def export_hub_dataset(
+    dataset_id: str,
+    out_dir: str | os.PathLike,
+    *,
+    config_name: Optional[str] = None,
+    test_split: str = "test",
+    image_column: str = "image",
+    label_column: str = "label",
+) -> dict[str, int]:
+    """Write a Hub dataset (or a local dataset folder) as ``out_dir/{train,test}/<class name>/`` images.
+
+    ``reproduce.py`` reads every dataset through that layout, so a dataset on the Hub is exported once
+    (the image bytes are copied as they are, not re-encoded) and then treated like a local one. Class
+    names are the ``ClassLabel`` names of the label column; a finished export is marked and reused.
+
+    Args:
+        dataset_id: A Hub dataset id, or a path that ``datasets.load_dataset`` reads.
+        out_dir: The dataset's folder to write.
+        config_name: The dataset's configuration, if it has several.
+        test_split: The split used as ``test/`` (the only one accuracy is reported on).
+        image_column: Column holding the images.
+        label_column: Column holding the labels; it must be a ``ClassLabel`` (the names become folders).
+
+    Returns:
+        Images written per split, ``{"train": ..., "test": ...}``.
+
+    Raises:
+        ValueError: if the dataset lacks the ``train`` or ``test_split`` split (the splits are listed), or
+            its label column has no class names.
+
+    Example:
+        >>> import tempfile
+        >>> from peft_clip_adapter.offline import write_shapes_dataset
+        >>> root = tempfile.mkdtemp()
+        >>> _ = write_shapes_dataset(f"{root}/src/train", images_per_class=2)
+        >>> _ = write_shapes_dataset(f"{root}/src/test", images_per_class=1, seed=1)
+        >>> export_hub_dataset(f"{root}/src", f"{root}/out")
+        {'train': 8, 'test': 4}
+    """
+    import datasets
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    marker = out_dir / ".export-complete.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    loaded = datasets.load_dataset(dataset_id, config_name)
+    missing = [split for split in ("train", test_split) if split not in loaded]
+    if missing:
+        raise ValueError(
+            f"{dataset_id} has no {missing} split(s); its splits are {sorted(loaded)}. Pass --hub_test_split."
+        )
+    feature = loaded["train"].features.get(label_column)
+    if not isinstance(feature, datasets.ClassLabel):
+        raise ValueError(
+            f"{dataset_id}'s column {label_column!r} is {feature!r}, not a ClassLabel: the class names are needed "
+            "for the prompts. Export it to image folders named by class instead."
+        )
+    counts = {}
+    for target, split in (("train", "train"), ("test", test_split)):
+        rows = loaded[split].cast_column(image_column, datasets.Image(decode=False))
+        counts[target] = 0
+        for index, (image, label) in enumerate(zip(rows[image_column], rows[label_column], strict=True)):
+            data = image["bytes"] if image["bytes"] is not None else Path(image["path"]).read_bytes()
+            suffix = "." + (Image.open(io.BytesIO(data)).format or "png").lower()
+            folder = out_dir / target / feature.names[label].replace("/", " ")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{index:07d}{suffix}").write_bytes(data)
+            counts[target] += 1
+    marker.write_text(json.dumps(counts))
     return counts

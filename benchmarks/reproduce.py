@@ -3,11 +3,14 @@
     python benchmarks/reproduce.py --model_name_or_path openai/clip-vit-base-patch16 --data_root data
     python benchmarks/reproduce.py --model_name_or_path ... --data_root data --datasets eurosat,dtd \\
         --shots 1,16 --seeds 1,2,3 --hparams search --num_train_epochs 200     # unknown flags go to the trainer
+    python benchmarks/reproduce.py --model_name_or_path ... --datasets eurosat --dataset_hub eurosat=<hub id>
     python benchmarks/reproduce.py --smoke     # offline: tiny CLIP + generated images, end to end in a minute
 
 Each cell (dataset, shots, seed) is one run of ``examples/fewshot.py`` (its ``main(argv)``, in this
 process): ``shots`` images per class sampled with ``seed`` from ``<data_root>/<folder>/train``, accuracy
-on ``<data_root>/<folder>/test`` (layout and sources in ``paper.py``). The test split is only ever used
+on ``<data_root>/<folder>/test`` (layout and sources in ``paper.py``). A dataset given as a Hub id
+(``--dataset_hub KEY=ID[:CONFIG]``) is exported once to that layout under ``--output_dir`` (its ``train``
+split and ``--hub_test_split``), then read the same way. The test split is only ever used
 for the final accuracy. The ratio (alpha) is chosen without it, by ``--hparams``:
 
 - ``fixed`` (default): the paper's default, ``--ratio`` (0.2), for every dataset.
@@ -42,7 +45,7 @@ from types import ModuleType
 from typing import Any, Optional
 
 from benchlib import markdown_table, write_results
-from paper import DATASETS, SHOTS, SMOKE_DATASET, PaperDataset, parse_dataset_keys
+from paper import DATASETS, SHOTS, SMOKE_DATASET, PaperDataset, export_hub_dataset, parse_dataset_keys
 
 logger = logging.getLogger("reproduce")
 
@@ -78,7 +81,7 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
 
     Raises:
         ValueError: for a bad list, an unknown dataset, a missing ``--model_name_or_path`` /
-            ``--data_root`` (outside ``--smoke``), or a malformed ``--dataset_dir``.
+            ``--data_root`` (outside ``--smoke``), or a malformed ``--dataset_dir`` / ``--dataset_hub``.
     """
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -90,6 +93,13 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     parser.add_argument(
         "--dataset_dir", action="append", default=[], help="KEY=PATH: a dataset's folder (train/, test/) elsewhere."
     )
+    parser.add_argument(
+        "--dataset_hub",
+        action="append",
+        default=[],
+        help="KEY=ID[:CONFIG]: take a dataset from the Hub (exported once to train/, test/ folders).",
+    )
+    parser.add_argument("--hub_test_split", default="test", help="The split of --dataset_hub datasets tested on.")
     parser.add_argument("--datasets", default="all", help=f"'all' or comma-separated keys of {list(DATASETS)}.")
     parser.add_argument("--shots", default=",".join(map(str, SHOTS)), help="Shots per class, comma-separated.")
     parser.add_argument("--seeds", default="1,2,3", help="Seeds (few-shot sample and training), comma-separated.")
@@ -116,16 +126,30 @@ def parse_args(argv: Optional[list[str]] = None) -> tuple[argparse.Namespace, li
     return args, trainer_args
 
 
+def _key_value(item: str, flag: str, value_name: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or key not in DATASETS or not value:
+        raise ValueError(f"{flag} must be KEY={value_name} with KEY in {list(DATASETS)}, got {item!r}.")
+    return key, value
+
+
 def _dataset_dirs(args: argparse.Namespace) -> dict[str, Path]:
     overrides = {}
     for item in args.dataset_dir:
-        key, sep, path = item.partition("=")
-        if not sep or key not in DATASETS:
-            raise ValueError(f"--dataset_dir must be KEY=PATH with KEY in {list(DATASETS)}, got {item!r}.")
+        key, path = _key_value(item, "--dataset_dir", "PATH")
         overrides[key] = Path(path)
+    # Hub datasets are exported to the same layout under output_dir (see run_cells).
+    args.hub_datasets = {}
+    for item in args.dataset_hub:
+        key, value = _key_value(item, "--dataset_hub", "ID[:CONFIG]")
+        dataset_id, _, config_name = value.partition(":")
+        args.hub_datasets[key] = (dataset_id, config_name or None)
+        overrides[key] = Path(args.output_dir) / "hub-data" / key
     missing = [entry.key for entry in args.datasets if entry.key not in overrides]
     if missing and args.data_root is None:
-        raise ValueError(f"Pass --data_root (layout: benchmarks/paper.py) or --dataset_dir for {missing}.")
+        raise ValueError(
+            f"Pass --data_root (layout: benchmarks/paper.py), --dataset_dir or --dataset_hub for {missing}."
+        )
     return {entry.key: overrides.get(entry.key, Path(args.data_root or ".") / entry.folder) for entry in args.datasets}
 
 
@@ -141,6 +165,7 @@ def _smoke_setup(args: argparse.Namespace, trainer_args: list[str]) -> list[str]
         write_shapes_dataset(root / "shapes" / "test", images_per_class=6, seed=1)
     args.model_name_or_path = str(root / "tiny-clip")
     args.datasets = [SMOKE_DATASET]
+    args.hub_datasets = {}
     args.dataset_dirs = {SMOKE_DATASET.key: root / "shapes"}
     return [*SMOKE_TRAINER_ARGS, *trainer_args]
 
@@ -222,6 +247,10 @@ def run_cells(args: argparse.Namespace, trainer_args: list[str]) -> list[dict[st
     cells = []
     for entry in args.datasets:
         folder = args.dataset_dirs[entry.key]
+        if entry.key in args.hub_datasets:
+            dataset_id, config_name = args.hub_datasets[entry.key]
+            counts = export_hub_dataset(dataset_id, folder, config_name=config_name, test_split=args.hub_test_split)
+            logger.info("%s: %s exported to %s (%s)", entry.name, dataset_id, folder, counts)
         for split in ("train", "test"):
             if not (folder / split).is_dir():
                 raise ValueError(f"{folder / split} is missing: {entry.name} must be laid out as in paper.py.")

@@ -359,3 +359,39 @@ def test_reproduce_smoke_runs_end_to_end_and_resumes(tmp_path):
     stamp = final.stat().st_mtime_ns
     assert reproduce.main(argv)["cells"] == cells
     assert final.stat().st_mtime_ns == stamp
+
+
+def test_reproduce_reads_a_hub_dataset_through_an_export(tiny_clip_path, tmp_path):
+    from peft_clip_adapter.offline import SHAPE_CLASSES, write_shapes_dataset
+
+    # A local folder with train/ and test/ stands in for a Hub id: load_dataset reads both the same way.
+    source = tmp_path / "hub-dataset"
+    write_shapes_dataset(source / "train", images_per_class=2, seed=0)
+    write_shapes_dataset(source / "test", images_per_class=1, seed=1)
+    out = tmp_path / "out"
+    argv = ["--model_name_or_path", tiny_clip_path, "--datasets", "eurosat", "--dataset_hub", f"eurosat={source}"]
+    argv += ["--shots", "1", "--seeds", "1", "--output_dir", str(out), "--num_train_epochs", "2", "--views", "1"]
+    report = reproduce.main(argv)
+    exported = out / "hub-data" / "eurosat"
+    assert sorted(path.name for path in (exported / "test").iterdir()) == sorted(SHAPE_CLASSES)
+    assert sum(1 for _ in (exported / "train").rglob("*.png")) == 4 * 2
+    (cell,) = report["cells"]
+    assert cell["dataset"] == "eurosat" and cell["shots"] == 1 and 0.0 <= cell["accuracy"] <= 100.0
+
+
+def test_paper_docstring_examples_run():
+    result = doctest.testmod(paper, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_hub_export_refuses_a_dataset_without_the_test_split(tmp_path):
+    from peft_clip_adapter.offline import write_shapes_dataset
+
+    write_shapes_dataset(tmp_path / "src" / "train", images_per_class=1)
+    with pytest.raises(ValueError, match=r"has no \['test'\] split\(s\); its splits are \['train'\]"):
+        paper.export_hub_dataset(str(tmp_path / "src"), tmp_path / "out")
+
+
+def test_reproduce_rejects_a_malformed_dataset_hub():
+    with pytest.raises(ValueError, match=r"--dataset_hub must be KEY=ID\[:CONFIG\]"):
+        reproduce.parse_args(["--model_name_or_path", "m", "--datasets", "dtd", "--dataset_hub", "dtd"])
