@@ -7,23 +7,30 @@ mean and std), read from it, never hard-coded, and need only PIL and torch:
 - :func:`build_train_transform`: the paper's random-resized-crop (bicubic) and horizontal flip, then the
   processor's rescale and normalisation. View ``v`` of image ``i`` is a pure function of
   ``(seed, i, v)``, on any process, so augmented views can be cached as frozen features.
+
+Both are a :class:`ResizedCropTransform`: every view is one box of the source image resampled to the
+output size (plus, for eval, a center window of it), then flipped or not, then normalised. That split
+lets feature extraction decode an image once for all its views, decode a large JPEG at the reduced scale
+the smallest box allows (:func:`~peft_clip_adapter.images.load_image_draft`), and make the views on the
+accelerator with the same boxes (:mod:`peft_clip_adapter.resample`).
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from peft_clip_adapter.images import load_image
+from peft_clip_adapter.images import DecodedImage, load_image_draft
 
-__all__ = ["ImageTransform", "build_eval_transform", "build_train_transform"]
+__all__ = ["ImageTransform", "ResizedCropTransform", "ViewBox", "build_eval_transform", "build_train_transform"]
 
 
 def check_index(name: str, value: Any) -> None:
@@ -96,26 +103,31 @@ class _ProcessorSteps:
             "have no fixed size to random-crop to; set crop_size/do_center_crop or size={'height', 'width'}."
         )
 
-    def resize_and_crop(self, image: Image.Image) -> Image.Image:
-        if self.resize is not None:
-            image = image.resize(_resized_shape(image, self.resize)[::-1], resample=self.resample)  # PIL: (w, h)
-        if self.crop is not None:
-            height, width = self.crop
-            # Same offsets as the processor's center crop; PIL pads with black where the crop leaves the image.
-            top, left = (image.height - height) // 2, (image.width - width) // 2
-            image = image.crop((left, top, left + width, top + height))
-        return image
+    @functools.cached_property
+    def lut(self) -> torch.Tensor:
+        """``[3, 256]`` float32: the rescaled, normalised value of each 8-bit level, per channel.
 
-    def to_tensor(self, image: Image.Image) -> torch.Tensor:
-        # numpy rather than torch: single-threaded, so small images do not pay for a thread pool, and the
-        # same arithmetic as the processor (scale in float64, cast to float32, then normalise).
-        pixels = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
-        scaled = pixels * np.float64(self.rescale_factor) if self.rescale_factor is not None else pixels
-        pixels = scaled.astype(np.float32)  # [H, W, 3]
+        Computed with the processor's arithmetic (scale in float64, cast to float32, then ``(x - mean) /
+        std`` in float32), so looking a pixel up gives the same bits as computing it, on any device.
+        """
+        levels = np.arange(256, dtype=np.uint8)
+        scaled = levels * np.float64(self.rescale_factor) if self.rescale_factor is not None else levels
+        values = np.broadcast_to(scaled.astype(np.float32), (3, 256))  # [3, 256]
         if self.mean is not None:
             mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)  # [3] each
-            pixels = (pixels - mean) / std  # [H, W, 3], per channel
-        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))  # [3, H, W] float32
+            values = (values - mean[:, None]) / std[:, None]  # [3, 256], per channel
+        return torch.from_numpy(np.ascontiguousarray(values))
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[..., 3, H, W]`` uint8 -> float32 on the same device: rescale and normalise by table look-up."""
+        lut = self.lut.to(pixels.device)
+        values = torch.empty(pixels.shape, dtype=torch.float32, device=pixels.device)  # [..., 3, H, W]
+        for channel in range(3):
+            levels = pixels[..., channel, :, :]  # [..., H, W]
+            # index_select with int32 indices: the fastest look-up on CPU and GPU alike.
+            picked = torch.index_select(lut[channel], 0, levels.reshape(-1).to(torch.int32))
+            values[..., channel, :, :] = picked.view(levels.shape)
+        return values
 
     def describe(self) -> str:
         return (
@@ -146,14 +158,16 @@ def _resize_rule(size: Any) -> tuple[str, int, int]:
     )
 
 
-def _resized_shape(image: Image.Image, rule: tuple[str, int, int]) -> tuple[int, int]:
+def _resized_shape(image_height: int, image_width: int, rule: tuple[str, int, int] | None) -> tuple[int, int]:
     """(height, width) after resizing, with the processor's rounding for the shortest-edge rule."""
+    if rule is None:
+        return image_height, image_width
     kind, height, width = rule
     if kind == "exact":
         return height, width
-    short, long = sorted((image.height, image.width))
+    short, long = sorted((image_height, image_width))
     new_long = int(height * long / short)  # truncation, as transformers' get_resize_output_image_size
-    return (new_long, height) if image.height > image.width else (height, new_long)
+    return (new_long, height) if image_height > image_width else (height, new_long)
 
 
 def _pil_filter(resample: Any) -> int:
@@ -178,7 +192,9 @@ class ImageTransform(abc.ABC):
     row) and ``view`` (the augmentation number) pick the random augmentation of a train transform; an eval
     transform ignores them. ``description`` identifies the transform's settings in feature-cache keys.
     ``build_train_transform`` and ``build_eval_transform`` return instances; a subclass of your own needs a
-    stable ``description`` and ``__call__``.
+    stable ``description`` and ``__call__``. Feature extraction decodes each image once (with
+    :func:`load_image`) and calls ``__call__`` with the decoded PIL image for every view. ``__call__`` may
+    also return a dict of tensors: they are then passed to the model as keyword arguments.
 
     Example:
         >>> class Gray(ImageTransform):
@@ -199,16 +215,249 @@ class ImageTransform(abc.ABC):
         return f"{type(self).__name__}({self.description})"
 
 
-class _EvalTransform(ImageTransform):
-    def __init__(self, steps: _ProcessorSteps) -> None:
-        self.steps = steps
-        self.description = f"eval {steps.describe()}"
+class ViewBox(NamedTuple):
+    """Where one view of an image comes from: a box of the source, resampled, windowed and maybe flipped.
+
+    Attributes:
+        box: ``(left, top, right, bottom)`` of the source region, in source pixels at full size (floats).
+        resized: ``(height, width)`` the box is resampled to.
+        offset: ``(top, left)`` of the output window inside the resampled box; the window may reach past
+            it (an eval crop larger than the resized image), and is black there, as PIL's ``crop``.
+        flip: Whether the window is then mirrored left to right.
+
+    Example:
+        >>> ViewBox(box=(0.0, 0.0, 64.0, 48.0), resized=(32, 42), offset=(0, 5), flip=False).offset
+        (0, 5)
+    """
+
+    box: tuple[float, float, float, float]
+    resized: tuple[int, int]
+    offset: tuple[int, int]
+    flip: bool
+
+
+class ResizedCropTransform(ImageTransform):
+    """A transform whose every view is a resampled box of the image: the train and eval transforms.
+
+    A subclass says which box each view takes (:meth:`view_box`) and how small a box it can ever take
+    (:meth:`max_scale`); this class decodes (a large JPEG at the reduced scale the smallest box allows,
+    if ``draft``), resamples with PIL's filter, windows, flips and normalises, all with the model's own
+    image processor settings. Feature extraction decodes each image once for all its views, and can make
+    the views on the accelerator instead (:func:`peft_clip_adapter.resample.render_views`), with the same
+    boxes.
+
+    Args:
+        steps: The processor's settings (read once with ``_ProcessorSteps.from_processor``).
+        resample: PIL filter of the resize.
+        draft: Decode a JPEG at 1/2, 1/4 or 1/8 scale when every box the transform can cut still holds at
+            least the output's pixels at that scale.
+
+    Example:
+        >>> from PIL import Image
+        >>> from transformers import CLIPImageProcessor
+        >>> processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        >>> transform = build_train_transform(processor, seed=0)
+        >>> isinstance(transform, ResizedCropTransform), tuple(transform.crops(Image.new("RGB", (64, 48)),
+        ...     index=0, views=[0, 1]).shape)
+        (True, (2, 3, 32, 32))
+    """
+
+    def __init__(self, steps: _ProcessorSteps, *, resample: int, draft: bool) -> None:
+        self.steps, self.resample, self.draft = steps, int(resample), bool(draft)
+
+    @property
+    def output_size(self) -> tuple[int, int] | None:
+        """``(height, width)`` of every view, or ``None`` when it depends on the image (no crop, no fixed size).
+
+        Example:
+            >>> from transformers import CLIPImageProcessor
+            >>> build_eval_transform(CLIPImageProcessor(crop_size={"height": 24, "width": 24})).output_size
+            (24, 24)
+        """
+        try:
+            return self.steps.output_size
+        except ValueError:
+            return None
+
+    @abc.abstractmethod
+    def view_box(self, width: int, height: int, *, index: int, view: int) -> ViewBox:
+        """The :class:`ViewBox` of view ``view`` of image ``index``, for a source of ``width x height`` pixels.
+
+        Args:
+            width: Source width at full size.
+            height: Source height at full size.
+            index: The image's row.
+            view: The augmentation number.
+
+        Returns:
+            The view's box, resampled size, window offset and flip.
+
+        Example:
+            See :meth:`max_scale`.
+        """
+
+    @abc.abstractmethod
+    def max_scale(self, width: int, height: int) -> float:
+        """How many times larger than its resampled size the smallest box of such an image can be.
+
+        Decoding at a scale up to this keeps every box at or above the output's resolution.
+
+        Args:
+            width: Source width at full size.
+            height: Source height at full size.
+
+        Returns:
+            ``min(box width / resized width, box height / resized height)`` over every possible box.
+
+        Example:
+            >>> from transformers import CLIPImageProcessor
+            >>> transform = build_eval_transform(CLIPImageProcessor())  # 224 px
+            >>> transform.view_box(4000, 3000, index=0, view=0).resized, round(transform.max_scale(4000, 3000), 2)
+            ((224, 298), 13.39)
+        """
+
+    def decode(self, image: Any) -> DecodedImage:
+        """Read ``image`` (anything :func:`load_image` reads), at reduced scale where ``draft`` allows.
+
+        Args:
+            image: A PIL image, file path, encoded bytes or ``{"path", "bytes"}`` dict.
+
+        Returns:
+            The :class:`~peft_clip_adapter.images.DecodedImage` (pixels, scale, full size).
+
+        Raises:
+            ValueError: for an unreadable image, naming the file.
+
+        Example:
+            >>> from PIL import Image
+            >>> from transformers import CLIPImageProcessor
+            >>> build_eval_transform(CLIPImageProcessor()).decode(Image.new("RGB", (8, 6))).scale
+            1
+        """
+        return load_image_draft(image, self.max_scale if self.draft else None)
+
+    def view_boxes(self, decoded: DecodedImage, *, index: int, views: Sequence[int]) -> list[ViewBox]:
+        """The boxes of ``views`` of image ``index``, in the pixels of ``decoded`` (its scale applied).
+
+        Args:
+            decoded: The image, from :meth:`decode`.
+            index: The image's row.
+            views: View numbers.
+
+        Returns:
+            One :class:`ViewBox` per view; ``box`` divided by the decoding scale.
+
+        Raises:
+            ValueError: for a negative or non-integer index or view.
+
+        Example:
+            >>> from PIL import Image
+            >>> from transformers import CLIPImageProcessor
+            >>> transform = build_eval_transform(CLIPImageProcessor())
+            >>> transform.view_boxes(transform.decode(Image.new("RGB", (448, 224))), index=0, views=[0])[0].box
+            (0.0, 0.0, 448.0, 224.0)
+        """
+        check_index("index", index)
+        boxes = []
+        for view in views:
+            check_index("view", view)
+            box = self.view_box(*decoded.size, index=int(index), view=int(view))
+            boxes.append(box._replace(box=tuple(float(value) / decoded.scale for value in box.box)))
+        return boxes
+
+    def render(self, decoded: DecodedImage, box: ViewBox) -> Image.Image:
+        """One view as an 8-bit RGB PIL image: the box resampled (PIL, ``resample``), windowed, flipped.
+
+        Args:
+            decoded: The image, from :meth:`decode`.
+            box: One of :meth:`view_boxes` (in the decoded image's pixels).
+
+        Returns:
+            The view, ``output_size`` (or the resampled size, when there is no window).
+
+        Example:
+            >>> from PIL import Image
+            >>> from transformers import CLIPImageProcessor
+            >>> transform = build_eval_transform(CLIPImageProcessor())
+            >>> decoded = transform.decode(Image.new("RGB", (448, 224)))
+            >>> transform.render(decoded, transform.view_boxes(decoded, index=0, views=[0])[0]).size
+            (224, 224)
+        """
+        image = decoded.image
+        height, width = box.resized
+        if box.box != (0.0, 0.0, float(image.width), float(image.height)) or (width, height) != image.size:
+            image = image.resize((width, height), resample=self.resample, box=box.box)  # PIL takes (w, h)
+        window = self.output_size or box.resized
+        if tuple(box.offset) != (0, 0) or tuple(window) != box.resized:
+            top, left = box.offset
+            # Same offsets as the processor's center crop; PIL pads with black where the window leaves the image.
+            image = image.crop((left, top, left + window[1], top + window[0]))
+        if box.flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+    def crops(self, image: Any, *, index: int, views: Sequence[int]) -> torch.Tensor:
+        """Decode ``image`` once and make the given views, un-normalised: ``[V, 3, H, W]`` uint8.
+
+        Args:
+            image: Anything :func:`load_image` reads.
+            index: The image's row.
+            views: View numbers.
+
+        Returns:
+            ``[len(views), 3, H, W]`` uint8; :meth:`normalise` turns it into the model's input.
+
+        Raises:
+            ValueError: for an unreadable image (named), or a bad index or view.
+
+        Example:
+            See the class example.
+        """
+        decoded = self.decode(image)
+        pixels = [np.asarray(self.render(decoded, box)) for box in self.view_boxes(decoded, index=index, views=views)]
+        return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # [V, 3, H, W]
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Rescale and normalise 8-bit views as the processor does: ``[..., 3, H, W]`` uint8 -> float32.
+
+        A table look-up with the processor's arithmetic, so the result is the same bits on any device.
+
+        Args:
+            pixels: ``[..., 3, H, W]`` uint8 views, on any device.
+
+        Returns:
+            ``[..., 3, H, W]`` float32 on the same device.
+
+        Example:
+            >>> from transformers import CLIPImageProcessor
+            >>> transform = build_eval_transform(CLIPImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3))
+            >>> transform.normalise(torch.tensor([0, 255], dtype=torch.uint8).reshape(1, 1, 2).expand(3, 1, 2))[0]
+            tensor([[-1.,  1.]])
+        """
+        return self.steps.normalise(pixels)
 
     def __call__(self, image: Any, *, index: int = 0, view: int = 0) -> torch.Tensor:
-        return self.steps.to_tensor(self.steps.resize_and_crop(load_image(image)))  # [3, H, W]
+        return self.normalise(self.crops(image, index=index, views=[view])[0])  # [3, H, W]
 
 
-class _TrainTransform(ImageTransform):
+class _EvalTransform(ResizedCropTransform):
+    def __init__(self, steps: _ProcessorSteps, *, draft: bool) -> None:
+        super().__init__(steps, resample=steps.resample, draft=draft)
+        self.description = f"eval {steps.describe()} draft={self.draft}"
+
+    def view_box(self, width: int, height: int, *, index: int, view: int) -> ViewBox:
+        resized = _resized_shape(height, width, self.steps.resize)
+        offset = (0, 0)
+        if self.steps.crop is not None:
+            offset = ((resized[0] - self.steps.crop[0]) // 2, (resized[1] - self.steps.crop[1]) // 2)
+        return ViewBox((0.0, 0.0, float(width), float(height)), resized, offset, False)
+
+    def max_scale(self, width: int, height: int) -> float:
+        resized_height, resized_width = _resized_shape(height, width, self.steps.resize)
+        return min(width / resized_width, height / resized_height)
+
+
+class _TrainTransform(ResizedCropTransform):
     def __init__(
         self,
         steps: _ProcessorSteps,
@@ -218,27 +467,35 @@ class _TrainTransform(ImageTransform):
         ratio: tuple[float, float],
         flip_probability: float,
         resample: int,
+        draft: bool,
     ) -> None:
-        self.steps, self.seed, self.scale, self.ratio = steps, seed, scale, ratio
-        self.flip_probability, self.resample = flip_probability, resample
+        super().__init__(steps, resample=resample, draft=draft)
+        self.seed, self.scale, self.ratio, self.flip_probability = seed, scale, ratio, flip_probability
         self.size = steps.output_size  # (height, width) of every crop
+        # "box-resample": the crop box is resampled from the whole image (one PIL resize with a box), so the
+        # filter reads real pixels past the box's edges; cache files of the earlier crop-then-resize differ.
         self.description = (
-            f"train random-resized-crop size={self.size} scale={scale} ratio={ratio} resample={resample} "
-            f"flip={flip_probability} seed={seed} then rescale={steps.rescale_factor!r} mean={steps.mean} "
-            f"std={steps.std}"
+            f"train random-resized-crop size={self.size} scale={scale} ratio={ratio} resample={self.resample} "
+            f"flip={flip_probability} seed={seed} box-resample draft={self.draft} then "
+            f"rescale={steps.rescale_factor!r} mean={steps.mean} std={steps.std}"
         )
 
-    def __call__(self, image: Any, *, index: int = 0, view: int = 0) -> torch.Tensor:
-        check_index("index", index)
-        check_index("view", view)
-        image = load_image(image)
+    def view_box(self, width: int, height: int, *, index: int, view: int) -> ViewBox:
         rng = np.random.default_rng([self.seed, int(index), int(view)])  # this image's view, on any process
-        top, left, height, width = _random_resized_crop_box(rng, image.height, image.width, self.scale, self.ratio)
-        crop = image.crop((left, top, left + width, top + height))
-        crop = crop.resize(self.size[::-1], resample=self.resample)  # PIL takes (width, height)
-        if rng.random() < self.flip_probability:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return self.steps.to_tensor(crop)  # [3, H, W]
+        top, left, crop_height, crop_width = _random_resized_crop_box(rng, height, width, self.scale, self.ratio)
+        flip = bool(rng.random() < self.flip_probability)
+        return ViewBox(
+            (float(left), float(top), float(left + crop_width), float(top + crop_height)), self.size, (0, 0), flip
+        )
+
+    def max_scale(self, width: int, height: int) -> float:
+        # The narrowest and the flattest box _random_resized_crop_box can return (a sampled one, or its
+        # fallback), less a pixel for its rounding; the view count does not enter, so view v of image i
+        # is decoded alike whatever other views are made with it.
+        area, (low_scale, _), (low_ratio, high_ratio) = width * height, self.scale, self.ratio
+        narrowest = min(width, math.sqrt(low_scale * area * low_ratio), height * high_ratio) - 1
+        flattest = min(height, math.sqrt(low_scale * area / high_ratio), width / low_ratio) - 1
+        return min(narrowest / self.size[1], flattest / self.size[0])
 
 
 def _random_resized_crop_box(
@@ -266,17 +523,22 @@ def _random_resized_crop_box(
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
-def build_eval_transform(image_processor: Any) -> ImageTransform:
+def build_eval_transform(image_processor: Any, *, draft: bool = True) -> ResizedCropTransform:
     """The processor's own resize and center crop, then its rescale and normalisation.
 
     The result equals ``image_processor(images=image).pixel_values[0]`` (to float rounding), written with
-    PIL and torch only.
+    PIL and torch only. A JPEG at least twice the resized size is decoded at reduced scale (``draft``):
+    a 12 MP photo for a 224 px model is decoded at 1/8, where the processor would decode all 12 MP and
+    resize them; the result differs from the processor's by the difference of the two antialiased
+    reductions.
 
     Args:
         image_processor: The model's image processor (``CLIPImageProcessor``), or a processor holding one.
+        draft: Decode large JPEGs at 1/2, 1/4 or 1/8 scale, never below the resized size. ``False``
+            decodes every image in full.
 
     Returns:
-        An :class:`ImageTransform` that ignores ``index`` and ``view``.
+        A :class:`ResizedCropTransform` that ignores ``index`` and ``view``.
 
     Raises:
         ValueError: for an object that is not an image processor, or a resize rule other than
@@ -290,7 +552,7 @@ def build_eval_transform(image_processor: Any) -> ImageTransform:
         >>> pixels.shape, pixels.dtype
         (torch.Size([3, 32, 32]), torch.float32)
     """
-    return _EvalTransform(_ProcessorSteps.from_processor(image_processor))
+    return _EvalTransform(_ProcessorSteps.from_processor(image_processor), draft=draft)
 
 
 def build_train_transform(
@@ -301,13 +563,17 @@ def build_train_transform(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip_probability: float = 0.5,
     resample: int = Image.Resampling.BICUBIC,
-) -> ImageTransform:
+    draft: bool = True,
+) -> ResizedCropTransform:
     """The paper's train augmentation: random-resized-crop and horizontal flip, then the processor's scaling.
 
     The crop covers a random ``scale`` share of the image with a random aspect ratio in ``ratio`` (the
-    rule of torchvision's ``RandomResizedCrop``), is resized to the processor's crop size and flipped with
-    probability ``flip_probability``; then the processor's rescale and mean/std normalisation apply. The
-    randomness of ``transform(image, index=i, view=v)`` comes from ``(seed, i, v)`` alone.
+    rule of torchvision's ``RandomResizedCrop``), is resampled to the processor's crop size (one PIL
+    resize of the crop's box) and flipped with probability ``flip_probability``; then the processor's
+    rescale and mean/std normalisation apply. The randomness of ``transform(image, index=i, view=v)``
+    comes from ``(seed, i, v)`` alone. With ``draft``, a JPEG so large that even the smallest crop
+    ``scale`` and ``ratio`` allow holds twice the output's pixels is decoded at reduced scale (a 12 MP
+    photo at 1/2 for 224 px and ``scale[0] = 0.08``).
 
     Args:
         image_processor: The model's image processor, or a processor holding one.
@@ -316,9 +582,11 @@ def build_train_transform(
         ratio: Range of the crop's aspect ratio (width / height), ``0 < low <= high``.
         flip_probability: Probability of a horizontal flip, in [0, 1].
         resample: PIL filter of the crop's resize (bicubic, as in the paper).
+        draft: Decode large JPEGs at 1/2, 1/4 or 1/8 scale, never below the resolution the smallest crop
+            needs. ``False`` decodes every image in full.
 
     Returns:
-        An :class:`ImageTransform`, deterministic in ``(seed, index, view)``.
+        A :class:`ResizedCropTransform`, deterministic in ``(seed, index, view)``.
 
     Raises:
         ValueError: for a bad seed, scale, ratio or flip probability, or a processor without a fixed output
@@ -350,4 +618,5 @@ def build_train_transform(
         ratio=(float(ratio[0]), float(ratio[1])),
         flip_probability=float(flip_probability),
         resample=int(resample),
+        draft=draft,
     )
