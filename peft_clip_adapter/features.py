@@ -2,8 +2,9 @@
 
 The CLIP backbone never needs gradients in CLIP-Adapter, yet the reference trainer re-runs it on every
 step. Here ``extract_image_features`` runs it once per image and view (adapters disabled, so the result
-is the raw ``visual_projection`` output) and ``FeatureCache`` keeps the result on disk, so the next run
-with the same model, rows, transform and views skips the backbone altogether::
+is the raw ``visual_projection`` output), fed by DataLoader workers (:mod:`peft_clip_adapter.pipeline`),
+and ``FeatureCache`` keeps the result on disk, so the next run with the same model, rows, transform,
+views and precision skips the backbone altogether::
 
     cache = FeatureCache("feature-cache")
     train = cache.load_or_extract(model, train_split, build_train_transform(processor), views=10)
@@ -28,14 +29,22 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from peft_clip_adapter.data import check_columns, load_image
-from peft_clip_adapter.embeddings import frozen_image_embeddings, model_device, unwrap_model
+from peft_clip_adapter.data import check_columns
+from peft_clip_adapter.embeddings import model_device, unwrap_model
+from peft_clip_adapter.pipeline import (
+    ExtractionSettings,
+    encode_views,
+    resolve_extraction,
+    row_batches,
+    split_batches,
+)
 from peft_clip_adapter.registration import PREFIX
 
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the file layout or the key recipe changes, so old cache files are never misread.
-CACHE_FORMAT_VERSION = 1
+#: 2: views resampled from boxes of the whole image, JPEG draft decoding, precision and view device in the key.
+CACHE_FORMAT_VERSION = 2
 
 # Config entries that name where a model came from rather than what it computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "_commit_hash", "transformers_version")
@@ -46,7 +55,8 @@ class FeatureSet:
     """Pooled image embeddings of ``N`` images under ``V`` views, with their labels.
 
     Args:
-        features: ``[V, N, D]`` float32: ``features[v, i]`` is view ``v`` of image ``i``.
+        features: ``[V, N, D]`` float32 (or float16 / bfloat16, when extracted with ``features_dtype``):
+            ``features[v, i]`` is view ``v`` of image ``i``.
         labels: ``[N]`` int64 class indices.
 
     Raises:
@@ -64,10 +74,10 @@ class FeatureSet:
     labels: torch.Tensor
 
     def __post_init__(self) -> None:
-        if self.features.dim() != 3 or self.features.dtype != torch.float32:
+        if self.features.dim() != 3 or self.features.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(
-                f"features must be a float32 [V, N, D] tensor (views, images, width), got {self.features.dtype} "
-                f"of shape {tuple(self.features.shape)}."
+                f"features must be a float32 [V, N, D] tensor (views, images, width; float16 or bfloat16 when asked "
+                f"for), got {self.features.dtype} of shape {tuple(self.features.shape)}."
             )
         if self.labels.dim() != 1 or self.labels.dtype != torch.int64:
             raise ValueError(
@@ -165,39 +175,6 @@ def _projection_width(model: nn.Module) -> int:
     raise ValueError(f"{type(unwrap_model(model)).__name__} has no `visual_projection` layer.")
 
 
-def _encode_rows(
-    model: nn.Module,
-    images: datasets.Dataset,
-    rows: list[int],
-    transform,
-    *,
-    views: int,
-    image_column: str,
-    batch_size: int,
-    device: torch.device,
-    progress: bool,
-) -> torch.Tensor:
-    """Frozen embeddings ``[V, len(rows), D]`` (float32, CPU) of the given dataset rows."""
-    from tqdm.auto import tqdm
-
-    dtype = next((p.dtype for p in unwrap_model(model).parameters() if p.is_floating_point()), torch.float32)
-    chunks = [torch.empty(views, 0, _projection_width(model))]
-    for start in tqdm(range(0, len(rows), batch_size), desc="Extracting features", disable=not progress):
-        batch = rows[start : start + batch_size]
-        # Decode each image once; the transform gives every view from it.
-        pictures = [load_image(value) for value in images[batch][image_column]]
-        per_view = []
-        for view in range(views):
-            # The row number is the image's index, so view v of row i is the same crop on any process split.
-            pixels = torch.stack(
-                [transform(picture, index=row, view=view) for row, picture in zip(batch, pictures, strict=True)]
-            )
-            embeddings = frozen_image_embeddings(model, pixels.to(device=device, dtype=dtype))  # [B, D]
-            per_view.append(embeddings.float().cpu())
-        chunks.append(torch.stack(per_view))  # [V, B, D]
-    return torch.cat(chunks, dim=1)  # [V, len(rows), D]
-
-
 def _gather_rows(accelerator, local: torch.Tensor, rows: list[int], num_rows: int) -> torch.Tensor:
     """Gather every process's ``[V, n_p, D]`` slice into ``[V, num_rows, D]`` in the original row order."""
     device = accelerator.device
@@ -207,7 +184,7 @@ def _gather_rows(accelerator, local: torch.Tensor, rows: list[int], num_rows: in
     keep = index >= 0  # padding rows carry index -1
     if sorted(index[keep].tolist()) != list(range(num_rows)):
         raise RuntimeError("Gathered feature rows do not cover the dataset exactly once; the processes disagree.")
-    result = torch.empty(num_rows, *features.shape[1:])  # [N, V, D]
+    result = torch.empty(num_rows, *features.shape[1:], dtype=features.dtype)  # [N, V, D]
     result[index[keep]] = features[keep]
     return result.transpose(0, 1).contiguous()  # [V, N, D]
 
@@ -223,15 +200,22 @@ def extract_image_features(
     batch_size: int = 64,
     accelerator=None,
     show_progress: bool = False,
+    num_workers: Optional[int] = None,
+    views_on_device: Optional[bool] = None,
+    mixed_precision: Optional[str] = None,
+    features_dtype: torch.dtype = torch.float32,
 ) -> FeatureSet:
     """Run the frozen image backbone once per row and view; return the raw pooled embeddings.
 
     Adapters are disabled while the backbone runs, so the features are CLIP's own ``visual_projection``
-    output, to which ``CLIPAdapterClassifier`` applies the (trainable) vision adapter.
+    output, to which ``CLIPAdapterClassifier`` applies the (trainable) vision adapter. DataLoader workers
+    decode each image once, with all its views, ahead of the backbone (see :mod:`peft_clip_adapter.pipeline`);
+    the rows are cut into fixed batches by index and processes take whole batches, so the features are
+    bitwise identical for any ``num_workers`` and number of processes.
 
     Args:
         model: A ``PeftModel`` around a CLIP model, or a plain ``CLIPModel`` /
-            ``CLIPVisionModelWithProjection``.
+            ``CLIPVisionModelWithProjection``, in any dtype (``from_pretrained(..., dtype=torch.bfloat16)``).
         dataset: A ``datasets.Dataset`` with an image column and an integer / ``ClassLabel`` label column.
         transform: An ``ImageTransform`` from ``peft_clip_adapter.data``: ``transform(image, index=,
             view=) -> [3, H, W]``; it is called with the row number as ``index``.
@@ -239,17 +223,27 @@ def extract_image_features(
         image_column: Name of the image column.
         label_column: Name of the label column.
         batch_size: Images per backbone forward pass.
-        accelerator: An ``accelerate.Accelerator``: rows are split across its processes
-            (``split_between_processes``) and gathered, so every process returns ALL features, in order.
+        accelerator: An ``accelerate.Accelerator``: whole batches are split across its processes and
+            gathered, so every process returns ALL features, in order. Its ``mixed_precision`` applies.
         show_progress: Show a tqdm bar (on the local main process only).
+        num_workers: DataLoader worker processes per process; ``None`` (default): one per available core,
+            up to 8 (none for a single chunk of rows); 0 decodes in the main process.
+        views_on_device: Make the views on the model's device from the decoded images, with the same boxes
+            as on the CPU (the library's transforms only). ``None`` (default): on a GPU yes, on the CPU no.
+            The two agree to one 8-bit level per pixel.
+        mixed_precision: ``"no"``, ``"bf16"``, ``"fp16"`` (or ``"fp8"``, autocast to bf16): run the backbone
+            under ``torch.autocast``. ``None`` (default): the accelerator's setting, else ``"no"``.
+        features_dtype: Dtype of the returned features: float32 (default), float16 or bfloat16.
 
     Returns:
-        A ``FeatureSet`` with ``[views, len(dataset), D]`` float32 features (on CPU) and the labels.
+        A ``FeatureSet`` with ``[views, len(dataset), D]`` features (on CPU) and the labels.
 
     Raises:
-        ValueError: for ``views`` or ``batch_size`` < 1, a missing column (the message lists the columns
-            there are), an empty dataset, non-integer labels, an unreadable image (named), or a model
-            without ``visual_projection``.
+        ValueError: for ``views`` or ``batch_size`` < 1, a negative ``num_workers``, an unknown
+            ``mixed_precision`` or ``features_dtype``, a missing column (the message lists the columns
+            there are), an empty dataset, non-integer labels, an unreadable image (named, also when a worker
+            read it), or a model without ``visual_projection``.
+        RuntimeError: if a DataLoader worker process died.
 
     Example:
         >>> import tempfile
@@ -260,25 +254,70 @@ def extract_image_features(
         >>> root = write_shapes_dataset(tempfile.mkdtemp(), images_per_class=2)
         >>> dataset = datasets.load_dataset("imagefolder", data_dir=root, split="train")
         >>> transform = build_eval_transform(AutoProcessor.from_pretrained(path).image_processor)
-        >>> feature_set = extract_image_features(CLIPModel.from_pretrained(path), dataset, transform)
+        >>> feature_set = extract_image_features(CLIPModel.from_pretrained(path), dataset, transform, num_workers=0)
         >>> tuple(feature_set.features.shape), feature_set.labels.tolist()
         ((1, 8, 32), [0, 0, 1, 1, 2, 2, 3, 3])
     """
     _check_extraction_args(
         dataset, views=views, batch_size=batch_size, image_column=image_column, label_column=label_column
     )
+    options = dict(num_workers=num_workers, views_on_device=views_on_device, mixed_precision=mixed_precision)
+    settings = _resolve(model, transform, accelerator, features_dtype=features_dtype, **options)
+    return _extract(
+        model,
+        dataset,
+        transform,
+        settings,
+        views=views,
+        image_column=image_column,
+        label_column=label_column,
+        batch_size=batch_size,
+        accelerator=accelerator,
+        show_progress=show_progress,
+    )
+
+
+def _device(model: nn.Module, accelerator) -> torch.device:
+    return accelerator.device if accelerator is not None else model_device(unwrap_model(model))
+
+
+def _resolve(model: nn.Module, transform, accelerator, **options: Any) -> ExtractionSettings:
+    """The extraction settings for this model's device (or the accelerator's), checked."""
+    return resolve_extraction(transform, _device(model, accelerator), accelerator=accelerator, **options)
+
+
+def _extract(
+    model: nn.Module,
+    dataset: datasets.Dataset,
+    transform,
+    settings: ExtractionSettings,
+    *,
+    views: int,
+    image_column: str,
+    label_column: str,
+    batch_size: int,
+    accelerator,
+    show_progress: bool,
+) -> FeatureSet:
     labels = dataset_labels(dataset, label_column)  # [N]
-    images = _undecoded(dataset, image_column)
-    rows = list(range(len(dataset)))
-    device = accelerator.device if accelerator is not None else model_device(unwrap_model(model))
-    progress = show_progress and (accelerator is None or accelerator.is_local_main_process)
-    encode = dict(views=views, image_column=image_column, batch_size=batch_size, device=device, progress=progress)
-    if accelerator is None:
-        return FeatureSet(_encode_rows(model, images, rows, transform, **encode), labels)
-    with accelerator.split_between_processes(rows) as local_rows:  # contiguous, uneven by at most one row
-        local = _encode_rows(model, images, list(local_rows), transform, **encode)  # [V, n_local, D]
-        local_rows = list(local_rows)
-    return FeatureSet(_gather_rows(accelerator, local, local_rows, len(rows)), labels)
+    width = _projection_width(model)
+    batches = split_batches(row_batches(len(dataset), batch_size), accelerator)  # whole batches per process
+    local = encode_views(
+        model,
+        _undecoded(dataset, image_column),
+        batches,
+        transform,
+        views=views,
+        image_column=image_column,
+        device=_device(model, accelerator),
+        settings=settings,
+        width=width,
+        progress=show_progress and (accelerator is None or accelerator.is_local_main_process),
+    )  # [V, n_local, D]
+    if accelerator is None or accelerator.num_processes == 1:
+        return FeatureSet(local, labels)
+    rows = [row for batch in batches for row in batch]
+    return FeatureSet(_gather_rows(accelerator, local, rows, len(dataset)), labels)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -371,10 +410,13 @@ def _key_of(components: dict[str, Any]) -> str:
 class FeatureCache:
     """An on-disk cache of ``FeatureSet`` s, one safetensors file per key, never silently stale.
 
-    The key hashes the model (``model_fingerprint``), the dataset rows (``dataset_fingerprint``), the
-    image and label columns, the transform's ``description`` and the number of views: a change in any
-    of them is a new file. Files are written atomically (temporary file + ``os.replace``) and carry a
-    checksum, so a truncated or damaged file is detected, logged and recomputed.
+    The key hashes the model (``model_fingerprint``, which covers its dtype), the dataset rows
+    (``dataset_fingerprint``), the image and label columns, the transform's ``description`` (which covers
+    how it decodes), the number of views, where the views are made (CPU or device), the autocast dtype and
+    the stored dtype: a change in any of them is a new file. The number of DataLoader workers and of
+    processes is not in the key: it does not change the features. Files are written atomically (temporary
+    file + ``os.replace``) and carry a checksum, so a truncated or damaged file is detected, logged and
+    recomputed.
 
     Args:
         cache_dir: Folder for the cache files (created when first written).
@@ -416,6 +458,7 @@ class FeatureCache:
         views: int,
         image_column: str = "image",
         label_column: str = "label",
+        settings: Optional[ExtractionSettings] = None,
     ) -> dict[str, Any]:
         """What the cache key is made of (also stored, readable, in each file's metadata).
 
@@ -426,9 +469,12 @@ class FeatureCache:
             views: Augmented views per image.
             image_column: Name of the image column.
             label_column: Name of the label column.
+            settings: How extraction runs (``peft_clip_adapter.pipeline.resolve_extraction``); ``None``: views
+                on the CPU, no autocast, float32 features.
 
         Returns:
-            ``{"format", "model", "dataset", "image_column", "label_column", "transform", "views"}``.
+            ``{"format", "model", "dataset", "image_column", "label_column", "transform", "views",
+            "views_made_on", "autocast", "features_dtype"}``.
 
         Raises:
             ValueError: if ``transform`` has no ``description`` string to identify it.
@@ -456,6 +502,7 @@ class FeatureCache:
             "label_column": label_column,
             "transform": description,
             "views": views,
+            **(settings or ExtractionSettings(False, "no", torch.float32, 0)).key_components(),
         }
 
     def key(self, model: nn.Module, dataset: datasets.Dataset, transform, **kwargs: Any) -> str:
@@ -465,7 +512,8 @@ class FeatureCache:
             model: As ``key_components``.
             dataset: As ``key_components``.
             transform: As ``key_components``.
-            **kwargs: ``views`` (required), ``image_column``, ``label_column``, as ``key_components``.
+            **kwargs: ``views`` (required), ``image_column``, ``label_column``, ``settings``, as
+                ``key_components``.
 
         Returns:
             32 lowercase hex digits.
@@ -570,12 +618,18 @@ class FeatureCache:
         batch_size: int = 64,
         accelerator=None,
         show_progress: bool = False,
+        num_workers: Optional[int] = None,
+        views_on_device: Optional[bool] = None,
+        mixed_precision: Optional[str] = None,
+        features_dtype: torch.dtype = torch.float32,
     ) -> FeatureSet:
         """The features of ``extract_image_features`` (same arguments), from disk when already computed.
 
         With an ``accelerator``, every process must call this; extraction (when needed) is shared across
         them, the local main process writes the file, and every process returns all features.
-        ``last_hit`` and ``last_path`` then say whether the file was reused and which file it is.
+        ``last_hit`` and ``last_path`` then say whether the file was reused and which file it is. The file
+        is written only once extraction has finished: an interrupted run (Ctrl-C, a dead worker) leaves
+        no file behind, whole or partial.
 
         Args:
             model: As ``extract_image_features``.
@@ -587,19 +641,26 @@ class FeatureCache:
             batch_size: As ``extract_image_features``.
             accelerator: As ``extract_image_features``.
             show_progress: As ``extract_image_features``.
+            num_workers: As ``extract_image_features`` (not part of the key).
+            views_on_device: As ``extract_image_features``.
+            mixed_precision: As ``extract_image_features``.
+            features_dtype: As ``extract_image_features``.
 
         Returns:
             The ``FeatureSet`` (``[views, len(dataset), D]`` features and ``[len(dataset)]`` labels).
 
         Raises:
             ValueError: as ``extract_image_features``, or for a transform without ``description``.
+            RuntimeError: if a DataLoader worker process died (no file is written).
 
         Example:
             See the class example.
         """
         columns = {"views": views, "image_column": image_column, "label_column": label_column}
         _check_extraction_args(dataset, batch_size=batch_size, **columns)
-        components = self.key_components(model, dataset, transform, **columns)
+        options = dict(num_workers=num_workers, views_on_device=views_on_device, mixed_precision=mixed_precision)
+        settings = _resolve(model, transform, accelerator, features_dtype=features_dtype, **options)
+        components = self.key_components(model, dataset, transform, settings=settings, **columns)
         key = _key_of(components)
         cached = self.load(key)
         hit = cached is not None
@@ -611,10 +672,11 @@ class FeatureCache:
         if hit:
             logger.info("Loaded %d x %d cached image features from %s", views, len(dataset), self.last_path)
             return cached
-        feature_set = extract_image_features(
+        feature_set = _extract(
             model,
             dataset,
             transform,
+            settings,
             batch_size=batch_size,
             accelerator=accelerator,
             show_progress=show_progress,

@@ -96,7 +96,8 @@ def test_extracts_raw_embeddings_of_every_view_in_row_order(tiny_clip_path, shap
     torch.testing.assert_close(accelerated.features, feature_set.features, atol=1e-5, rtol=1e-5)
 
 
-# Run by each of two gloo processes: extract then reload 9 rows (split 5 + 4) and save what it got.
+# Run by each of two gloo processes: extract then reload 9 rows (whole batches of 2: rows 0-5 and 6-8, each
+# process with two DataLoader workers) and save what it got.
 _WORKER = """
 import sys, datasets, torch
 from accelerate import Accelerator
@@ -113,7 +114,9 @@ assert accelerator.num_processes == 2, "expected two processes"
 dataset = datasets.load_dataset("imagefolder", data_dir=data_dir, split="train").select(range(9))
 model = get_peft_model(CLIPModel.from_pretrained(model_path), peft_clip_adapter.CLIPAdapterConfig())
 cache = FeatureCache(cache_dir)
-first = cache.load_or_extract(model, dataset, ViewTransform(), views=2, batch_size=2, accelerator=accelerator)
+first = cache.load_or_extract(
+    model, dataset, ViewTransform(), views=2, batch_size=2, accelerator=accelerator, num_workers=2
+)
 again = cache.load_or_extract(model, dataset, ViewTransform(), views=2, accelerator=accelerator)
 result = {"features": first.features, "reloaded": again.features, "hit": cache.last_hit}
 torch.save(result, f"{out_dir}/rank{accelerator.process_index}.pt")
@@ -149,9 +152,18 @@ def test_two_processes_each_get_all_features_in_order(tiny_clip_path, tmp_path):
 
     dataset = datasets.load_dataset("imagefolder", data_dir=data_dir, split="train").select(range(9))
     expected = _expected_features(CLIPModel.from_pretrained(tiny_clip_path), dataset, ViewTransform(), 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the processes ran: the same batches then give the same bits
+    try:
+        one_process = extract_image_features(
+            CLIPModel.from_pretrained(tiny_clip_path), dataset, ViewTransform(), views=2, batch_size=2, num_workers=0
+        ).features
+    finally:
+        torch.set_num_threads(threads)
     for rank in (0, 1):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(result["features"], expected, atol=1e-5, rtol=1e-5)
+        assert torch.equal(result["features"], one_process)  # bitwise: 2 processes x 2 workers = 1 process
         assert torch.equal(result["reloaded"], result["features"]) and result["hit"] is True
     assert len(list((tmp_path / "cache").iterdir())) == 1
 

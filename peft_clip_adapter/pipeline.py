@@ -1,0 +1,488 @@
+"""The input pipeline of feature extraction: DataLoader workers decode each image once and make its views.
+
+``extract_image_features`` hands the frozen backbone ``V`` views of ``N`` images. Decoding and augmenting
+them in the main process, between forward passes, leaves a GPU idle most of the time, so here:
+
+- Rows are cut into fixed batches by index (batch ``b`` is rows ``[b*B, (b+1)*B)``); Accelerate
+  processes take whole batches, and every forward pass is view ``v`` of one whole batch. The backbone
+  therefore sees the same inputs for any number of workers and processes, and the features are
+  bitwise identical (:func:`row_batches`, :func:`split_batches`).
+- A torch ``DataLoader`` with ``num_workers`` processes (default: :func:`default_num_workers`) reads
+  chunks of a batch ahead of the backbone; a worker decodes an image once and returns all its views.
+  On CUDA the chunks come in pinned memory and are copied without blocking.
+- With a :class:`~peft_clip_adapter.transforms.ResizedCropTransform` (the library's train and eval
+  transforms), the views can be made on the accelerator (``views_on_device``): the worker only decodes
+  (a large JPEG at reduced scale) and :func:`~peft_clip_adapter.resample.render_views` resamples the same
+  boxes there. Otherwise workers make the 8-bit views with PIL. Either way the views are normalised by
+  the same table look-up, on the device.
+- The backbone runs under ``torch.autocast`` when mixed precision is asked for (Accelerate's
+  ``--mixed_precision``); the features are stored as ``features_dtype`` (float32 by default).
+
+A worker's error reaches the caller as the same ``ValueError`` the main process would raise (naming the
+unreadable file), not as a worker traceback; a worker that dies is reported as such, and nothing is
+cached from an interrupted extraction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import datasets
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from peft_clip_adapter.embeddings import frozen_image_embeddings, unwrap_model
+from peft_clip_adapter.images import load_image
+from peft_clip_adapter.resample import ViewBatch, render_views, supports_filter
+from peft_clip_adapter.transforms import ResizedCropTransform
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AUTOCAST_DTYPES",
+    "ExtractionSettings",
+    "default_num_workers",
+    "device_views_possible",
+    "encode_views",
+    "resolve_extraction",
+    "row_batches",
+    "split_batches",
+]
+
+#: Accelerate's ``mixed_precision`` values and the dtype extraction autocasts to (fp8, as Accelerate does
+#: for the operations it does not run in fp8, autocasts to bf16).
+AUTOCAST_DTYPES: dict[str, Optional[torch.dtype]] = {
+    "no": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp8": torch.bfloat16,
+}
+#: Dtypes a feature cache may store.
+FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Rows per DataLoader item: small enough to spread a batch over the workers and to keep few megabytes in
+#: flight, fixed (never derived from the worker count) so that the work done per item never depends on it.
+CHUNK_ROWS = 8
+#: Workers at most by default: beyond this, decoding outruns any single backbone.
+MAX_DEFAULT_WORKERS = 8
+
+
+def default_num_workers() -> int:
+    """DataLoader workers per process by default: the cores this process may use, shared among local processes.
+
+    ``len(os.sched_getaffinity(0))`` cores (what a container or ``taskset`` grants), divided by
+    ``LOCAL_WORLD_SIZE`` (the processes Accelerate launched on this machine), at least 1 and at most 8.
+
+    Returns:
+        The worker count.
+
+    Example:
+        >>> 1 <= default_num_workers() <= 8
+        True
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(MAX_DEFAULT_WORKERS, cores // local_processes))
+
+
+def row_batches(num_rows: int, batch_size: int) -> list[list[int]]:
+    """The fixed batches of extraction: batch ``b`` holds rows ``[b * batch_size, (b + 1) * batch_size)``.
+
+    Args:
+        num_rows: Rows of the dataset.
+        batch_size: Rows per backbone forward pass.
+
+    Returns:
+        The batches, each a list of row indices, in order.
+
+    Example:
+        >>> row_batches(5, 2)
+        [[0, 1], [2, 3], [4]]
+    """
+    return [list(range(start, min(start + batch_size, num_rows))) for start in range(0, num_rows, batch_size)]
+
+
+def split_batches(batches: list[list[int]], accelerator=None) -> list[list[int]]:
+    """This process's share of ``batches``: whole batches, contiguous, as Accelerate splits a list.
+
+    Args:
+        batches: From :func:`row_batches`.
+        accelerator: An ``accelerate.Accelerator``, or ``None`` (one process: all batches).
+
+    Returns:
+        The batches this process encodes (maybe none, with more processes than batches).
+
+    Example:
+        >>> split_batches(row_batches(5, 2))
+        [[0, 1], [2, 3], [4]]
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return batches
+    with accelerator.split_between_processes(list(range(len(batches)))) as mine:
+        return [batches[index] for index in mine]
+
+
+@dataclass(frozen=True)
+class ExtractionSettings:
+    """How extraction runs: the parts that change the features, and the worker count (which does not).
+
+    Args:
+        views_on_device: Make the views on the model's device from decoded images (else PIL in workers).
+        mixed_precision: ``"no"``, ``"bf16"``, ``"fp16"`` or ``"fp8"`` (autocast of the backbone).
+        features_dtype: Dtype the features are returned (and cached) in.
+        num_workers: DataLoader worker processes (0: decode in the main process).
+
+    Example:
+        >>> settings = ExtractionSettings(False, "bf16", torch.float32, 2)
+        >>> settings.key_components()
+        {'views_made_on': 'cpu', 'autocast': 'bfloat16', 'features_dtype': 'float32'}
+    """
+
+    views_on_device: bool
+    mixed_precision: str
+    features_dtype: torch.dtype
+    num_workers: int
+
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        """The dtype the backbone autocasts to, or ``None``.
+
+        Returns:
+            ``torch.bfloat16``, ``torch.float16`` or ``None``.
+
+        Example:
+            >>> ExtractionSettings(False, "fp8", torch.float32, 0).autocast_dtype
+            torch.bfloat16
+        """
+        return AUTOCAST_DTYPES[self.mixed_precision]
+
+    def key_components(self) -> dict[str, str]:
+        """What of these settings enters a feature-cache key: all that changes the features, not the workers.
+
+        Returns:
+            ``{"views_made_on", "autocast", "features_dtype"}``.
+
+        Example:
+            See the class example.
+        """
+        autocast = self.autocast_dtype
+        return {
+            "views_made_on": "device" if self.views_on_device else "cpu",
+            "autocast": "no" if autocast is None else str(autocast).removeprefix("torch."),
+            "features_dtype": str(self.features_dtype).removeprefix("torch."),
+        }
+
+
+def _check_num_workers(num_workers: Any) -> None:
+    if num_workers is not None and (
+        isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0
+    ):
+        raise ValueError(
+            f"num_workers={num_workers!r} must be an integer >= 0 (0 decodes in the main process) or None "
+            "(one worker per available core, up to 8)."
+        )
+
+
+def device_views_possible(transform: Any) -> bool:
+    """Whether ``transform``'s views can be made on the accelerator (:func:`render_views` reproduces them).
+
+    Args:
+        transform: An image transform.
+
+    Returns:
+        ``True`` for a :class:`~peft_clip_adapter.transforms.ResizedCropTransform` with a fixed output size
+        and a filter :func:`~peft_clip_adapter.resample.supports_filter` knows.
+
+    Example:
+        >>> device_views_possible(len)
+        False
+    """
+    return (
+        isinstance(transform, ResizedCropTransform)
+        and transform.output_size is not None
+        and supports_filter(transform.resample)
+    )
+
+
+def resolve_extraction(
+    transform: Any,
+    device: torch.device,
+    *,
+    num_workers: Optional[int] = None,
+    views_on_device: Optional[bool] = None,
+    mixed_precision: Optional[str] = None,
+    features_dtype: torch.dtype = torch.float32,
+    accelerator=None,
+) -> ExtractionSettings:
+    """Check the extraction options and fill in their defaults for this transform, device and accelerator.
+
+    Args:
+        transform: The image transform.
+        device: Where the backbone runs.
+        num_workers: DataLoader workers; ``None``: :func:`default_num_workers`.
+        views_on_device: ``None``: on the device when it is an accelerator and the transform allows it.
+        mixed_precision: ``None``: the accelerator's ``mixed_precision``, else ``"no"``.
+        features_dtype: float32 (default), float16 or bfloat16.
+        accelerator: An ``accelerate.Accelerator``, or ``None``.
+
+    Returns:
+        The :class:`ExtractionSettings` (``num_workers`` still ``-1`` for "default": the loader picks it,
+        knowing how many chunks there are).
+
+    Raises:
+        ValueError: for a negative or non-integer ``num_workers``, an unknown ``mixed_precision`` or
+            ``features_dtype``, or ``views_on_device=True`` with a transform that cannot.
+
+    Example:
+        >>> resolve_extraction(len, torch.device("cpu"), num_workers=0, mixed_precision="bf16")
+        ExtractionSettings(views_on_device=False, mixed_precision='bf16', features_dtype=torch.float32, num_workers=0)
+    """
+    _check_num_workers(num_workers)
+    if mixed_precision is None:
+        mixed_precision = str(getattr(accelerator, "mixed_precision", "no") or "no")
+    if mixed_precision not in AUTOCAST_DTYPES:
+        raise ValueError(
+            f"mixed_precision={mixed_precision!r} must be one of {list(AUTOCAST_DTYPES)} (Accelerate's names)."
+        )
+    if features_dtype not in FEATURE_DTYPES:
+        raise ValueError(
+            f"features_dtype={features_dtype!r} must be one of {[str(d) for d in FEATURE_DTYPES]}; the cache "
+            "stores float32 unless asked for half the size."
+        )
+    possible = device_views_possible(transform)
+    if views_on_device and not possible:
+        raise ValueError(
+            f"views_on_device=True needs a transform whose views the device can make: {transform!r} is not one. "
+            "Use build_train_transform / build_eval_transform (a fixed output size and a PIL filter other than "
+            "the MKS kernels), or views_on_device=False."
+        )
+    if views_on_device is None:
+        views_on_device = possible and device.type != "cpu"
+    return ExtractionSettings(
+        views_on_device=bool(views_on_device),
+        mixed_precision=mixed_precision,
+        features_dtype=features_dtype,
+        num_workers=-1 if num_workers is None else num_workers,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What the workers do
+
+
+@dataclass
+class _Failure:
+    """A ``ValueError`` raised in a worker, passed back as data so the caller sees its own message."""
+
+    message: str
+
+
+@dataclass
+class _Chunk:
+    """Up to ``CHUNK_ROWS`` rows of one batch: their views (``[V, k, ...]`` per model input) or decoded images."""
+
+    rows: list[int]
+    views: Optional[dict[str, torch.Tensor]] = None
+    images: Optional[ViewBatch] = None
+
+    def pin_memory(self) -> _Chunk:
+        views = None if self.views is None else {key: value.pin_memory() for key, value in self.views.items()}
+        return _Chunk(self.rows, views, None if self.images is None else self.images.pin_memory())
+
+
+class _Rows(Dataset):
+    """Item ``row``: that image, decoded once, with all its views (or, for device views, the decoded image)."""
+
+    def __init__(
+        self,
+        images: datasets.Dataset,
+        image_column: str,
+        transform: Any,
+        *,
+        views: int,
+        views_on_device: bool,
+        normalise: bool,
+    ) -> None:
+        self.images, self.image_column, self.transform = images, image_column, transform
+        self.views, self.views_on_device, self.normalise = range(views), views_on_device, normalise
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, row: int) -> Union[tuple[int, Any], _Failure]:
+        try:
+            value = self.images[row][self.image_column]
+            transform = self.transform
+            if self.views_on_device:
+                decoded = transform.decode(value)
+                pixels = torch.from_numpy(np.array(decoded.image)).permute(2, 0, 1).contiguous()  # [3, h, w]
+                return row, (pixels, transform.view_boxes(decoded, index=row, views=self.views))
+            if isinstance(transform, ResizedCropTransform):
+                crops = transform.crops(value, index=row, views=self.views)  # [V, 3, H, W] uint8
+                return row, {"pixel_values": transform.normalise(crops) if self.normalise else crops}
+            image = load_image(value)
+            outputs = [transform(image, index=row, view=view) for view in self.views]
+            if isinstance(outputs[0], dict):  # model inputs by name (e.g. a processor's several tensors)
+                return row, {key: torch.stack([output[key] for output in outputs]) for key in outputs[0]}
+            return row, {"pixel_values": torch.stack(outputs)}  # [V, 3, H, W]
+        except ValueError as error:
+            return _Failure(str(error))
+
+
+def _collate(items: list[Union[tuple[int, Any], _Failure]]) -> Union[_Chunk, _Failure]:
+    failure = next((item for item in items if isinstance(item, _Failure)), None)
+    if failure is not None:
+        return failure
+    rows = [row for row, _ in items]
+    payloads = [payload for _, payload in items]
+    if isinstance(payloads[0], tuple):  # device views: decoded images and their boxes
+        return _Chunk(rows, images=ViewBatch.collate([image for image, _ in payloads], [box for _, box in payloads]))
+    return _Chunk(rows, views={key: torch.stack([p[key] for p in payloads], dim=1) for key in payloads[0]})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The main process
+
+
+@contextlib.contextmanager
+def _worker_faults() -> Iterator[None]:
+    """Turn DataLoader's own messages about a dead worker into one that says what it means here."""
+    try:
+        yield
+    except RuntimeError as error:
+        if "DataLoader worker" not in str(error):
+            raise
+        raise RuntimeError(
+            f"A DataLoader worker decoding images for feature extraction died ({error}); no features were cached. "
+            "If it ran out of memory, lower num_workers (--dataloader_num_workers) or the batch size; "
+            "num_workers=0 decodes in the main process."
+        ) from error
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in unwrap_model(model).parameters() if p.is_floating_point()), torch.float32)
+
+
+def encode_views(
+    model: nn.Module,
+    images: datasets.Dataset,
+    batches: Sequence[Sequence[int]],
+    transform: Any,
+    *,
+    views: int,
+    image_column: str,
+    device: torch.device,
+    settings: ExtractionSettings,
+    width: int,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Frozen embeddings of every view of the rows of ``batches``: ``[V, rows, D]`` on the CPU.
+
+    Args:
+        model: The CLIP model (or ``PeftModel``); its adapters are disabled while it runs.
+        images: The dataset, with ``image_column`` undecoded (``{"path", "bytes"}``).
+        batches: This process's batches (:func:`split_batches`), in order.
+        transform: The image transform; ``transform(image, index=row, view=v)``.
+        views: Views per image.
+        image_column: The image column's name.
+        device: Where the backbone runs.
+        settings: From :func:`resolve_extraction`.
+        width: The embedding width ``D``.
+        progress: Show a tqdm bar.
+
+    Returns:
+        ``[V, sum(len(b) for b in batches), D]`` in ``settings.features_dtype``; row ``i`` is the ``i``-th row
+        of the concatenated batches.
+
+    Raises:
+        ValueError: the first error a worker met (an unreadable image, named), in row order.
+        RuntimeError: if a worker process died.
+
+    Example:
+        See ``peft_clip_adapter.features.extract_image_features``, which calls it.
+    """
+    from tqdm.auto import tqdm
+
+    chunks = [
+        list(batch[start : start + CHUNK_ROWS]) for batch in batches for start in range(0, len(batch), CHUNK_ROWS)
+    ]
+    workers = settings.num_workers
+    if workers < 0:  # the default: workers only pay off with something to overlap
+        workers = 0 if len(chunks) < 2 else min(default_num_workers(), len(chunks))
+    logger.info(
+        "Extracting %d view(s) of %d images with %d DataLoader worker(s); views made on the %s, autocast %s",
+        views,
+        sum(len(batch) for batch in batches),
+        workers,
+        "device" if settings.views_on_device else "CPU",
+        settings.mixed_precision,
+    )
+    # On an accelerator the look-up table normalises on the device (the workers ship 8-bit pixels, a quarter
+    # of the bytes); on the CPU the workers do it, in parallel. The table gives the same bits either way.
+    normalise_in_workers = device.type == "cpu"
+    dataset = _Rows(
+        images,
+        image_column,
+        transform,
+        views=views,
+        views_on_device=settings.views_on_device,
+        normalise=normalise_in_workers,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_sampler=chunks,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers else None,
+    )
+    total = sum(len(batch) for batch in batches)
+    features = torch.empty(views, total, width, dtype=settings.features_dtype, device=device)  # [V, n, D]
+    model_dtype = _model_dtype(model)
+    autocast = settings.autocast_dtype
+    pending: list[dict[str, torch.Tensor]] = []  # the current batch's chunks, on the device
+    filled, batch_index, done = 0, 0, 0
+    bar = tqdm(total=total, desc="Extracting features", disable=not progress)
+    iterator = iter(loader)
+    try:
+        with _worker_faults():
+            for chunk in iterator:
+                if isinstance(chunk, _Failure):
+                    raise ValueError(chunk.message)
+                pending.append(_on_device(chunk, transform, device, settings))
+                filled += len(chunk.rows)
+                if filled < len(batches[batch_index]):
+                    continue
+                inputs = {key: torch.cat([part[key] for part in pending], dim=1) for key in pending[0]}  # [V, B, ...]
+                for view in range(views):
+                    view_inputs = {key: value[view] for key, value in inputs.items()}
+                    if view_inputs["pixel_values"].dtype == torch.uint8:  # 8-bit views: normalise here
+                        view_inputs["pixel_values"] = transform.normalise(view_inputs["pixel_values"])
+                    view_inputs = {
+                        key: value.to(model_dtype) if value.is_floating_point() else value
+                        for key, value in view_inputs.items()
+                    }
+                    with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
+                        embeddings = frozen_image_embeddings(model, **view_inputs)  # [B, D]
+                    features[view, done : done + filled] = embeddings.to(settings.features_dtype)
+                done += filled
+                bar.update(filled)
+                pending, filled, batch_index = [], 0, batch_index + 1
+    finally:
+        bar.close()
+        del iterator  # stops the workers now, not when the caller's traceback lets go of this frame
+    return features.cpu()
+
+
+def _on_device(chunk: _Chunk, transform: Any, device: torch.device, settings: ExtractionSettings) -> dict:
+    """The chunk's views on ``device``: ``{input name: [V, k, ...]}``, made there from decoded images if asked."""
+    if chunk.images is not None:
+        images = chunk.images.to(device, non_blocking=True)
+        return {"pixel_values": render_views(images, output_size=transform.output_size, resample=transform.resample)}
+    return {key: value.to(device, non_blocking=True) for key, value in chunk.views.items()}
