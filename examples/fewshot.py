@@ -38,6 +38,11 @@ reference code. ``--end_to_end`` trains through the full PEFT model instead (the
 every step) on the same views, and gives the same adapter to float tolerance. Evaluation always runs on
 the cached eval features: the eval transform is deterministic, so that equals running the full model.
 
+Feature extraction: DataLoader workers (``--dataloader_num_workers``, default one per available core, up
+to 8) decode each image once and make its views; on a GPU the views are made on the device. On a GPU,
+``--torch_dtype bfloat16`` loads the backbone in bf16 and ``accelerate launch --mixed_precision bf16``
+autocasts it; the cached features stay float32 either way.
+
 Batches: the sampler is seeded (``--seed``) and the last incomplete batch is dropped (as in CoOp)
 whenever the training set holds at least one global batch, so 2 processes x 8 images and 1 process x 16
 images see the same global batches and train the same adapter.
@@ -81,7 +86,7 @@ from peft_clip_adapter.data import (
     load_image_classification_data,
     sample_few_shot,
 )
-from peft_clip_adapter.embeddings import frozen
+from peft_clip_adapter.embeddings import frozen, unwrap_model
 from peft_clip_adapter.features import FeatureCache, FeatureSet, dataset_labels
 from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset
 from peft_clip_adapter.templates import DATASET_TEMPLATES, templates_for
@@ -106,7 +111,7 @@ RUN_SETTINGS = (
     "label_column_name", "train_val_split", "shots", "ratio", "reduction", "adapt", "templates", "views",
     "min_crop_scale", "end_to_end", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
     "learning_rate", "momentum", "weight_decay", "lr_scheduler_type", "num_warmup_steps", "warmup_learning_rate",
-    "seed",
+    "seed", "torch_dtype",
 )  # fmt: skip
 
 
@@ -119,6 +124,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     data = parser.add_argument_group("model and data (none of them: the offline default)")
     data.add_argument("--model_name_or_path", default=None, help="A CLIP checkpoint (Hub id or folder).")
+    data.add_argument(
+        "--torch_dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="Dtype to load the frozen backbone in (auto: the checkpoint's). The adapter trains in float32.",
+    )
     data.add_argument("--dataset_name", default=None, help="A Hub dataset id (or a local dataset script/folder).")
     data.add_argument("--dataset_config_name", default=None, help="The dataset's configuration name.")
     data.add_argument("--train_dir", default=None, help="An image folder with one sub-folder per class.")
@@ -157,7 +168,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=None,
         help=f"Default: a global batch of {GLOBAL_BATCH_SIZE}.",
     )
-    train.add_argument("--per_device_eval_batch_size", type=int, default=256)
+    train.add_argument(
+        "--per_device_eval_batch_size", type=int, default=256, help="Images per backbone pass when extracting."
+    )
+    train.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=None,
+        help="Processes decoding images for feature extraction; 0 decodes in the main process. "
+        "Default: one per available core (shared among local processes), up to 8.",
+    )
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--learning_rate", type=float, default=None, help="Peak SGD learning rate (paper: 2e-3).")
     train.add_argument("--momentum", type=float, default=0.9)
@@ -237,6 +257,11 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--train_val_split must be in (0, 1), got {args.train_val_split}.")
     if args.num_warmup_steps is not None and args.num_warmup_steps < 0:
         raise ValueError(f"--num_warmup_steps must be >= 0, got {args.num_warmup_steps}.")
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+        raise ValueError(
+            f"--dataloader_num_workers must be >= 0 (0 decodes images in the main process), got "
+            f"{args.dataloader_num_workers}."
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -305,7 +330,7 @@ def _build_once(target: Path, build) -> None:
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     """The frozen CLIP with an adapter on --adapt, and its processor (tokenizer + image processor)."""
-    model = AutoModel.from_pretrained(args.model_name_or_path)
+    model = AutoModel.from_pretrained(args.model_name_or_path, dtype=args.torch_dtype)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     found = {name.rpartition(".")[2] for name in peft_clip_adapter.projection_modules(model)}
     missing = sorted({"text_projection", "visual_projection"} - found)
@@ -402,7 +427,8 @@ class EndToEndHead(nn.Module):
         self._peft_model = (peft_model,)  # a tuple: not registered as a submodule (see above)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        output = self._peft_model[0].get_image_features(pixel_values=pixel_values)
+        backbone = self._peft_model[0]
+        output = backbone.get_image_features(pixel_values=pixel_values.to(backbone.dtype))  # a bf16 backbone too
         features = output if isinstance(output, torch.Tensor) else output.pooler_output  # [B, D], adapted
         features = F.normalize(features.float(), dim=-1)  # [B, D]
         return self.classifier.logit_scale.exp() * features @ self.classifier.text_weights()  # [B, C]
@@ -466,13 +492,14 @@ def make_batch_inputs(
     if not args.end_to_end:
         return lambda rows, view: train_set.features[view, rows.cpu()]  # [B, D]
     images = train_dataset.select_columns([args.image_column_name])
+    if isinstance(images.features[args.image_column_name], datasets.Image):
+        # Undecoded, so that the transform reads each file itself, decoding as the feature cache does.
+        images = images.cast_column(args.image_column_name, datasets.Image(decode=False))
 
     def pixels(rows: torch.Tensor, view: int) -> torch.Tensor:
         indices = rows.tolist()
         pictures = images[indices][args.image_column_name]
-        crops = [
-            transform(load_image(image), index=row, view=view) for row, image in zip(indices, pictures, strict=True)
-        ]
+        crops = [transform(image, index=row, view=view) for row, image in zip(indices, pictures, strict=True)]
         return torch.stack(crops)  # [B, 3, H, W]
 
     return pixels
@@ -696,6 +723,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "batch_size": args.per_device_eval_batch_size,
         "accelerator": accelerator,
         "show_progress": True,
+        "num_workers": args.dataloader_num_workers,  # the mixed precision comes from the accelerator
     }
     train_transform = build_train_transform(
         processor.image_processor, seed=args.seed, scale=(args.min_crop_scale, 1.0)
@@ -802,6 +830,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "templates": templates,
         "end_to_end": args.end_to_end,
         "num_processes": num_processes,
+        "torch_dtype": str(unwrap_model(peft_model).dtype).removeprefix("torch."),
+        "mixed_precision": accelerator.mixed_precision,
+        "dataloader_num_workers": args.dataloader_num_workers,
         "model_name_or_path": args.model_name_or_path,
         "dataset": dataset,
     }
