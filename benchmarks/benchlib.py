@@ -272,3 +272,66 @@ def memory_bytes(device: str) -> tuple[int, int]:
     fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
     kib = {name: int(fields[name].split()[0]) for name in ("VmRSS", "VmHWM")}
     return kib["VmRSS"] * 1024, kib["VmHWM"] * 1024
+
+
+class GpuUtilisation:
+    """The GPU's utilisation while a block runs, sampled in a thread: NVML (``torch.cuda.utilization``) or
+    ``nvidia-smi`` every ``interval`` seconds. On a CPU ``mean`` stays ``None``.
+
+    Example:
+        >>> with GpuUtilisation("cpu") as gpu:
+        ...     pass
+        >>> gpu.mean is None, gpu.samples
+        (True, [])
+    """
+
+    def __init__(self, device: str, interval: float = 0.25) -> None:
+        self.device, self.interval = device, interval
+        self.samples: list[float] = []
+        self.source: str | None = None
+        self._stop = None
+        self._thread = None
+
+    def _read(self) -> float | None:
+        if self.source in (None, "nvml"):
+            try:
+                value = float(torch.cuda.utilization(self.device))
+                self.source = "nvml"
+                return value
+            except Exception:  # no pynvml / NVML: fall back to nvidia-smi
+                self.source = "nvidia-smi"
+        import subprocess
+
+        index = torch.device(self.device).index or 0
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", str(index)]
+        try:
+            return float(subprocess.run(query, capture_output=True, text=True, timeout=5).stdout.strip())
+        except (OSError, ValueError, subprocess.SubprocessError):
+            self.source = "unavailable"
+            return None
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            value = self._read()
+            if value is None:
+                return
+            self.samples.append(value)
+
+    def __enter__(self) -> GpuUtilisation:
+        if self.device.startswith("cuda"):
+            import threading
+
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        """Mean utilisation in percent over the samples, or ``None`` without samples."""
+        return statistics.fmean(self.samples) if self.samples else None

@@ -12,6 +12,9 @@ TARGETS = {
     "ours_over_floor": "<= 1.25",
     "reference_over_ours": ">= 20 at 10 views",
     "cached_training_over_inference_memory": "<= 1.1",
+    "workers_speedup": ">= 1.7",
+    "cpu_ms_per_train_view": "<= 1.5",
+    "big_jpeg_views_speedup": ">= 4",
 }
 
 ALTERNATIVES = {"lora": "LoRA r=8 (vision q/v)", "full": "full fine-tuning (vision tower)"}
@@ -51,6 +54,8 @@ def ratio_rows(arch: str, result: dict[str, Any]) -> list[list[Any]]:
                     TARGETS["reference_over_ours"],
                 ],
             ]
+        if "extraction_over_floor" in adapter:
+            rows.append([arch, "ours, extraction alone / floor (measured)", adapter["extraction_over_floor"], ""])
     for name, label in ALTERNATIVES.items():
         if "alternatives" in result:
             entry = result["alternatives"][name]
@@ -89,6 +94,10 @@ def detail_rows(arch: str, result: dict[str, Any]) -> list[list[Any]]:
             [arch, f"ours: training on cached features, {adapter['epochs']} epochs", ours["training_s"]],
             [arch, "floor: one bare forward pass over images x views", adapter["floor_s"]],
         ]
+        utilisation = adapter.get("gpu_utilisation_percent") or {}
+        if utilisation.get("extraction") is not None:
+            what = "GPU utilisation %: extraction / training (sampled)"
+            rows.append([arch, what, f"{utilisation['extraction']:.0f} / {utilisation['training'] or 0:.0f}"])
     if "alternatives" in result:
         alternatives = result["alternatives"]
         rows.append([arch, "ours: one epoch on cached features", alternatives["ours_epoch_s"]])
@@ -112,12 +121,89 @@ def detail_rows(arch: str, result: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def pipeline_ratio_rows(pipeline: dict[str, Any]) -> list[list[Any]]:
+    """``[ratio, value, target]`` rows of the input-pipeline section.
+
+    Example:
+        >>> costs = {"500x375": {"train_cpu_views_ms_per_view": 1.2, "train_device_views_cpu_ms_per_view": 0.3,
+        ...          "eval_speedup": 1.0}, "12MP": {"train_views_speedup_cpu_views": 3.0,
+        ...          "train_views_speedup_device_views": 6.0, "eval_speedup": 2.5}}
+        >>> throughput = {"workers_speedup": 1.8, "workers_compared": [0, 2]}
+        >>> pipeline_ratio_rows({"views": 10, "costs": costs, "throughput": throughput})[0]
+        ['extraction images/s, 2 workers / 0 (tiny 224-px backbone, CPU views)', 1.8, '>= 1.7']
+    """
+    costs, throughput, views = pipeline["costs"], pipeline["throughput"], pipeline["views"]
+    fewest, most = throughput["workers_compared"]
+    small, big = costs["500x375"], costs["12MP"]
+    per_view, big_views = TARGETS["cpu_ms_per_train_view"], TARGETS["big_jpeg_views_speedup"]
+    return [
+        [
+            f"extraction images/s, {most} workers / {fewest} (tiny 224-px backbone, CPU views)",
+            throughput["workers_speedup"],
+            TARGETS["workers_speedup"],
+        ],
+        ["CPU ms per training view, 500x375, CPU views", small["train_cpu_views_ms_per_view"], per_view],
+        [
+            "CPU ms per training view, 500x375, device views (CPU side)",
+            small["train_device_views_cpu_ms_per_view"],
+            per_view,
+        ],
+        [f"12 MP JPEG to its {views} views: before / CPU views", big["train_views_speedup_cpu_views"], big_views],
+        [
+            f"12 MP JPEG to its {views} views: before / device views (CPU side)",
+            big["train_views_speedup_device_views"],
+            big_views,
+        ],
+        ["eval image, 500x375: before / ours", small["eval_speedup"], ""],
+        ["eval image, 12 MP: before / ours", big["eval_speedup"], ""],
+    ]
+
+
+def pipeline_detail_rows(pipeline: dict[str, Any]) -> list[list[Any]]:
+    """``[what, value]`` rows with the milliseconds and throughputs behind the pipeline's ratios."""
+    rows = []
+    views = pipeline["views"]
+    for label, entry in pipeline["costs"].items():
+        scales = f"1/{entry['train_decode_scale']} for training, 1/{entry['eval_decode_scale']} for eval"
+        rows += [
+            [
+                f"{label}: decode in full / at the scale the transforms allow ({scales}), ms",
+                f"{entry['decode_full_ms']:.3g} / {entry['decode_train_ms']:.3g} / {entry['decode_eval_ms']:.3g}",
+            ],
+            [
+                f"{label}: {views} training views, ms: before / CPU views / device views (CPU side)",
+                f"{entry['train_legacy_ms']:.3g} / {entry['train_cpu_views_ms']:.3g} / "
+                f"{entry['train_device_views_cpu_ms']:.3g}",
+            ],
+            [
+                f"{label}: per training view, ms: before / CPU views / device views (CPU side)",
+                f"{entry['train_legacy_ms_per_view']:.3g} / {entry['train_cpu_views_ms_per_view']:.3g} / "
+                f"{entry['train_device_views_cpu_ms_per_view']:.3g}",
+            ],
+            [
+                f"{label}: device's own work per training view (render + normalise), ms",
+                f"{entry['train_device_ops_ms_per_view']:.3g}",
+            ],
+            [
+                f"{label}: eval image, ms: before / ours",
+                f"{entry['eval_legacy_ms']:.3g} / {entry['eval_ours_ms']:.3g}",
+            ],
+        ]
+    throughput = pipeline["throughput"]
+    for run in throughput["runs"].values():
+        where = "device" if run["views_on_device"] else "CPU"
+        what = f"extraction, {run['workers']} workers, views on the {where}: images/s (views/s)"
+        rows.append([what, f"{run['images_per_s']:.1f} ({run['views_per_s']:.0f})"])
+    return rows
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The whole report: command, machine, the ratio table, the measurements and the notes."""
     machine = report["machine"]
     gpu = f", GPU {machine['gpu']}" if "gpu" in machine else ""
+    title = "Speed and memory" if report["results"] else "Input pipeline of feature extraction"
     lines = [
-        f"# Speed and memory ({report['settings']['device']})",
+        f"# {title} ({report['settings']['device']})",
         "",
         f"Command: `{report['command']}`",
         "",
@@ -129,7 +215,17 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     ratios = [row for arch, result in report["results"].items() for row in ratio_rows(arch, result)]
     details = [row for arch, result in report["results"].items() for row in detail_rows(arch, result)]
-    lines += ["## Ratios", "", markdown_table(["arch", "ratio", "value", "target"], ratios), ""]
-    lines += ["## Measurements (seconds unless stated)", "", markdown_table(["arch", "what", "value"], details), ""]
+    if ratios:
+        lines += ["## Ratios", "", markdown_table(["arch", "ratio", "value", "target"], ratios), ""]
+        lines += [
+            "## Measurements (seconds unless stated)",
+            "",
+            markdown_table(["arch", "what", "value"], details),
+            "",
+        ]
+    if "pipeline" in report:
+        pipeline = report["pipeline"]
+        lines += ["## Input pipeline", "", markdown_table(["ratio", "value", "target"], pipeline_ratio_rows(pipeline))]
+        lines += ["", markdown_table(["what", "value"], pipeline_detail_rows(pipeline)), ""]
     lines += ["## Notes", "", *[f"- {note}" for note in report["notes"]]]
     return "\n".join(lines)

@@ -18,12 +18,13 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import their sibling modules, as when run directly
 
 import benchlib  # noqa: E402
+import pipeline_bench  # noqa: E402
 import speed  # noqa: E402
 import speed_report  # noqa: E402
 import workloads  # noqa: E402
 
 
-@pytest.mark.parametrize("module", [benchlib, speed_report, workloads])
+@pytest.mark.parametrize("module", [benchlib, speed_report, workloads, pipeline_bench])
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
@@ -38,6 +39,10 @@ def test_docstring_examples_run(module):
         (["--classes", "1"], "--classes must be >= 2"),
         (["--arch", "vit-h-14"], r"--arch must list architectures from \['vit-b-16', 'vit-b-32'\]"),
         (["--warmup", "-1"], "--warmup must be >= 0"),
+        (["--image_size", "500x20"], r"--image_size must be a side or WIDTHxHEIGHT, each >= 32 pixels, got '500x20'"),
+        (["--pipeline_workers", "0,two"], "--pipeline_workers must be comma-separated whole numbers >= 0"),
+        (["--num_workers", "-1"], r"--num_workers must be >= 0 \(0 decodes in the main process\)"),
+        (["--dtype", "bfloat16", "--sections", "adapter,memory"], "--dtype bfloat16 applies to the overhead"),
     ],
 )
 def test_speed_rejects_bad_arguments(argv, match):
@@ -211,6 +216,59 @@ def test_speed_tiny_run_writes_consistent_results(tmp_path, capsys):
     markdown = (tmp_path / "speed_cpu_tiny.md").read_text()
     assert "| tiny | ours / floor (2 views, measured) |" in markdown
     assert "extrapolated" in markdown and markdown in capsys.readouterr().out
+
+
+def test_image_sizes_and_worker_lists_parse():
+    args = speed.parse_args(["--image_size", "500x375", "--pipeline_workers", "2,0,2", "--sections", "pipeline"])
+    assert args.image_size == (500, 375) and args.pipeline_workers == [0, 2] and args.sections == ["pipeline"]
+    assert speed.parse_args(["--image_size", "256"]).image_size == (256, 256)
+    assert speed.parse_args([]).extraction_batch_size == 32  # --batch_size, unless told otherwise
+
+
+def test_pipeline_baseline_normalises_as_the_transforms_do():
+    from PIL import Image
+
+    train, _ = pipeline_bench._transforms()
+    crop = Image.effect_noise((224, 224), 60).convert("RGB")
+    pixels = torch.from_numpy(__import__("numpy").array(crop)).permute(2, 0, 1)  # [3, 224, 224] uint8
+    # The baseline's float64 arithmetic and the look-up table give the same bits: only the work differs.
+    assert torch.equal(pipeline_bench._legacy_normalise(crop, train.steps), train.normalise(pixels))
+
+
+@pytest.mark.slow
+def test_speed_pipeline_section_writes_its_own_table(tmp_path):
+    report = speed.main(["--tiny", "--sections", "pipeline", "--output_dir", str(tmp_path)])
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        "speed_cpu_pipeline_tiny.json",
+        "speed_cpu_pipeline_tiny.md",
+    ]
+    pipeline, written = report["pipeline"], json.loads((tmp_path / "speed_cpu_pipeline_tiny.json").read_text())
+    assert written["pipeline"]["views"] == 2 and report["results"] == {}
+    small = pipeline["costs"]["500x375"]
+    assert small["train_legacy_ms_per_view"] == pytest.approx(small["train_legacy_ms"] / 2)
+    assert small["train_views_speedup_cpu_views"] == round(small["train_legacy_ms"] / small["train_cpu_views_ms"], 4)
+    runs = pipeline["throughput"]["runs"]
+    assert set(runs) == {f"cpu_views_{n}_workers" for n in (0, 1, 2)} | {"device_views_2_workers"}
+    speedup = runs["cpu_views_2_workers"]["images_per_s"] / runs["cpu_views_0_workers"]["images_per_s"]
+    assert pipeline["throughput"]["workers_speedup"] == round(speedup, 4)
+    markdown = (tmp_path / "speed_cpu_pipeline_tiny.md").read_text()
+    assert "## Input pipeline" in markdown and "## Ratios" not in markdown
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_its_sections_tiny_on_the_cpu(tmp_path):
+    import subprocess
+
+    script = BENCHMARKS / "gpu.sh"
+    command = ["bash", str(script), "--device", "cpu", "--tiny", "--classes", "4", "--output_dir", str(tmp_path)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads((tmp_path / "speed_cpu_tiny.json").read_text())
+    adapter = report["results"]["tiny"]["adapter"]
+    assert report["settings"]["sections"] == ["adapter", "pipeline"] and adapter["dtype"] == "bfloat16"
+    assert adapter["images"] == 4 * 4 and adapter["gpu_utilisation_percent"] == {"extraction": None, "training": None}
+    assert adapter["extraction_over_floor"] == round(adapter["ours"]["extraction_s"] / adapter["floor_s"], 4)
+    assert "pipeline" in report and "ours / floor" in completed.stdout
 
 
 # ---------------------------------------------------------------------------------------------------
