@@ -17,6 +17,9 @@ them in the main process, between forward passes, leaves a GPU idle most of the 
   the same table look-up, on the device.
 - The backbone runs under ``torch.autocast`` when mixed precision is asked for (Accelerate's
   ``--mixed_precision``); the features are stored as ``features_dtype`` (float32 by default).
+- What the backbone receives is a dict of keyword arguments, stacked per name across a batch: the
+  library's transforms give ``pixel_values``; a transform of your own may return a dict (a processor's
+  ``pixel_values``, ``pixel_attention_mask`` and ``spatial_shapes``, say) and it travels the same way.
 
 A worker's error reaches the caller as the same ``ValueError`` the main process would raise (naming the
 unreadable file), not as a worker traceback; a worker that dies is reported as such, and nothing is
@@ -307,10 +310,9 @@ class _Rows(Dataset):
         *,
         views: int,
         views_on_device: bool,
-        normalise: bool,
     ) -> None:
         self.images, self.image_column, self.transform = images, image_column, transform
-        self.views, self.views_on_device, self.normalise = range(views), views_on_device, normalise
+        self.views, self.views_on_device = range(views), views_on_device
 
     def __len__(self) -> int:
         return len(self.images)
@@ -324,8 +326,7 @@ class _Rows(Dataset):
                 pixels = torch.from_numpy(np.array(decoded.image)).permute(2, 0, 1).contiguous()  # [3, h, w]
                 return row, (pixels, transform.view_boxes(decoded, index=row, views=self.views))
             if isinstance(transform, ResizedCropTransform):
-                crops = transform.crops(value, index=row, views=self.views)  # [V, 3, H, W] uint8
-                return row, {"pixel_values": transform.normalise(crops) if self.normalise else crops}
+                return row, {"pixel_values": transform.crops(value, index=row, views=self.views)}  # [V, 3, H, W] uint8
             image = load_image(value)
             outputs = [transform(image, index=row, view=view) for view in self.views]
             if isinstance(outputs[0], dict):  # model inputs by name (e.g. a processor's several tensors)
@@ -423,17 +424,7 @@ def encode_views(
         "device" if settings.views_on_device else "CPU",
         settings.mixed_precision,
     )
-    # On an accelerator the look-up table normalises on the device (the workers ship 8-bit pixels, a quarter
-    # of the bytes); on the CPU the workers do it, in parallel. The table gives the same bits either way.
-    normalise_in_workers = device.type == "cpu"
-    dataset = _Rows(
-        images,
-        image_column,
-        transform,
-        views=views,
-        views_on_device=settings.views_on_device,
-        normalise=normalise_in_workers,
-    )
+    dataset = _Rows(images, image_column, transform, views=views, views_on_device=settings.views_on_device)
     loader = DataLoader(
         dataset,
         batch_sampler=chunks,
@@ -462,7 +453,9 @@ def encode_views(
                 inputs = {key: torch.cat([part[key] for part in pending], dim=1) for key in pending[0]}  # [V, B, ...]
                 for view in range(views):
                     view_inputs = {key: value[view] for key, value in inputs.items()}
-                    if view_inputs["pixel_values"].dtype == torch.uint8:  # 8-bit views: normalise here
+                    # The library's views travel as 8 bits (a quarter of the bytes, in shared memory and on the
+                    # bus) and are normalised one view of one batch at a time, where the backbone runs.
+                    if view_inputs["pixel_values"].dtype == torch.uint8:
                         view_inputs["pixel_values"] = transform.normalise(view_inputs["pixel_values"])
                     view_inputs = {
                         key: value.to(model_dtype) if value.is_floating_point() else value

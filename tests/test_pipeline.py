@@ -72,6 +72,15 @@ class FloatViews:
         return pixels.flip(-1) if (index + view) % 2 else pixels  # [3, 32, 32]
 
 
+class InputsByName(FloatViews):
+    """The same views, returned as the model's keyword arguments (as a processor with several outputs would)."""
+
+    description = "test inputs by name"
+
+    def __call__(self, image: Image.Image, *, index: int = 0, view: int = 0) -> dict[str, torch.Tensor]:
+        return {"pixel_values": super().__call__(image, index=index, view=view)}
+
+
 def _relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return ((value.float() - reference).norm(dim=-1) / reference.norm(dim=-1)).max().item()
 
@@ -86,6 +95,8 @@ def test_features_are_bitwise_identical_for_any_number_of_workers(clip, tiny_pro
     assert all(torch.equal(run.features, runs[0].features) for run in runs.values())
     custom = [extract_image_features(clip, photos, FloatViews(), views=2, num_workers=n) for n in (0, 2)]
     assert torch.equal(custom[0].features, custom[1].features)
+    by_name = extract_image_features(clip, photos, InputsByName(), views=2, num_workers=2)  # a dict of inputs
+    assert torch.equal(by_name.features, custom[0].features)
     accelerated = extract_image_features(
         clip, photos, transform, views=3, batch_size=5, num_workers=2, accelerator=Accelerator(cpu=True)
     )
