@@ -176,7 +176,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         type=int,
         default=None,
         help="Processes decoding images for feature extraction; 0 decodes in the main process. "
-        "Default: one per available core (shared among local processes), up to 8.",
+        "Default: one per available core (shared among local processes), up to 8; fewer for a few dozen images.",
     )
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
     train.add_argument("--learning_rate", type=float, default=None, help="Peak SGD learning rate (paper: 2e-3).")

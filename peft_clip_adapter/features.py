@@ -227,7 +227,8 @@ def extract_image_features(
             gathered, so every process returns ALL features, in order. Its ``mixed_precision`` applies.
         show_progress: Show a tqdm bar (on the local main process only).
         num_workers: DataLoader worker processes per process; ``None`` (default): one per available core,
-            up to 8 (none for a single chunk of rows); 0 decodes in the main process.
+            up to 8, and one per 32 images at most (a handful is read in the main process); 0 decodes in the
+            main process.
         views_on_device: Make the views on the model's device from the decoded images, with the same boxes
             as on the CPU (the library's transforms only). ``None`` (default): on a GPU yes, on the CPU no.
             The two agree to one 8-bit level per pixel.

@@ -74,24 +74,32 @@ FEATURE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CHUNK_ROWS = 8
 #: Workers at most by default: beyond this, decoding outruns any single backbone.
 MAX_DEFAULT_WORKERS = 8
+#: Chunks a worker should have to read before the default starts one (its start-up then pays off).
+CHUNKS_PER_WORKER = 4
 
 
-def default_num_workers() -> int:
+def default_num_workers(num_chunks: Optional[int] = None) -> int:
     """DataLoader workers per process by default: the cores this process may use, shared among local processes.
 
     ``len(os.sched_getaffinity(0))`` cores (what a container or ``taskset`` grants), divided by
     ``LOCAL_WORLD_SIZE`` (the processes Accelerate launched on this machine), at least 1 and at most 8.
+    Given the number of chunks to read, a worker gets at least ``CHUNKS_PER_WORKER`` of them, since
+    starting one costs about a tenth of a second: a handful of images is read in the main process.
+
+    Args:
+        num_chunks: Chunks of ``CHUNK_ROWS`` rows this process will read, or ``None``.
 
     Returns:
         The worker count.
 
     Example:
-        >>> 1 <= default_num_workers() <= 8
-        True
+        >>> 1 <= default_num_workers() <= 8, default_num_workers(num_chunks=2)
+        (True, 0)
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, min(MAX_DEFAULT_WORKERS, cores // local_processes))
+    workers = max(1, min(MAX_DEFAULT_WORKERS, cores // local_processes))
+    return workers if num_chunks is None else min(workers, num_chunks // CHUNKS_PER_WORKER)
 
 
 def row_batches(num_rows: int, batch_size: int) -> list[list[int]]:
@@ -413,9 +421,7 @@ def encode_views(
     chunks = [
         list(batch[start : start + CHUNK_ROWS]) for batch in batches for start in range(0, len(batch), CHUNK_ROWS)
     ]
-    workers = settings.num_workers
-    if workers < 0:  # the default: workers only pay off with something to overlap
-        workers = 0 if len(chunks) < 2 else min(default_num_workers(), len(chunks))
+    workers = settings.num_workers if settings.num_workers >= 0 else default_num_workers(len(chunks))
     logger.info(
         "Extracting %d view(s) of %d images with %d DataLoader worker(s); views made on the %s, autocast %s",
         views,

@@ -299,6 +299,8 @@ def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
     assert default_num_workers() == 4
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert default_num_workers() == 1  # never 0 by default: decoding still leaves the main process
+    # ... unless there is too little to read for a worker's start-up to pay off: 4 chunks of 8 rows each.
+    assert [default_num_workers(num_chunks) for num_chunks in (1, 3, 4, 40)] == [0, 0, 1, 1]
 
 
 def test_draft_decoding_never_goes_below_the_resolution_the_crop_needs(tiny_processor, tmp_path):
