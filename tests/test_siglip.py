@@ -1,11 +1,17 @@
-"""SigLIP and SigLIP 2 through the toolkit and the zero-shot pipeline, on tiny local folders.
+"""SigLIP and SigLIP 2 through the toolkit, the zero-shot pipeline and the trainer, on tiny local folders.
 
 SigLIP's text embedding is the LAST token's state, so prompts must be padded to the trained length (64),
 and its logits are ``exp(logit_scale) * cos + logit_bias`` with sigmoid scores. SigLIP 2 NaFlex
-(``Siglip2Model``) takes its processor's variable-resolution inputs.
+(``Siglip2Model``) takes its processor's variable-resolution inputs; the few-shot trainer refuses it
+clearly until its pipeline runs the processor after the augmentation.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +25,11 @@ from peft_clip_adapter import CLIPAdapterClassifier, CLIPAdapterConfig, adapter_
 from peft_clip_adapter.classifier import prompt_padding
 from peft_clip_adapter.embeddings import frozen_image_embeddings
 from peft_clip_adapter.offline import SHAPE_CLASSES, build_tiny_model
+
+_spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
+helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(helpers)
+fewshot, fresh_accelerate_state = helpers.fewshot, helpers.fresh_accelerate_state  # fixtures
 
 HEADS = {"vision": "base_model.model.vision_model.head", "text": "base_model.model.text_model.head"}
 IMAGES = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (24, 48), (30, 60, 200))]
@@ -165,3 +176,36 @@ def test_siglip_vision_model_loads_the_trained_adapter(siglip_path, tmp_path):
     with torch.no_grad():
         expected = model.get_image_features(pixel_values=pixels).pooler_output
         assert torch.equal(vision(pixel_values=pixels).pooler_output, expected)
+
+
+def test_trainer_runs_end_to_end_on_siglip(fewshot, siglip_path, shapes_dir, tmp_path):
+    flags = dict(shots=4, views=2, num_train_epochs=3, per_device_train_batch_size=8, learning_rate=0.05, adapt="both")
+    results = fewshot.main(helpers.trainer_args(siglip_path, shapes_dir, tmp_path, **flags))
+    out = tmp_path / "out"
+    assert json.loads((out / "all_results.json").read_text())["eval_accuracy"] == results["eval_accuracy"]
+    assert (results["num_train_images"], results["num_classes"], results["adapt"]) == (16, 4, "both")
+    saved = load_file(out / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(f"{HEADS[b]}.clip_adapter_{p}.weight" for b in HEADS for p in ("down", "up"))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["adapt"], config["target_modules"]) == ("both", None)
+    reloaded = PeftModel.from_pretrained(SiglipModel.from_pretrained(siglip_path).eval(), out)
+    assert sorted(adapter_layers(reloaded)) == ["text", "vision"]
+    assert os.path.getsize(out / "adapter_model.safetensors") < 20_000
+
+
+def test_trainer_refuses_siglip2_naflex_clearly(fewshot, siglip2_path, shapes_dir, tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"Siglip2Model from .* is SigLIP 2 NaFlex, whose variable-resolution .* "
+        r"Use a fixed-resolution checkpoint \(a SiglipModel",
+    ):
+        fewshot.main(helpers.trainer_args(siglip2_path, shapes_dir, tmp_path, shots=2, num_train_epochs=1))
+
+
+def test_the_eval_transform_reproduces_siglips_image_processor(siglip_path):
+    from peft_clip_adapter.data import build_eval_transform
+
+    processor = AutoProcessor.from_pretrained(siglip_path)
+    image = Image.fromarray(torch.randint(0, 255, (75, 120, 3), dtype=torch.uint8).numpy())
+    expected = processor.image_processor(image, return_tensors="pt")["pixel_values"][0]  # [3, 32, 32]
+    assert torch.equal(build_eval_transform(processor.image_processor)(image), expected)
