@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from peft import PeftModel
 from safetensors import SafetensorError
 
 from peft_clip_adapter.card import render_model_card
+from peft_clip_adapter.registration import PREFIX
 
 
 class CLIPAdapterPeftModel(PeftModel):
@@ -126,12 +128,19 @@ class CLIPAdapterPeftModel(PeftModel):
             ['default', 'second']
         """
         try:
-            return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+            result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
         except SafetensorError as error:
             raise ValueError(
                 f"The adapter weights of {str(model_id)!r} are truncated or corrupted ({error}). Save the "
                 "adapter again, or download it again (force_download=True) if it came from the Hub."
             ) from error
+        # peft keeps the missing keys that contain the adapter name and the prefix as substrings, so a name
+        # such as "adapter", "clip" or "down" (inside "clip_adapter_down") also reports every other
+        # adapter's weights as missing. Keep only the keys of this adapter's own parameters.
+        own_key = re.compile(rf"\.{re.escape(PREFIX)}[^.]*\.{re.escape(adapter_name)}\.[^.]+$")
+        missing = [key for key in result.missing_keys if own_key.search(key)]
+        result.missing_keys[:] = missing
+        return result
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Write peft's card, then our text and tags over it (keeping any other metadata).
@@ -229,6 +238,20 @@ class CLIPAdapterPeftModel(PeftModel):
                 revision=revision,
                 create_pr=create_pr,
             )
+
+
+def _allow_in_zero_shot_pipeline() -> None:
+    """List our ``PeftModel`` class among the models transformers' zero-shot image pipeline accepts.
+
+    The pipeline checks the model's class name against a table and logs an ERROR for any other class,
+    though an adapted model works there unchanged. transformers keeps the PEFT wrapper classes each
+    pipeline accepts in ``SUPPORTED_PEFT_TASKS``; it is mutated in place, idempotently.
+    """
+    from transformers.pipelines import base as pipelines_base
+
+    accepted = pipelines_base.SUPPORTED_PEFT_TASKS.setdefault("zero-shot-image-classification", [])
+    if CLIPAdapterPeftModel.__name__ not in accepted:
+        accepted.append(CLIPAdapterPeftModel.__name__)
 
 
 def _move_files(source: Path, target: Path) -> None:
