@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import warnings
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from peft import get_peft_model
 from PIL import Image
 from transformers import CLIPModel
 
-from peft_clip_adapter import CLIPAdapterConfig, FewShotClassifier
+from peft_clip_adapter import CLIPAdapterConfig, FewShotClassifier, load_image_classification_data
 
 # pytest runs with --import-mode=importlib, so tests/ is not on sys.path: load the helpers by path.
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
@@ -37,6 +38,28 @@ def classifier(tiny_clip, tiny_processor) -> FewShotClassifier:
             if parameter.requires_grad:
                 parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(parameter.numel()))
     return FewShotClassifier(model, tiny_processor, CLASSES, ["a photo of a {}.", "itap of a {}."])
+
+
+def test_predictions_equal_the_trainers_eval_predictions(fewshot, tiny_clip_path, shapes_dir, tmp_path, monkeypatch):
+    evaluations = []
+    evaluate = fewshot.evaluate
+    monkeypatch.setattr(fewshot, "evaluate", lambda *args: evaluations.append(evaluate(*args)) or evaluations[-1])
+    flags = dict(shots=4, views=2, num_train_epochs=3, per_device_train_batch_size=8, learning_rate=0.05)
+    argv = [*helpers.trainer_args(tiny_clip_path, shapes_dir, tmp_path, **flags), "--adapt", "both"]
+    results = fewshot.main([*argv, "--templates", "ensemble"])
+    trained = evaluations[-1]  # the final evaluation of the trained adapter
+
+    classifier = FewShotClassifier.from_pretrained(tmp_path / "out")  # the base model named in its config
+    heldout = load_image_classification_data(train_dir=shapes_dir, seed=0)["validation"]
+    predictions = classifier(list(heldout["image"]))
+
+    assert classifier.class_names == CLASSES and classifier.templates == results["templates"]
+    ids = [CLASSES.index(ranked[0]["label"]) for ranked in predictions]
+    assert ids == trained["predictions"] and len(ids) == results["num_eval_images"] == 8
+    accuracy = sum(i == label for i, label in zip(ids, heldout["label"], strict=True)) / len(ids)
+    assert accuracy == results["eval_accuracy"]
+    saved = json.loads((tmp_path / "out" / "class_prompts.json").read_text())
+    assert saved == {"class_names": CLASSES, "templates": results["templates"]}
 
 
 def test_output_is_sorted_like_the_zero_shot_pipeline(classifier):
