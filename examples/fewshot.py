@@ -211,11 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Parser(argparse.ArgumentParser):
-    """``argparse`` with its usage errors in the script's one-line ``error:`` form."""
+    """``argparse`` with its usage errors in the script's one-line ``error:`` form, and --help printed once."""
 
     def error(self, message: str) -> None:
         report_error(f"{message} (see --help)")
         sys.exit(2)
+
+    def print_help(self, file: Any = None) -> None:
+        if _is_first_process():  # `accelerate launch ... --help` runs every process
+            super().print_help(file)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -327,8 +331,13 @@ USER_ERRORS = (ValueError, OSError, LaunchError)
 
 def report_error(message: str) -> None:
     """Print ``error: <message>`` on one line, once per run: only the first process of a launch prints it."""
-    if os.environ.get("RANK", "0") == "0":  # every process raises the same error; one line is enough
+    if _is_first_process():  # every process raises the same error; one line is enough
         print("error: " + " ".join(str(message).split()), file=sys.stderr)
+
+
+def _is_first_process() -> bool:
+    """Whether this is the launch's process 0 (``RANK``, set by ``accelerate launch``), before Accelerate starts."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def run_cli(function: Callable[[Sequence[str]], Any], argv: Optional[Sequence[str]] = None) -> Any:

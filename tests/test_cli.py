@@ -115,6 +115,8 @@ def test_other_processes_stay_silent_and_bugs_keep_their_traceback(fewshot, monk
     with pytest.raises(SystemExit) as exit:
         fewshot.run_cli(bad_value, [])
     assert exit.value.code == 2 and capsys.readouterr().err == ""
+    fewshot.build_parser().print_help()  # `accelerate launch ... --help`: process 0 alone prints it
+    assert capsys.readouterr().out == ""
     with pytest.raises(ZeroDivisionError):
         fewshot.run_cli(lambda argv: 1 / 0, [])
 
