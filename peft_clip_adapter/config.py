@@ -16,21 +16,22 @@ class CLIPAdapterPeftType(str, enum.Enum):
     """The ``peft_type`` written to ``adapter_config.json``.
 
     A ``str`` enum compares and hashes like its value, so the string ``"CLIP_ADAPTER"`` read back from
-    JSON finds the same registry entries as the member itself.
+    JSON finds the same registry entries as the member itself. Like peft's own ``PeftType``, ``str()``
+    gives ``"<class>.<name>"``: peft reads the method's name as the part after the dot (e.g. in
+    ``PeftModel.get_model_status().peft_types``).
 
     Raises:
         ValueError: from ``enum`` when looked up with any other value.
 
     Example:
         >>> from peft_clip_adapter.config import CLIPAdapterPeftType
-        >>> CLIPAdapterPeftType("CLIP_ADAPTER") == "CLIP_ADAPTER", str(CLIPAdapterPeftType.CLIP_ADAPTER)
+        >>> CLIPAdapterPeftType("CLIP_ADAPTER") == "CLIP_ADAPTER", CLIPAdapterPeftType.CLIP_ADAPTER.value
         (True, 'CLIP_ADAPTER')
+        >>> str(CLIPAdapterPeftType.CLIP_ADAPTER).partition(".")[-1]
+        'CLIP_ADAPTER'
     """
 
     CLIP_ADAPTER = "CLIP_ADAPTER"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 PEFT_TYPE = CLIPAdapterPeftType.CLIP_ADAPTER

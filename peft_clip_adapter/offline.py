@@ -187,15 +187,23 @@ def _word_tokenizer(vocabulary: list[str], special: Sequence[str], template: str
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tokens)
 
 
+def _image_processor_class(name: str) -> Any:
+    """The PIL backend of an image processor by name: asking for the default class without torchvision
+    logs a fallback warning. Older transformers have only the default class."""
+    import transformers
+
+    return getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+
+
 def _tiny_clip(vocabulary: list[str], *, projection_dim: int, hidden_size: int, image_size: int) -> tuple[Any, Any]:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
     bos, eos, unk = _CLIP_TOKENS
     tokenizer = _word_tokenizer(
         vocabulary, _CLIP_TOKENS, f"{bos} $A {eos}", bos_token=bos, eos_token=eos, unk_token=unk, pad_token=eos,
         model_max_length=32,
     )  # fmt: skip
-    image_processor = CLIPImageProcessor(
+    image_processor = _image_processor_class("CLIPImageProcessor")(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     # Each tower config carries projection_dim too (as released CLIP checkpoints do), so that
@@ -246,7 +254,7 @@ def _siglip_towers(tokenizer: Any, *, projection_dim: int, hidden_size: int) -> 
 
 
 def _tiny_siglip(vocabulary: list[str], *, projection_dim: int, hidden_size: int, image_size: int) -> tuple[Any, Any]:
-    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipProcessor
+    from transformers import SiglipConfig, SiglipModel, SiglipProcessor
 
     _, eos, unk = _SIGLIP_TOKENS
     # Like SigLIP's own tokenizer: each prompt ends with </s>, which also pads it to the trained length.
@@ -256,12 +264,12 @@ def _tiny_siglip(vocabulary: list[str], *, projection_dim: int, hidden_size: int
     )  # fmt: skip
     text, vision = _siglip_towers(tokenizer, projection_dim=projection_dim, hidden_size=hidden_size)
     config = SiglipConfig(text_config=text, vision_config={**vision, "image_size": image_size, "patch_size": 8})
-    image_processor = SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+    image_processor = _image_processor_class("SiglipImageProcessor")(size={"height": image_size, "width": image_size})
     return SiglipModel(config), SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def _tiny_siglip2(vocabulary: list[str], *, projection_dim: int, hidden_size: int, image_size: int) -> tuple[Any, Any]:
-    from transformers import Siglip2Config, Siglip2ImageProcessorPil, Siglip2Model, Siglip2Processor, Siglip2Tokenizer
+    from transformers import Siglip2Config, Siglip2Model, Siglip2Processor, Siglip2Tokenizer
 
     # SigLIP 2's processor always loads its own (Gemma-style BPE) tokenizer class; a character-level
     # vocabulary without merges is the smallest one that round-trips through it.
@@ -274,7 +282,9 @@ def _tiny_siglip2(vocabulary: list[str], *, projection_dim: int, hidden_size: in
     config = Siglip2Config(
         text_config=text, vision_config={**vision, "patch_size": _SIGLIP2_PATCH, "num_patches": _SIGLIP2_PATCHES}
     )
-    image_processor = Siglip2ImageProcessorPil(patch_size=_SIGLIP2_PATCH, max_num_patches=_SIGLIP2_PATCHES)
+    image_processor = _image_processor_class("Siglip2ImageProcessor")(
+        patch_size=_SIGLIP2_PATCH, max_num_patches=_SIGLIP2_PATCHES
+    )
     return Siglip2Model(config), Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
 
 

@@ -12,7 +12,7 @@ from peft import mapping as peft_mapping
 
 # This module depends on the method's modules, never the other way round: the names peft needs (the
 # type, the config, the tuner, the key prefix) live beside what they describe.
-from peft_clip_adapter import config, layer, model
+from peft_clip_adapter import config, layer, model, peft_model
 from peft_clip_adapter.config import PEFT_TYPE, CLIPAdapterPeftType
 from peft_clip_adapter.layer import PREFIX
 
@@ -26,7 +26,8 @@ def register() -> None:
     nothing of its own.
 
     Returns:
-        None; peft's config, tuner and prefix registries gain (or refresh) the ``CLIP_ADAPTER`` entry.
+        None; peft's config, tuner and prefix registries gain (or refresh) the ``CLIP_ADAPTER`` entry, and
+        transformers' zero-shot image pipeline accepts the adapted ``PeftModel``.
 
     Example:
         >>> import peft
@@ -40,3 +41,4 @@ def register() -> None:
     peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING[config.PEFT_TYPE] = config.CLIPAdapterConfig
     peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING[config.PEFT_TYPE] = model.CLIPAdapterModel
     peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[config.PEFT_TYPE] = layer.PREFIX
+    peft_model._allow_in_zero_shot_pipeline()

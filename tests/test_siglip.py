@@ -209,3 +209,14 @@ def test_the_eval_transform_reproduces_siglips_image_processor(siglip_path):
     image = Image.fromarray(torch.randint(0, 255, (75, 120, 3), dtype=torch.uint8).numpy())
     expected = processor.image_processor(image, return_tensors="pt")["pixel_values"][0]  # [3, 32, 32]
     assert torch.equal(build_eval_transform(processor.image_processor)(image), expected)
+
+
+def test_few_shot_classifier_shows_siglips_sigmoid_scores(siglip_path):
+    from peft_clip_adapter import FewShotClassifier
+
+    model = perturbed(SiglipModel, siglip_path, "both")
+    classifier = FewShotClassifier(model, AutoProcessor.from_pretrained(siglip_path), list(SHAPE_CLASSES))
+    logits = classifier.logits(IMAGES)  # [2, C]
+    torch.testing.assert_close(classifier.scores(logits), torch.sigmoid(logits))
+    ranked = classifier(IMAGES[0])
+    assert [row["score"] for row in ranked] == sorted(torch.sigmoid(logits[0]).tolist(), reverse=True)
