@@ -31,6 +31,7 @@ from torch import nn
 
 from peft_clip_adapter.data import check_columns
 from peft_clip_adapter.embeddings import model_device, unwrap_model
+from peft_clip_adapter.families import embedding_width
 from peft_clip_adapter.pipeline import (
     ExtractionSettings,
     encode_views,
@@ -169,10 +170,7 @@ def _undecoded(dataset: datasets.Dataset, image_column: str) -> datasets.Dataset
 
 
 def _projection_width(model: nn.Module) -> int:
-    for name, module in unwrap_model(model).named_modules():
-        if name.rpartition(".")[2] == "visual_projection":
-            return module.out_features
-    raise ValueError(f"{type(unwrap_model(model)).__name__} has no `visual_projection` layer.")
+    return embedding_width(unwrap_model(model), "vision")
 
 
 def _gather_rows(accelerator, local: torch.Tensor, rows: list[int], num_rows: int) -> torch.Tensor:
@@ -225,7 +223,8 @@ def extract_image_features(
         batch_size: Images per backbone forward pass.
         accelerator: An ``accelerate.Accelerator``: whole batches are split across its processes and
             gathered, so every process returns ALL features, in order. Its ``mixed_precision`` applies.
-        show_progress: Show a tqdm bar (on the local main process only).
+        show_progress: Show progress (on the local main process only): a bar on a terminal, else a log line
+            now and then.
         num_workers: DataLoader worker processes per process; ``None`` (default): one per available core,
             up to 8, and one per 32 images at most (a handful is read in the main process); 0 decodes in the
             main process.
@@ -243,7 +242,7 @@ def extract_image_features(
         ValueError: for ``views`` or ``batch_size`` < 1, a negative ``num_workers``, an unknown
             ``mixed_precision`` or ``features_dtype``, a missing column (the message lists the columns
             there are), an empty dataset, non-integer labels, an unreadable image (named, also when a worker
-            read it), or a model without ``visual_projection``.
+            read it), or a model without a vision tower.
         RuntimeError: if a DataLoader worker process died.
 
     Example:

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from peft_clip_adapter.embeddings import frozen_image_embeddings, unwrap_model
 from peft_clip_adapter.images import load_image
+from peft_clip_adapter.logs import progress as progress_bar
 from peft_clip_adapter.resample import ViewBatch, render_views, supports_filter
 from peft_clip_adapter.transforms import ResizedCropTransform
 
@@ -403,7 +404,7 @@ def encode_views(
         device: Where the backbone runs.
         settings: From :func:`resolve_extraction`.
         width: The embedding width ``D``.
-        progress: Show a tqdm bar.
+        progress: Show progress: a bar on a terminal, a log line now and then elsewhere.
 
     Returns:
         ``[V, sum(len(b) for b in batches), D]`` in ``settings.features_dtype``; row ``i`` is the ``i``-th row
@@ -416,8 +417,6 @@ def encode_views(
     Example:
         See ``peft_clip_adapter.features.extract_image_features``, which calls it.
     """
-    from tqdm.auto import tqdm
-
     chunks = [
         list(batch[start : start + CHUNK_ROWS]) for batch in batches for start in range(0, len(batch), CHUNK_ROWS)
     ]
@@ -445,7 +444,7 @@ def encode_views(
     autocast = settings.autocast_dtype
     pending: list[dict[str, torch.Tensor]] = []  # the current batch's chunks, on the device
     filled, batch_index, done = 0, 0, 0
-    bar = tqdm(total=total, desc="Extracting features", disable=not progress)
+    bar = progress_bar(total=len(batches), desc="Extracting features", enabled=progress, unit="batches")
     iterator = iter(loader)
     try:
         with _worker_faults():
@@ -471,7 +470,7 @@ def encode_views(
                         embeddings = frozen_image_embeddings(model, **view_inputs)  # [B, D]
                     features[view, done : done + filled] = embeddings.to(settings.features_dtype)
                 done += filled
-                bar.update(filled)
+                bar.update(1)
                 pending, filled, batch_index = [], 0, batch_index + 1
     finally:
         bar.close()
