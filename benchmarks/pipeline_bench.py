@@ -228,11 +228,18 @@ def measure_throughput(folder: Path, args) -> dict[str, Any]:
                 views_on_device=on_device,
             )
 
-    run(*settings[0])  # warm-up
-    for round_index in range(args.pipeline_repeats):
-        order = settings if round_index % 2 == 0 else list(reversed(settings))  # taking turns, as elsewhere
-        for setting in order:
-            times[setting].append(benchlib.seconds(lambda s=setting: run(*s), args.device))
+    threads = torch.get_num_threads()
+    # One intra-op thread in the main process for every worker count: the tiny backbone needs no more, and
+    # more would compete with the workers for the cores (and count against the runs with workers).
+    torch.set_num_threads(1)
+    try:
+        run(*settings[0])  # warm-up
+        for round_index in range(args.pipeline_repeats):
+            order = settings if round_index % 2 == 0 else list(reversed(settings))  # taking turns, as elsewhere
+            for setting in order:
+                times[setting].append(benchlib.seconds(lambda s=setting: run(*s), args.device))
+    finally:
+        torch.set_num_threads(threads)
     result: dict[str, Any] = {"images": len(dataset), "views": args.views, "batch_size": args.pipeline_batch_size}
     runs = {}
     for (workers, on_device), values in times.items():

@@ -91,7 +91,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--num_workers",
         type=int,
         default=None,
-        help="DataLoader workers of the adapter section's extraction (default: one per core, up to 8).",
+        help="DataLoader workers of the adapter section's extraction (default: the library's, for the device).",
     )
     parser.add_argument("--pipeline_images", type=int, default=48, help="500x375 JPEGs of the throughput runs.")
     parser.add_argument("--pipeline_workers", default="0,1,2", help="Worker counts of the throughput runs.")
@@ -533,8 +533,8 @@ def build_notes(args: argparse.Namespace) -> list[str]:
             f"timed apart on {args.device}.",
             f"Extraction throughput: FeatureCache.load_or_extract from a cold cache, {args.pipeline_images} JPEGs "
             f"of 500x375 x {args.views} views, batch {args.pipeline_batch_size}, a CLIP with 224-px inputs and a "
-            "one-layer, 32-wide vision tower (so that the pipeline is the bottleneck); the worker counts take "
-            f"turns, median of {args.pipeline_repeats}.",
+            "one-layer, 32-wide vision tower (so that the pipeline is the bottleneck), one torch thread in the "
+            f"main process; the worker counts take turns, median of {args.pipeline_repeats}.",
         ]
     if args.tiny:
         notes.append("Tiny mode: a tiny random CLIP and tiny sizes; the numbers only show that the script works.")

@@ -38,8 +38,9 @@ reference code. ``--end_to_end`` trains through the full PEFT model instead (the
 every step) on the same views, and gives the same adapter to float tolerance. Evaluation always runs on
 the cached eval features: the eval transform is deterministic, so that equals running the full model.
 
-Feature extraction: DataLoader workers (``--dataloader_num_workers``, default one per available core, up
-to 8) decode each image once and make its views; on a GPU the views are made on the device. On a GPU,
+Feature extraction: DataLoader workers (``--dataloader_num_workers``; by default, feeding a GPU, one per
+available core up to 8) decode each image once and make its views; on a GPU the views are made on the
+device. On a GPU,
 ``--torch_dtype bfloat16`` loads the backbone in bf16 and ``accelerate launch --mixed_precision bf16``
 autocasts it; the cached features stay float32 either way.
 
@@ -190,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="Processes decoding images for feature extraction; 0 decodes in the main process. "
-        "Default: one per available core (shared among local processes), up to 8; fewer for a few dozen images.",
+        "Default: feeding a GPU, one per available core (shared among local processes), up to 8; with the backbone "
+        "on the CPU, one per 8 cores; fewer for a few dozen images.",
     )
     train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     train.add_argument(

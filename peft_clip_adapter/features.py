@@ -225,9 +225,10 @@ def extract_image_features(
             gathered, so every process returns ALL features, in order. Its ``mixed_precision`` applies.
         show_progress: Show progress (on the local main process only): a bar on a terminal, else a log line
             now and then.
-        num_workers: DataLoader worker processes per process; ``None`` (default): one per available core,
-            up to 8, and one per 32 images at most (a handful is read in the main process); 0 decodes in the
-            main process.
+        num_workers: DataLoader worker processes per process; 0 decodes in the main process. ``None``
+            (default): feeding a GPU, one per available core, up to 8; with the backbone on the CPU, one per 8
+            cores (its threads need the rest); one per 32 images at most either way (see
+            ``peft_clip_adapter.pipeline.default_num_workers``).
         views_on_device: Make the views on the model's device from the decoded images, with the same boxes
             as on the CPU (the library's transforms only). ``None`` (default): on a GPU yes, on the CPU no.
             The two agree to one 8-bit level per pixel.

@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "AUTOCAST_DTYPES",
     "ExtractionSettings",
+    "cores_per_process",
     "default_num_workers",
     "device_views_possible",
     "encode_views",
@@ -77,18 +78,38 @@ CHUNK_ROWS = 8
 MAX_DEFAULT_WORKERS = 8
 #: Chunks a worker should have to read before the default starts one (its start-up then pays off).
 CHUNKS_PER_WORKER = 4
+#: With the backbone on the CPU, cores per default worker (the rest run the backbone's threads).
+CPU_CORES_PER_WORKER = 8
 
 
-def default_num_workers(num_chunks: Optional[int] = None) -> int:
-    """DataLoader workers per process by default: the cores this process may use, shared among local processes.
+def cores_per_process() -> int:
+    """The CPU cores this process may use: ``os.sched_getaffinity`` (what a container or ``taskset`` grants),
+    shared among the ``LOCAL_WORLD_SIZE`` processes Accelerate launched on this machine; at least 1.
 
-    ``len(os.sched_getaffinity(0))`` cores (what a container or ``taskset`` grants), divided by
-    ``LOCAL_WORLD_SIZE`` (the processes Accelerate launched on this machine), at least 1 and at most 8.
-    Given the number of chunks to read, a worker gets at least ``CHUNKS_PER_WORKER`` of them, since
-    starting one costs about a tenth of a second: a handful of images is read in the main process.
+    Returns:
+        The core count.
+
+    Example:
+        >>> cores_per_process() >= 1
+        True
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def default_num_workers(num_chunks: Optional[int] = None, device: Union[str, torch.device] = "cuda") -> int:
+    """DataLoader workers per process by default.
+
+    Feeding an accelerator, decoding is the bottleneck: one worker per core of :func:`cores_per_process`,
+    at least 1 and at most 8. On the CPU the backbone needs those cores for its own threads and decoding
+    is a small part of the work (a few milliseconds per view against tens to hundreds for a ViT): one
+    worker per ``CPU_CORES_PER_WORKER`` cores, so none on a small machine. Given the number of chunks to
+    read, a worker gets at least ``CHUNKS_PER_WORKER`` of them, since starting one costs about a tenth of a
+    second: a handful of images is read in the main process.
 
     Args:
         num_chunks: Chunks of ``CHUNK_ROWS`` rows this process will read, or ``None``.
+        device: Where the backbone runs.
 
     Returns:
         The worker count.
@@ -97,9 +118,11 @@ def default_num_workers(num_chunks: Optional[int] = None) -> int:
         >>> 1 <= default_num_workers() <= 8, default_num_workers(num_chunks=2)
         (True, 0)
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    workers = max(1, min(MAX_DEFAULT_WORKERS, cores // local_processes))
+    cores = cores_per_process()
+    if torch.device(device).type == "cpu":
+        workers = cores // CPU_CORES_PER_WORKER
+    else:
+        workers = max(1, min(MAX_DEFAULT_WORKERS, cores))
     return workers if num_chunks is None else min(workers, num_chunks // CHUNKS_PER_WORKER)
 
 
@@ -197,7 +220,7 @@ def _check_num_workers(num_workers: Any) -> None:
     ):
         raise ValueError(
             f"num_workers={num_workers!r} must be an integer >= 0 (0 decodes in the main process) or None "
-            "(one worker per available core, up to 8)."
+            "(a default for the device and the number of images)."
         )
 
 
@@ -237,7 +260,7 @@ def resolve_extraction(
     Args:
         transform: The image transform.
         device: Where the backbone runs.
-        num_workers: DataLoader workers; ``None``: :func:`default_num_workers`.
+        num_workers: DataLoader workers; ``None``: :func:`default_num_workers` for the device.
         views_on_device: ``None``: on the device when it is an accelerator and the transform allows it.
         mixed_precision: ``None``: the accelerator's ``mixed_precision``, else ``"no"``.
         features_dtype: float32 (default), float16 or bfloat16.
@@ -420,7 +443,7 @@ def encode_views(
     chunks = [
         list(batch[start : start + CHUNK_ROWS]) for batch in batches for start in range(0, len(batch), CHUNK_ROWS)
     ]
-    workers = settings.num_workers if settings.num_workers >= 0 else default_num_workers(len(chunks))
+    workers = settings.num_workers if settings.num_workers >= 0 else default_num_workers(len(chunks), device)
     logger.info(
         "Extracting %d view(s) of %d images with %d DataLoader worker(s); views made on the %s, autocast %s",
         views,
@@ -451,7 +474,7 @@ def encode_views(
             for chunk in iterator:
                 if isinstance(chunk, _Failure):
                     raise ValueError(chunk.message)
-                pending.append(_on_device(chunk, transform, device, settings))
+                pending.append(_on_device(chunk, transform, device))
                 filled += len(chunk.rows)
                 if filled < len(batches[batch_index]):
                     continue
@@ -478,7 +501,7 @@ def encode_views(
     return features.cpu()
 
 
-def _on_device(chunk: _Chunk, transform: Any, device: torch.device, settings: ExtractionSettings) -> dict:
+def _on_device(chunk: _Chunk, transform: Any, device: torch.device) -> dict[str, torch.Tensor]:
     """The chunk's views on ``device``: ``{input name: [V, k, ...]}``, made there from decoded images if asked."""
     if chunk.images is not None:
         images = chunk.images.to(device, non_blocking=True)

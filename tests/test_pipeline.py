@@ -295,10 +295,11 @@ def test_default_workers_share_the_cores_among_local_processes(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert default_num_workers() == 8  # capped
+    assert default_num_workers(device="cpu") == 2  # a CPU backbone keeps most cores for its own threads
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert default_num_workers() == 4
+    assert default_num_workers() == 4 and default_num_workers(device="cpu") == 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert default_num_workers() == 1  # never 0 by default: decoding still leaves the main process
+    assert default_num_workers() == 1  # feeding a GPU, decoding leaves the main process even on 1 core
     # ... unless there is too little to read for a worker's start-up to pay off: 4 chunks of 8 rows each.
     assert [default_num_workers(num_chunks) for num_chunks in (1, 3, 4, 40)] == [0, 0, 1, 1]
 
