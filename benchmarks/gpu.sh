@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Time to a trained adapter at ImageNet size on one GPU: offline, one command, under 8 minutes.
+# Time to a trained adapter at ImageNet size on one GPU: offline, one command, sized for under 8 minutes.
 #
 #   bash benchmarks/gpu.sh                                            # on a machine with a CUDA GPU
 #   bash benchmarks/gpu.sh --device cpu --tiny --classes 4 --output_dir /tmp/gpu-smoke  # tiny, any CPU

@@ -10,7 +10,7 @@ Measured in one run, on generated photo-like JPEGs (smooth colour regions plus s
   own work (``render_views`` and the normalisation) is timed apart, on ``--device``.
 - Extraction throughput (images per second) through ``FeatureCache.load_or_extract`` with a tiny
   224-px backbone, so that the input pipeline is the bottleneck, at 0, 1 and 2 DataLoader workers, with
-  the views made on the CPU and on the device.
+  the views made on the CPU (and, on an accelerator, on the device).
 """
 
 from __future__ import annotations
@@ -209,12 +209,10 @@ def measure_throughput(folder: Path, args) -> dict[str, Any]:
     dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")
     model = tiny_224_backbone().to(args.device)
     settings = [(workers, False) for workers in args.pipeline_workers]
-    # Views made "on the device" by a CPU only show what that costs there (several times PIL's work): one run.
-    on_device = [max(args.pipeline_workers)]
-    if args.device != "cpu":
-        on_device = sorted({min(args.pipeline_workers), max(args.pipeline_workers)})
-    settings += [(workers, True) for workers in on_device]
+    if args.device != "cpu":  # on a CPU the device's work is PIL's, ten times over (see the costs): not run
+        settings += [(workers, True) for workers in sorted({min(args.pipeline_workers), max(args.pipeline_workers)})]
     times: dict[tuple[int, bool], list[float]] = {setting: [] for setting in settings}
+    cpu: dict[tuple[int, bool], list[tuple[float, float]]] = {setting: [] for setting in settings}
 
     def run(workers: int, on_device: bool) -> None:
         with tempfile.TemporaryDirectory() as cache_dir:  # cold: extraction every time
@@ -237,13 +235,18 @@ def measure_throughput(folder: Path, args) -> dict[str, Any]:
         for round_index in range(args.pipeline_repeats):
             order = settings if round_index % 2 == 0 else list(reversed(settings))  # taking turns, as elsewhere
             for setting in order:
+                before = _cpu_seconds()
                 times[setting].append(benchlib.seconds(lambda s=setting: run(*s), args.device))
+                after = _cpu_seconds()
+                cpu[setting].append((after[0] - before[0], after[1] - before[1]))
     finally:
         torch.set_num_threads(threads)
     result: dict[str, Any] = {"images": len(dataset), "views": args.views, "batch_size": args.pipeline_batch_size}
     runs = {}
     for (workers, on_device), values in times.items():
         seconds = statistics.median(values)
+        main_cpu = statistics.median(main for main, _ in cpu[(workers, on_device)])
+        workers_cpu = statistics.median(children for _, children in cpu[(workers, on_device)])
         runs[f"{'device' if on_device else 'cpu'}_views_{workers}_workers"] = {
             "workers": workers,
             "views_on_device": on_device,
@@ -251,13 +254,30 @@ def measure_throughput(folder: Path, args) -> dict[str, Any]:
             "times_s": values,
             "images_per_s": len(dataset) / seconds,
             "views_per_s": len(dataset) * args.views / seconds,
+            "main_cpu_s": main_cpu,
+            "workers_cpu_s": workers_cpu,
+            # What the wall time would be with a free core for each process: the busiest one's CPU time.
+            "free_cores_seconds": max(main_cpu, workers_cpu / workers) if workers else main_cpu,
         }
     result["runs"] = runs
     base = runs[f"cpu_views_{min(args.pipeline_workers)}_workers"]["images_per_s"]
     most = runs[f"cpu_views_{max(args.pipeline_workers)}_workers"]["images_per_s"]
     result["workers_speedup"] = benchlib.ratio(most, base)
     result["workers_compared"] = [min(args.pipeline_workers), max(args.pipeline_workers)]
+    fewest_run = runs[f"cpu_views_{min(args.pipeline_workers)}_workers"]
+    most_run = runs[f"cpu_views_{max(args.pipeline_workers)}_workers"]
+    result["workers_speedup_free_cores"] = benchlib.ratio(
+        fewest_run["free_cores_seconds"], most_run["free_cores_seconds"]
+    )
     return result
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by this process, and by its finished child processes."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
 def measure_pipeline(args, workdir: Path) -> dict[str, Any]:

@@ -5,7 +5,7 @@
     python benchmarks/speed.py --device cuda                  # 16 shots x 1000 classes on a GPU
     python benchmarks/speed.py --tiny                         # the tiny CLIP, seconds (the smoke test)
     python benchmarks/speed.py --sections pipeline            # the input pipeline only (a few minutes on CPU)
-    bash benchmarks/gpu.sh                                    # the GPU run: ViT-B/16 bf16, 16k JPEGs, < 8 min
+    bash benchmarks/gpu.sh                                    # the GPU run: ViT-B/16 bf16, 16k JPEGs, < 8 min planned
 
 Every comparison is a ratio of two timings taken in this run (medians after warm-up, calls taking
 turns), on real-size ViT-B/32 and ViT-B/16 CLIP models built from ``CLIPConfig`` with random weights
@@ -21,7 +21,7 @@ turns), on real-size ViT-B/32 and ViT-B/16 CLIP models built from ``CLIPConfig``
    memory, and the adapter's size on disk.
 5. ``pipeline``: the input pipeline of feature extraction (``pipeline_bench.py``): CPU ms per training
    view and per eval image at 500x375 and 12 MP, before and now, and extraction images/s with a tiny
-   224-px backbone at 0, 1 and 2 DataLoader workers, views made on the CPU or on the device.
+   224-px backbone at 0, 1 and 2 DataLoader workers (views made on the CPU, and on a GPU on the device).
 
 Results go to ``benchmarks/results/speed_<device>.json`` and ``.md`` (``speed_<device>_pipeline`` when
 only the pipeline section runs, ``_tiny`` with ``--tiny``), with the machine's description and exactly
@@ -93,9 +93,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         default=None,
         help="DataLoader workers of the adapter section's extraction (default: the library's, for the device).",
     )
-    parser.add_argument("--pipeline_images", type=int, default=48, help="500x375 JPEGs of the throughput runs.")
+    parser.add_argument("--pipeline_images", type=int, default=96, help="500x375 JPEGs of the throughput runs.")
     parser.add_argument("--pipeline_workers", default="0,1,2", help="Worker counts of the throughput runs.")
-    parser.add_argument("--pipeline_batch_size", type=int, default=16, help="Batch of the throughput runs.")
+    parser.add_argument("--pipeline_batch_size", type=int, default=32, help="Batch of the throughput runs.")
     parser.add_argument("--pipeline_repeats", type=int, default=3, help="Timed rounds of the pipeline section.")
     parser.add_argument("--output_dir", default=None, help=f"Where to write results (default: {RESULTS_DIR}).")
     args = parser.parse_args(argv)
@@ -534,7 +534,10 @@ def build_notes(args: argparse.Namespace) -> list[str]:
             f"Extraction throughput: FeatureCache.load_or_extract from a cold cache, {args.pipeline_images} JPEGs "
             f"of 500x375 x {args.views} views, batch {args.pipeline_batch_size}, a CLIP with 224-px inputs and a "
             "one-layer, 32-wide vision tower (so that the pipeline is the bottleneck), one torch thread in the "
-            f"main process; the worker counts take turns, median of {args.pipeline_repeats}.",
+            f"main process; the worker counts take turns, median of {args.pipeline_repeats}. The CPU seconds of "
+            "the main process and of the workers (getrusage) give the time with a free core per process, the "
+            "busiest one's CPU time: the speed-up the pipeline allows, which a machine whose cores other jobs "
+            "hold cannot show in wall time.",
         ]
     if args.tiny:
         notes.append("Tiny mode: a tiny random CLIP and tiny sizes; the numbers only show that the script works.")

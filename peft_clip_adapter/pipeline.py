@@ -453,13 +453,17 @@ def encode_views(
         settings.mixed_precision,
     )
     dataset = _Rows(images, image_column, transform, views=views, views_on_device=settings.views_on_device)
+    # Each worker may run this many chunks ahead: together a whole batch and then some, so that they go on
+    # decoding the next batch while the backbone runs this one (with a CPU backbone, the main process
+    # takes no chunk while it computes).
+    chunks_per_batch = -(-max(len(batch) for batch in batches) // CHUNK_ROWS) if batches else 1
     loader = DataLoader(
         dataset,
         batch_sampler=chunks,
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=device.type == "cuda",
-        prefetch_factor=2 if workers else None,
+        prefetch_factor=max(2, -(-chunks_per_batch // workers) + 1) if workers else None,
     )
     total = sum(len(batch) for batch in batches)
     features = torch.empty(views, total, width, dtype=settings.features_dtype, device=device)  # [V, n, D]
