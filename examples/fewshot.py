@@ -46,6 +46,7 @@ images see the same global batches and train the same adapter.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -53,7 +54,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -62,7 +63,7 @@ import torch
 import transformers
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from peft import get_peft_model
 from torch import nn
 from torch.nn import functional as F
@@ -71,7 +72,12 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoProcessor
 
 import peft_clip_adapter
-from peft_clip_adapter.classifier import CLIPAdapterClassifier, encode_class_prompts
+from peft_clip_adapter.classifier import (
+    NEAR_DUPLICATE_COSINE,
+    CLIPAdapterClassifier,
+    check_class_prototypes,
+    encode_class_prompts,
+)
 from peft_clip_adapter.data import (
     build_eval_transform,
     build_train_transform,
@@ -84,6 +90,8 @@ from peft_clip_adapter.data import (
 from peft_clip_adapter.embeddings import frozen
 from peft_clip_adapter.features import FeatureCache, FeatureSet, dataset_labels
 from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset
+from peft_clip_adapter.recipe import TrainingRecipe, scheduled_learning_rate
+from peft_clip_adapter.search import SearchResult, search_hyperparameters, set_ratio
 from peft_clip_adapter.templates import DATASET_TEMPLATES, templates_for
 
 logger = get_logger(__name__)
@@ -96,6 +104,10 @@ OFFLINE_DEFAULTS = {"shots": 32, "ratio": 0.6, "learning_rate": 0.05, "views": 4
 #: Global batch (per device x processes x accumulation) used when --per_device_train_batch_size is unset.
 GLOBAL_BATCH_SIZE = 32
 
+#: After this many epochs (or all, if fewer), a training loss that has moved by less than STALL_TOLERANCE
+#: (relative) is reported: the classes' prototypes are likely (nearly) identical.
+STALL_CHECK_EPOCHS = 5
+STALL_TOLERANCE = 1e-4
 RESULTS_FILE = "all_results.json"
 PLOT_FILE = "training_curves.png"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -133,7 +145,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
     method = parser.add_argument_group("CLIP-Adapter")
     method.add_argument("--shots", type=int, default=None, help="Training images per class (paper: 1-16; 16).")
-    method.add_argument("--ratio", type=float, default=None, help="Residual blend alpha in [0, 1] (paper: 0.2).")
+    method.add_argument(
+        "--ratio",
+        default=None,
+        help="Residual blend alpha in [0, 1] (paper: 0.2), or 'auto': chosen by k-fold cross-validation on the shots.",
+    )
     method.add_argument("--reduction", type=int, default=4, help="Bottleneck factor: hidden width d // reduction.")
     method.add_argument("--adapt", choices=["vision", "text", "both"], default="vision", help="Branch(es) to adapt.")
     method.add_argument(
@@ -148,6 +164,26 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--min_crop_scale", type=float, default=None, help="Smallest random-resized-crop area share (paper: 0.08)."
     )
     method.add_argument("--end_to_end", action="store_true", help="Train through the full model, no feature cache.")
+    method.add_argument(
+        "--ratio_grid",
+        type=float,
+        nargs="+",
+        default=[0.2, 0.4, 0.6, 0.8],
+        help="Candidates of --ratio auto (default: 0.2 0.4 0.6 0.8).",
+    )
+    method.add_argument(
+        "--learning_rate_grid",
+        type=float,
+        nargs="+",
+        default=[5e-4, 2e-3, 8e-3],
+        help="Candidates of --learning_rate auto (default: 5e-4 2e-3 8e-3).",
+    )
+    method.add_argument(
+        "--search_folds",
+        type=int,
+        default=4,
+        help="Folds of the --ratio / --learning_rate auto search (at most shots).",
+    )
 
     train = parser.add_argument_group("training")
     train.add_argument("--num_train_epochs", type=int, default=200)
@@ -159,7 +195,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     train.add_argument("--per_device_eval_batch_size", type=int, default=256)
     train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=None, help="Peak SGD learning rate (paper: 2e-3).")
+    train.add_argument(
+        "--learning_rate", default=None, help="Peak SGD learning rate (paper: 2e-3), or 'auto' (see --ratio auto)."
+    )
     train.add_argument("--momentum", type=float, default=0.9)
     train.add_argument("--weight_decay", type=float, default=5e-4)
     train.add_argument("--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine")
@@ -200,6 +238,8 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.ratio = _number_or_auto("ratio", args.ratio)
+    args.learning_rate = _number_or_auto("learning_rate", args.learning_rate)
     args.cache_dir = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "peft-clip-adapter")
     args.feature_cache_dir = args.feature_cache_dir or os.path.join(args.cache_dir, "features")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
@@ -208,6 +248,18 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
                 f"--checkpointing_steps {args.checkpointing_steps!r} must be a whole number of steps or 'epoch'."
             )
         args.checkpointing_steps = int(args.checkpointing_steps)
+
+
+def _number_or_auto(flag: str, value: Any) -> Any:
+    """A flag that takes a number or 'auto' (chosen by the hyperparameter search)."""
+    if isinstance(value, float) or value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(
+            f"--{flag} must be a number or 'auto' (chosen by cross-validation on the shots), got {value!r}."
+        ) from None
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -226,9 +278,17 @@ def _check_args(args: argparse.Namespace) -> None:
     for name, value in at_least_one.items():
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be at least 1, got {value}.")
-    if not 0.0 <= args.ratio <= 1.0:
+    if args.ratio != "auto" and not 0.0 <= args.ratio <= 1.0:
         raise ValueError(f"--ratio must be in [0, 1] (the residual blend; the paper uses 0.2), got {args.ratio}.")
-    if not args.learning_rate > 0 or not args.warmup_learning_rate >= 0:
+    if any(not 0.0 <= ratio <= 1.0 for ratio in args.ratio_grid):
+        raise ValueError(f"--ratio_grid values must be in [0, 1], got {args.ratio_grid}.")
+    if any(not learning_rate > 0 for learning_rate in args.learning_rate_grid):
+        raise ValueError(f"--learning_rate_grid values must be > 0, got {args.learning_rate_grid}.")
+    if args.search_folds < 2:
+        raise ValueError(
+            f"--search_folds must be at least 2 (one fold held out, the rest train), got {args.search_folds}."
+        )
+    if (args.learning_rate != "auto" and not args.learning_rate > 0) or not args.warmup_learning_rate >= 0:
         raise ValueError(
             f"--learning_rate must be > 0 and --warmup_learning_rate >= 0, got {args.learning_rate} and "
             f"{args.warmup_learning_rate}."
@@ -315,7 +375,9 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
             "needs both CLIP towers with their projections to classify images by class-name prompts. Use a "
             "CLIPModel checkpoint such as openai/clip-vit-base-patch16."
         )
-    config = peft_clip_adapter.CLIPAdapterConfig(ratio=args.ratio, reduction=args.reduction, adapt=args.adapt)
+    # With --ratio auto the search sets the ratio later (set_ratio); the initial weights do not depend on it.
+    ratio = PAPER_DEFAULTS["ratio"] if args.ratio == "auto" else args.ratio
+    config = peft_clip_adapter.CLIPAdapterConfig(ratio=ratio, reduction=args.reduction, adapt=args.adapt)
     # Seed right here: the adapter's initial weights then depend on --seed alone, not on what ran before
     # (building the offline model on a first run reseeds torch, for one).
     set_seed(args.seed)
@@ -409,20 +471,19 @@ class EndToEndHead(nn.Module):
 
 
 def learning_rate_at(step: int, args: argparse.Namespace, warmup_steps: int, total_steps: int) -> float:
-    """CoOp's schedule, per optimizer step: a constant warm-up lr, then the schedule over the whole run.
+    """CoOp's schedule, per optimizer step (``recipe.scheduled_learning_rate``, which the search follows too).
 
-    As in CoOp, the cosine is evaluated over all steps including the warm-up, so the first step after
-    the warm-up epoch gets ``cos(pi / epochs)``. The lr is a pure function of the step, so resuming needs
-    no scheduler state.
+    A constant warm-up lr, then the schedule over the whole run; a pure function of the step, so resuming
+    needs no scheduler state.
     """
-    if step < warmup_steps:
-        return args.warmup_learning_rate
-    progress = step / max(total_steps, 1)
-    if args.lr_scheduler_type == "cosine":
-        return 0.5 * args.learning_rate * (1.0 + math.cos(math.pi * progress))
-    if args.lr_scheduler_type == "linear":
-        return args.learning_rate * (1.0 - progress)
-    return args.learning_rate
+    return scheduled_learning_rate(
+        step,
+        peak=args.learning_rate,
+        warmup_steps=warmup_steps,
+        total_steps=total_steps,
+        schedule=args.lr_scheduler_type,
+        warmup_learning_rate=args.warmup_learning_rate,
+    )
 
 
 @torch.no_grad()
@@ -476,6 +537,64 @@ def make_batch_inputs(
         return torch.stack(crops)  # [B, 3, H, W]
 
     return pixels
+
+
+def choose_hyperparameters(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    peft_model: nn.Module,
+    classifier: CLIPAdapterClassifier,
+    train_set: FeatureSet,
+    train_eval_set: FeatureSet,
+    global_batch: int,
+) -> SearchResult:
+    """--ratio / --learning_rate auto: k-fold cross-validation on the training shots, then set the winners.
+
+    ``peft_clip_adapter.search`` trains every candidate x fold with this script's recipe, all at once. It
+    runs on the main process and its choice is broadcast, so every process trains with the same values.
+    """
+    recipe = TrainingRecipe(
+        num_train_epochs=args.num_train_epochs,
+        batch_size=global_batch,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type=args.lr_scheduler_type,
+        num_warmup_steps=args.num_warmup_steps,
+        warmup_learning_rate=args.warmup_learning_rate,
+        seed=args.seed,
+    )
+    found: list[Optional[SearchResult]] = [None]
+    if accelerator.is_main_process:
+        with _one_thread_on_cpu(accelerator):
+            found = [
+                search_hyperparameters(
+                    classifier,
+                    train_set,
+                    train_eval_set.features[0],
+                    ratios=args.ratio_grid if args.ratio == "auto" else [args.ratio],
+                    learning_rates=args.learning_rate_grid if args.learning_rate == "auto" else [args.learning_rate],
+                    recipe=recipe,
+                    num_folds=args.search_folds,
+                    fallback=(PAPER_DEFAULTS["ratio"], PAPER_DEFAULTS["learning_rate"]),
+                )
+            ]
+    result = broadcast_object_list(found)[0]
+    (logger.info if result.candidates else logger.warning)("Hyperparameter search: %s", result.summary())
+    set_ratio(peft_model, result.ratio)
+    args.ratio, args.learning_rate = result.ratio, result.learning_rate
+    return result
+
+
+@contextlib.contextmanager
+def _one_thread_on_cpu(accelerator: Accelerator) -> Iterator[None]:
+    """One intra-op thread on CPU, as ``train`` uses for the tiny adapters (see there)."""
+    threads = torch.get_num_threads()
+    if accelerator.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def train(
@@ -544,6 +663,8 @@ def train(
 
         epoch_loss = accelerator.reduce(loss_sum, "mean").item() / max(state["epoch_steps"], 1)
         state["train_loss_per_epoch"].append(epoch_loss)
+        if len(state["train_loss_per_epoch"]) == min(STALL_CHECK_EPOCHS, args.num_train_epochs) > 1:
+            _warn_if_loss_stalled(state["train_loss_per_epoch"], num_classes=int(train_labels.max()) + 1)
         state["epoch_loss_sum"], state["epoch_steps"] = 0.0, 0
         metrics = {"train_loss": epoch_loss, "learning_rate": optimizer.param_groups[0]["lr"]}
         if (epoch + 1) % eval_every == 0 or epoch + 1 == args.num_train_epochs:
@@ -556,6 +677,21 @@ def train(
     progress.close()
     torch.set_num_threads(threads)
     return state
+
+
+def _warn_if_loss_stalled(losses: list[float], num_classes: int) -> None:
+    """Training that has not moved the loss at all is stuck (e.g. classes with one prototype): say so early."""
+    if max(losses) - min(losses) > STALL_TOLERANCE * max(1.0, abs(losses[0])):
+        return
+    logger.warning(
+        "The training loss has not moved in the first %d epochs (%.6f; ln(%d classes) = %.4f is a classifier that "
+        "cannot tell the classes apart). Check the warnings about near-identical class prompts above, the "
+        "learning rate (--learning_rate) and --ratio (0 disables the adapter).",
+        len(losses),
+        losses[-1],
+        num_classes,
+        math.log(num_classes),
+    )
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
@@ -686,6 +822,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         templates,
     )
     class_embeddings = encode_class_prompts(peft_model, processor.tokenizer, names, templates)  # [C, T, D]
+    # Identical prototypes are a ValueError; nearly identical ones a warning.
+    near_duplicates = check_class_prototypes(class_embeddings, names, near_duplicate_cosine=NEAR_DUPLICATE_COSINE)
+    if near_duplicates:
+        logger.warning(
+            "Classes with nearly identical prompt embeddings (cosine > %.2f): %s. The classifier will hardly tell "
+            "them apart; check the class names and --templates.",
+            NEAR_DUPLICATE_COSINE,
+            "; ".join(f"{a!r} / {b!r} ({cosine:.4f})" for a, b, cosine in near_duplicates),
+        )
     classifier = CLIPAdapterClassifier.from_model(peft_model, class_embeddings)
 
     start = time.perf_counter()
@@ -703,11 +848,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     eval_set = cache.load_or_extract(
         peft_model, eval_dataset, build_eval_transform(processor.image_processor), views=1, **extract
     )
+    searching = "auto" in (args.ratio, args.learning_rate)
     if args.end_to_end:
         check_images(train_dataset, args.image_column_name)
-        train_set = None
-    else:
+    train_set = None
+    if not args.end_to_end or searching:  # the search always trains on cached features
         train_set = cache.load_or_extract(peft_model, train_dataset, train_transform, views=args.views, **extract)
+    if searching:  # held-out shots are scored on their eval-transform embeddings, as test images are
+        eval_view = build_eval_transform(processor.image_processor)
+        train_eval_set = cache.load_or_extract(peft_model, train_dataset, eval_view, views=1, **extract)
     feature_seconds = time.perf_counter() - start
 
     # Data loaders over row indices: the cached features (or images) are looked up per batch.
@@ -725,6 +874,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     eval_loader = DataLoader(
         TensorDataset(torch.arange(len(eval_dataset))), batch_size=args.per_device_eval_batch_size
     )
+    search = None
+    if searching:
+        global_batch = per_device * num_processes * args.gradient_accumulation_steps
+        search = choose_hyperparameters(
+            args, accelerator, peft_model, classifier, train_set, train_eval_set, global_batch
+        )
 
     trainable = [parameter for parameter in classifier.parameters() if parameter.requires_grad]
     optimizer = torch.optim.SGD(
@@ -797,6 +952,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "seed": args.seed,
         "views": args.views,
         "ratio": args.ratio,
+        "learning_rate": args.learning_rate,
+        "hyperparameter_search": search.to_dict() if search else None,
         "reduction": args.reduction,
         "adapt": args.adapt,
         "templates": templates,
@@ -824,10 +981,13 @@ def _save_outputs(args, accelerator: Accelerator, peft_model, results: dict[str,
         "dataset": results["dataset"],
         "shots": args.shots,
         "ratio": args.ratio,
+        "learning_rate": args.learning_rate,
         "accuracy": results["eval_accuracy"],
         "zero_shot_accuracy": results["zero_shot_accuracy"],
         "num_eval_images": results["num_eval_images"],
     }
+    if results["hyperparameter_search"]:  # the grid, every candidate's held-out accuracy and the choice
+        peft_model.training_results["hyperparameter_search"] = results["hyperparameter_search"]["summary"]
     accelerator.wait_for_everyone()
     output_dir = Path(args.output_dir)
     accelerator.unwrap_model(peft_model).save_pretrained(str(output_dir), is_main_process=accelerator.is_main_process)

@@ -172,18 +172,32 @@ def test_push_to_hub_uploads_the_adapter_with_results(fewshot, tiny_clip_path, s
 # Bad input: each a clear error before training
 
 
-def test_integer_labels_without_names_train_with_a_warning(fewshot, tiny_clip_path, shapes_dir, tmp_path, caplog):
+def _integer_label_args(model: str, shapes_dir: str, tmp_path: Path) -> list[str]:
     import datasets
 
     saved = datasets.load_dataset("imagefolder", data_dir=shapes_dir, split="train")
     saved.cast_column("label", datasets.Value("int64")).save_to_disk(tmp_path / "saved")
-    argv = _args(tiny_clip_path, shapes_dir, tmp_path, "--dataset_name", str(tmp_path / "saved"))
+    argv = _args(model, shapes_dir, tmp_path, "--dataset_name", str(tmp_path / "saved"))
     argv.remove("--train_dir")
     argv.remove(str(shapes_dir))
+    return argv
+
+
+def test_integer_labels_without_names_train_with_a_warning(fewshot, shapes_dir, tmp_path, caplog):
+    from peft_clip_adapter.offline import build_tiny_clip
+
+    model = build_tiny_clip(tmp_path / "digits-clip", words=["0", "1", "2", "3"])  # a tokenizer that knows digits
     caplog.set_level("WARNING")
-    results = fewshot.main(argv)
+    results = fewshot.main(_integer_label_args(model, shapes_dir, tmp_path))
     assert "holds integer ids without class names, so the prompts name the classes ['0', '1', '2', '3']" in caplog.text
     assert list(results["per_class_accuracy"]) == ["0", "1", "2", "3"] and results["num_train_images"] == 16
+
+
+def test_classes_with_identical_prompts_are_refused_before_training(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    """The tiny CLIP's tokenizer does not know '0'...'3': every prompt encodes to the same embedding."""
+    with pytest.raises(ValueError, match=r"Classes '0' and '1'; '0' and '2'; .* have identical prompt embeddings"):
+        fewshot.main(_integer_label_args(tiny_clip_path, shapes_dir, tmp_path))
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 def test_missing_column_lists_the_columns(fewshot, tiny_clip_path, shapes_dir, tmp_path):
