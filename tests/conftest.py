@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny CLIP checkpoint and a small image folder, both built locally.
+"""Shared fixtures: a tiny CLIP checkpoint, a small image folder and the pretrained micro-CLIP, built locally.
 
 ``HF_HUB_OFFLINE=1`` is set before anything imports ``huggingface_hub``, so an accidental download
 fails at once instead of hanging.
@@ -44,6 +44,29 @@ def tiny_processor(tiny_clip_path):
 def shapes_dir(tmp_path_factory) -> str:
     """An image folder with the four shape classes, 12 images each."""
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), images_per_class=12)
+
+
+@pytest.fixture(scope="session")
+def offline_cache_dir(tmp_path_factory):
+    """A --cache_dir holding the trainer's offline default: the pretrained micro-CLIP (about a minute, once
+    per session) and the generated task's images, built by the trainer's own builder."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "fewshot_builder", Path(__file__).parents[1] / "examples" / "fewshot.py"
+    )
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    cache_dir = tmp_path_factory.mktemp("offline-cache")
+    trainer.build_offline_default(str(cache_dir), "dusk-pairs")
+    return cache_dir
+
+
+@pytest.fixture(scope="session")
+def micro_clip_path(offline_cache_dir) -> str:
+    """The pretrained micro-CLIP of the offline default (see ``offline_cache_dir``)."""
+    return str(next((offline_cache_dir / "offline-default").glob("micro-clip-*")))
 
 
 @pytest.fixture
