@@ -103,9 +103,9 @@ logger = get_logger(__name__)
 #: The paper's recipe (CoOp's RN50 config), used for real models.
 PAPER_DEFAULTS = {"shots": 16, "ratio": 0.2, "learning_rate": 2e-3, "views": 10, "min_crop_scale": 0.08}
 #: The offline default's settings: the paper's recipe (ratio, learning rate, 200 epochs, its schedule) on the
-#: micro-CLIP. Only the crops differ: the scenes are 32 px, where a crop of 8 % of the area often misses
-#: the shape that names the class, so crops keep at least half of the image.
-OFFLINE_DEFAULTS = {"shots": 16, "ratio": 0.2, "learning_rate": 2e-3, "views": 10, "min_crop_scale": 0.5}
+#: micro-CLIP. Only the augmentation differs: in 32 px scenes a random crop cuts off the shape or changes
+#: its size, which the classes and prompts describe, so the views are whole images, randomly flipped.
+OFFLINE_DEFAULTS = {"shots": 16, "ratio": 0.2, "learning_rate": 2e-3, "views": 10, "min_crop_scale": 1.0}
 #: The offline default's model (bump the folder name when the pretraining changes) and its images.
 MICRO_CLIP_CONFIG = PretrainingConfig()
 MICRO_CLIP_FOLDER = "micro-clip-v1"
@@ -356,7 +356,7 @@ def prepare_offline_default(args: argparse.Namespace, accelerator: Accelerator) 
     task = SCENE_TASKS[args.offline_task]
     logger.warning(
         "Offline default: a micro-CLIP pretrained on generated captioned scenes (%s) and the generated task %r: %s "
-        "(%d classes). The paper's recipe: %s, %d epochs (crops keep at least half of the 32 px images).",
+        "(%d classes). The paper's recipe: %s, %d epochs (no crops: the views of the 32 px scenes are flips).",
         folders[0],
         task.name,
         task.description,

@@ -3,12 +3,13 @@
 Each task names its classes by the words the micro-CLIP learned (``peft_clip_adapter.microclip``), so its
 zero-shot classifier is meaningful, and each leaves room for an adapter:
 
-- ``pairs``: 9 colour-shape pairs (red, blue or yellow x circle, square or triangle). Three of them are
-  held-out combinations the model never saw in pretraining, and every class differs from others by
-  one word, so both words must be read.
-- ``dusk-pairs``: the same 9 pairs under the ``dusk`` shift (dim, blurred, noisy), never seen in
-  pretraining: zero-shot drops, and the few shots, taken under the same shift, show the adapter the way
-  back. The trainer's offline default.
+- ``held-out-pairs``: 12 colour-shape pairs: the 6 combinations pretraining never showed
+  (``microclip.HELD_OUT_PAIRS``) and 6 seen ones that swap their colours, so every shape comes in two
+  colours and every colour on two shapes, and both words must be read. Zero-shot composes the unseen
+  pairs from their words, less well than the seen ones.
+- ``dusk-pairs``: 9 pairs (red, blue or yellow x circle, square or triangle; three of them held out)
+  under the ``dusk`` shift (dim, blurred, noisy), never seen in pretraining: zero-shot drops, and the
+  few shots, taken under the same shift, show the adapter the way back. The trainer's offline default.
 
 The folders load with ``datasets.load_dataset("imagefolder", data_dir=root)``::
 
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from peft_clip_adapter.microclip import HELD_OUT_PAIRS
 from peft_clip_adapter.scenes import COLOURS, SHAPES, apply_shift, render_scenes, sample_scenes
 
 
@@ -44,9 +46,9 @@ class SceneTask:
         ValueError: for a constraint on an unknown attribute or value, or as many classes as constraints.
 
     Example:
-        >>> task = SCENE_TASKS["pairs"]
-        >>> len(task.classes), task.classes[0], task.constraints[0]
-        (9, 'red circle', {'shape': 'circle', 'colour': 'red'})
+        >>> task = SCENE_TASKS["dusk-pairs"]
+        >>> len(task.classes), task.classes[0], task.constraints[0], task.shift
+        (9, 'red circle', {'shape': 'circle', 'colour': 'red'}, 'dusk')
     """
 
     name: str
@@ -70,8 +72,18 @@ class SceneTask:
                     )
 
 
-def _pairs_task(name: str, shift: str, description: str) -> SceneTask:
-    pairs = list(itertools.product(("circle", "square", "triangle"), ("red", "blue", "yellow")))
+#: Seen pairs that give each held-out pair's shape and colour a second partner (a colour swap among them).
+_SEEN_PARTNERS: tuple[tuple[str, str], ...] = (
+    ("circle", "yellow"),
+    ("square", "red"),
+    ("triangle", "blue"),
+    ("cross", "orange"),
+    ("diamond", "green"),
+    ("ring", "purple"),
+)
+
+
+def _pairs_task(name: str, pairs: list[tuple[str, str]], shift: str, description: str) -> SceneTask:
     return SceneTask(
         name=name,
         classes=tuple(f"{colour} {shape}" for shape, colour in pairs),
@@ -83,8 +95,18 @@ def _pairs_task(name: str, shift: str, description: str) -> SceneTask:
 
 #: The tasks by name.
 SCENE_TASKS: dict[str, SceneTask] = {
-    "pairs": _pairs_task("pairs", "none", "9 colour-shape pairs, 3 of them never seen together in pretraining"),
-    "dusk-pairs": _pairs_task("dusk-pairs", "dusk", "the 9 pairs in dim, blurred, noisy images (unseen shift)"),
+    "held-out-pairs": _pairs_task(
+        "held-out-pairs",
+        [*HELD_OUT_PAIRS, *_SEEN_PARTNERS],
+        "none",
+        "12 colour-shape pairs, 6 of them never seen together in pretraining",
+    ),
+    "dusk-pairs": _pairs_task(
+        "dusk-pairs",
+        list(itertools.product(("circle", "square", "triangle"), ("red", "blue", "yellow"))),
+        "dusk",
+        "9 colour-shape pairs (3 never seen together) in dim, blurred, noisy images: an unseen shift",
+    ),
 }
 
 
@@ -103,7 +125,7 @@ def render_task_images(
         ``([C * n, 3, H, W] uint8 images, [C * n] int64 labels)``, class by class.
 
     Example:
-        >>> images, labels = render_task_images(SCENE_TASKS["pairs"], 2, torch.Generator().manual_seed(0))
+        >>> images, labels = render_task_images(SCENE_TASKS["dusk-pairs"], 2, torch.Generator().manual_seed(0))
         >>> images.shape, labels.tolist()[:6]
         (torch.Size([18, 3, 32, 32]), [0, 0, 1, 1, 2, 2])
     """
@@ -145,7 +167,7 @@ def write_task_dataset(
     Example:
         >>> import tempfile
         >>> from datasets import load_dataset
-        >>> root = write_task_dataset(tempfile.mkdtemp(), SCENE_TASKS["pairs"], images_per_class=1)
+        >>> root = write_task_dataset(tempfile.mkdtemp(), SCENE_TASKS["dusk-pairs"], images_per_class=1)
         >>> load_dataset("imagefolder", data_dir=root, split="train").features["label"].names[:3]
         ['blue circle', 'blue square', 'blue triangle']
     """

@@ -3,7 +3,7 @@
 The micro-CLIP is pretrained once per session (``offline_cache_dir``). The trainer then runs on the
 offline default's task (the 9 colour-shape pairs under the unseen ``dusk`` shift) for three seeds, each
 with the paper's recipe: 16 shots, ratio 0.2, lr 2e-3, 200 epochs, cosine schedule after a warm-up
-epoch. Runs of one seed share their cached features.
+epoch (10 views; flips, no crops). Runs of one seed share their cached features.
 """
 
 from __future__ import annotations
@@ -100,7 +100,9 @@ def test_ratio_auto_lands_within_two_points_of_the_best_ratio_on_the_test_images
     assert sum(gaps) / len(gaps) <= 0.02, gaps
 
 
-def _test_accuracy_per_ratio(cache_dir: Path, seed: int, ratios: list[float]) -> dict[float, float]:
+def _test_accuracy_per_ratio(
+    cache_dir: Path, seed: int, ratios: list[float], task: str = "dusk-pairs"
+) -> dict[float, float]:
     from peft import get_peft_model
     from transformers import AutoProcessor, CLIPModel
 
@@ -123,11 +125,11 @@ def _test_accuracy_per_ratio(cache_dir: Path, seed: int, ratios: list[float]) ->
     torch.manual_seed(seed)  # the trainer's initial adapter for this seed
     model = get_peft_model(model, CLIPAdapterConfig()).eval()
     data = load_image_classification_data(
-        train_dir=root / "dusk-pairs-train", validation_dir=root / "dusk-pairs-validation", seed=seed
+        train_dir=root / f"{task}-train", validation_dir=root / f"{task}-validation", seed=seed
     )
     train = sample_few_shot(data["train"], 16, seed=seed)
     cache = FeatureCache(Path(cache_dir) / "features")
-    transform = build_train_transform(processor.image_processor, seed=seed, scale=(0.5, 1.0))
+    transform = build_train_transform(processor.image_processor, seed=seed, scale=(1.0, 1.0))  # the offline default
     train_set = cache.load_or_extract(model, train, transform, views=10)
     eval_set = cache.load_or_extract(model, data["validation"], build_eval_transform(processor.image_processor))
     assert cache.last_hit  # the trainer's runs cached exactly these features
