@@ -12,9 +12,10 @@ view; picked that way, the adapter can look better than it is, and picked badly 
 
 The adapters are tiny and the features are cached, so all ``candidates x folds`` adapters train together
 as ONE batched model: weights ``[M, d/r, d]`` and ``[M, d, d/r]``, batched matrix products and a single
-optimizer step over all of them. ``M`` adapters then cost a few times one adapter, not ``M`` times (see
-``benchmarks/search_cost.py``). With one shot per class there is nothing to hold out: the fallback values
-(the paper's) are used, and the result says so.
+optimizer step over all of them. Where one adapter leaves the hardware idle (small widths, GPUs), ``M``
+adapters cost about what one does; where one adapter already keeps a CPU core busy (ViT-B's width),
+batching saves the per-step overhead only (``benchmarks/search_cost.py`` measures both). With one shot
+per class there is nothing to hold out: the fallback values (the paper's) are used, and the result says so.
 
 Example::
 
