@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+from typing import Any, Optional
 
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
 
+from peft_clip_adapter.checkpoint import check_adapter_name, check_adapter_tensors, current_source
 from peft_clip_adapter.config import PROJECTION_NAMES, CLIPAdapterConfig
 from peft_clip_adapter.layer import CLIPAdapterLayer
 from peft_clip_adapter.registration import PREFIX
@@ -145,6 +147,8 @@ class CLIPAdapterModel(BaseTuner):
     def _pre_injection_hook(self, model: nn.Module, config: CLIPAdapterConfig, adapter_name: str) -> None:
         if not isinstance(config, CLIPAdapterConfig):
             raise ValueError(f"Expected a CLIPAdapterConfig, got {type(config).__name__}.")
+        check_adapter_name(adapter_name)
+        _refuse_wrapped_model(model)
         projections = projection_modules(model)
         if not projections:
             raise ValueError(
@@ -168,6 +172,12 @@ class CLIPAdapterModel(BaseTuner):
                     f"target_modules={config.target_modules!r} matches '{name}' ({type(module).__name__}), "
                     f"which is not a pooled projection Linear. CLIP-Adapter only wraps {sorted(projections)}."
                 )
+        # Weights checked by CLIPAdapterConfig.from_pretrained: refuse another branch or width before injecting.
+        saved = getattr(config, "_saved_weight_shapes", None) or {}
+        source = getattr(config, "_saved_weights_source", None)
+        if saved:
+            _check_saved_modules(saved, matched, source)
+        _check_shapes(_expected_shapes(model, saved, config.reduction), saved, source=source)
 
     def _post_injection_hook(self, model: nn.Module, config: CLIPAdapterConfig, adapter_name: str) -> None:
         # transformers models carry tags that end up in the model card.
@@ -206,33 +216,122 @@ class CLIPAdapterModel(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
+        # Every load path of peft ends here before the weights reach the model (PeftModel.from_pretrained,
+        # load_adapter, AutoPeftModel, set_peft_model_state_dict): refuse anything but this adapter's weights.
+        check_adapter_tensors(state_dict, reduction=config.reduction)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        _check_loaded_shapes(model, adapter_name, remapped)
+        _check_loaded_keys(model, adapter_name, remapped)
         return remapped
 
 
-def _check_loaded_shapes(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-    """Refuse a checkpoint whose adapter does not fit the model, naming both projection widths."""
-    expected = {
-        key: value.shape
-        for key, value in model.state_dict().items()
-        if PREFIX in key and key.endswith(f".{adapter_name}.weight")
+def _refuse_wrapped_model(model: nn.Module) -> None:
+    """Wrapping again would re-initialise the adapters already there (peft only warns), so refuse it."""
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            f"The model is already a PeftModel (adapters {sorted(model.peft_config)}); wrapping it again would nest "
+            "two PeftModels. Add another adapter with model.add_adapter(name, config) or model.load_adapter(path, "
+            "name), or call model.unload() to get the plain base model back first."
+        )
+    wrapped = {
+        name for module in model.modules() if isinstance(module, CLIPAdapterLayer) for name in module.clip_adapter_down
     }
+    if wrapped:
+        raise ValueError(
+            f"{type(model).__name__} already holds CLIP-Adapter layers (adapters {sorted(wrapped)}): it was wrapped "
+            "by get_peft_model or PeftModel.from_pretrained before (a load that failed leaves them too), and wrapping "
+            "it again would re-initialise their weights. Use that PeftModel (add_adapter / load_adapter / "
+            "set_adapter), call its unload() first, or start from a freshly loaded base model."
+        )
+
+
+def _adapter_keys(model: nn.Module, adapter_name: str) -> dict[str, torch.Size]:
+    """``{state-dict key: shape}`` of the adapter ``adapter_name``'s weights in ``model``."""
+    names = set(CLIPAdapterLayer.adapter_layer_names)
+    found = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        # ``<module>.<adapter layer>.<adapter name>.weight``: matched by position, not by substring, so that an
+        # adapter named like a part of the prefix ("clip", "adapter") selects only its own weights.
+        if len(parts) >= 3 and parts[-3] in names and parts[-2] == adapter_name:
+            found[key] = value.shape
+    return found
+
+
+def _saved_module(key: str) -> str:
+    """``base_model.model.visual_projection.clip_adapter_down.weight`` -> ``visual_projection``."""
+    return key.removeprefix("base_model.model.").removesuffix(".weight").rpartition(".")[0]
+
+
+def _check_saved_modules(saved: dict[str, tuple[int, ...]], targets: list[str], source: str) -> None:
+    """The saved weights must adapt exactly the modules the config targets in this model."""
+    modules = {_saved_module(key) for key in saved}
+    if modules != set(targets):
+        raise ValueError(
+            f"{source} does not fit its config in this model: the config targets {sorted(targets)}, but the file "
+            f"holds adapter weights for {sorted(modules)}. The config and the weights come from different saves: "
+            "save the adapter again."
+        )
+
+
+def _expected_shapes(
+    model: nn.Module, saved: dict[str, tuple[int, ...]], reduction: int
+) -> dict[str, tuple[int, int]]:
+    """The shapes ``saved`` (keys as in a file) must have in ``model`` before injection: ``[d // r, d]`` down,
+    ``[d, d // r]`` up, where ``d`` is the width of the module they adapt. Modules of unknown width are skipped
+    (the check after injection covers them)."""
+    down_name, up_name = CLIPAdapterLayer.adapter_layer_names
+    expected = {}
+    for key in saved:
+        module_name, layer = _saved_module(key), key.removesuffix(".weight").rpartition(".")[2]
+        try:
+            width = getattr(model.get_submodule(module_name), "out_features", None)
+        except AttributeError:
+            continue  # a module the model lacks: reported as missing weights after injection
+        if isinstance(width, int):
+            hidden = width // reduction
+            expected[key] = (hidden, width) if layer == down_name else (width, hidden)
+    return expected
+
+
+def _check_loaded_keys(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint that does not hold exactly this adapter's weights, with the shapes the model needs."""
+    expected = _adapter_keys(model, adapter_name)
+    base = model.state_dict()
+    unexpected = sorted(key for key in state_dict if key not in expected)
+    if unexpected:
+        key = unexpected[0]
+        what = "the base model's own weight" if key in base else "no weight of this adapter"
+        raise ValueError(
+            f"{current_source()} holds {key!r}, which is {what}; loading it would change the model beyond the "
+            "adapter, so nothing was loaded. Save the adapter with save_pretrained, which writes only its weights."
+        )
     missing = sorted(key for key in expected if key not in state_dict)
     if missing:
         raise ValueError(
             f"The checkpoint has no weights for {missing}: it was saved for other projection layers "
             "(check `adapt` in its adapter_config.json)."
         )
+    _check_shapes({key: tuple(shape) for key, shape in expected.items()}, state_dict, source=None)
+
+
+def _check_shapes(expected: dict[str, tuple[int, ...]], loaded: dict[str, Any], source: Optional[str]) -> None:
+    """Name a projection-width mismatch as such, and a bottleneck-width mismatch as a ``reduction`` mismatch."""
+    down_name = CLIPAdapterLayer.adapter_layer_names[0]
     for key, shape in expected.items():
-        loaded = state_dict[key].shape
-        if loaded == shape:
+        actual = tuple(getattr(loaded[key], "shape", loaded[key]))
+        if actual == shape:
             continue
-        width = shape[1] if ".clip_adapter_down." in key else shape[0]
-        loaded_width = loaded[1] if ".clip_adapter_down." in key and len(loaded) == 2 else loaded[0]
+        is_down = f".{down_name}." in key
+        width, loaded_width = (shape[1], actual[1]) if is_down else (shape[0], actual[0])
+        if len(actual) == 2 and loaded_width == width:
+            hidden, loaded_hidden = (shape[0], actual[0]) if is_down else (shape[1], actual[1])
+            raise ValueError(
+                f"{source or current_source()} does not fit this adapter at '{key}': its bottleneck has width "
+                f"{loaded_hidden}, but this adapter's reduction gives {hidden} (d={width}). The adapter was trained "
+                "with another `reduction`: load it with its own adapter_config.json (or that reduction)."
+            )
         raise ValueError(
-            f"The adapter checkpoint does not fit this model at '{key}': it was trained for a projection "
-            f"width d={loaded_width} (tensor shape {tuple(loaded)}), but this model's projection width is "
-            f"d={width} (expected shape {tuple(shape)}). Load it into the CLIP variant it was trained on, "
-            "and with the same `reduction`."
+            f"{source or current_source()} does not fit this model at '{key}': it was trained for a projection "
+            f"width d={loaded_width} (tensor shape {actual}), but this model's projection width is "
+            f"d={width} (expected shape {shape}). Load it into the CLIP variant it was trained on."
         )

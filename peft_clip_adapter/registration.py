@@ -55,6 +55,7 @@ def register() -> None:
         'clip_adapter_'
     """
     # Imported here so that importing this module stays cheap and free of cycles.
+    from peft_clip_adapter.checkpoint import install_config_file_checks
     from peft_clip_adapter.config import CLIPAdapterConfig
     from peft_clip_adapter.model import CLIPAdapterModel
 
@@ -63,3 +64,5 @@ def register() -> None:
     peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = CLIPAdapterConfig
     peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = CLIPAdapterModel
     peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = PREFIX
+    # peft reads adapter_config.json before any of our code runs; make that read explain a broken file.
+    install_config_file_checks()

@@ -56,6 +56,7 @@ def test_short_run_writes_adapter_results_and_plot(fewshot, tiny_clip_path, shap
     assert sorted(path.name for path in out.iterdir()) == [
         "README.md",
         "adapter_config.json",
+        "adapter_manifest.json",
         "adapter_model.safetensors",
         "all_results.json",
         "training_curves.png",
