@@ -71,6 +71,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoProcessor
 
 import peft_clip_adapter
+from peft_clip_adapter.checkpoint import apply_default_permissions
 from peft_clip_adapter.classifier import CLIPAdapterClassifier, encode_class_prompts
 from peft_clip_adapter.data import (
     build_eval_transform,
@@ -174,6 +175,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     output.add_argument("--overwrite_output_dir", action="store_true", help="Replace a previous run's output.")
     output.add_argument("--checkpointing_steps", default=None, help="Save state every N optimizer steps, or 'epoch'.")
     output.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    output.add_argument(
+        "--trust_checkpoint_settings",
+        action="store_true",
+        default=False,
+        help="Resume a checkpoint that records no training settings (an older version's), trusting that it was "
+        "made with these same flags.",
+    )
     output.add_argument("--with_tracking", action="store_true", help="Log metrics to --report_to.")
     output.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, ... or all.")
     output.add_argument("--push_to_hub", action="store_true", help="Upload the adapter and its model card.")
@@ -262,7 +270,8 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
     accelerator.wait_for_everyone()  # every process has checked before anything is removed
     if accelerator.is_main_process:
         if entries and args.overwrite_output_dir and not args.resume_from_checkpoint:
-            for path in [*_checkpoints(output_dir), output_dir / TRACKING_PROJECT]:
+            staged = [*output_dir.glob(".*.saving"), *output_dir.glob(".*.replaced")]  # left by a killed save
+            for path in [*_checkpoints(output_dir), *staged, output_dir / TRACKING_PROJECT]:
                 shutil.rmtree(path, ignore_errors=True)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -292,20 +301,27 @@ def prepare_offline_default(args: argparse.Namespace, accelerator: Accelerator) 
 
 
 def _build_once(target: Path, build) -> None:
+    """Build ``target`` aside and rename it into place; another run building it at the same time may win."""
     if target.is_dir():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(staging)
-        os.replace(staging, target)
+        apply_default_permissions(staging)  # mkdtemp makes it private; the cache is shared like any other folder
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Renaming onto a folder fails when it is not empty: a concurrent run finished the same build first.
+            if not target.is_dir():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     """The frozen CLIP with an adapter on --adapt, and its processor (tokenizer + image processor)."""
-    model = AutoModel.from_pretrained(args.model_name_or_path)
+    model = _load_base_model(args.model_name_or_path)
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     found = {name.rpartition(".")[2] for name in peft_clip_adapter.projection_modules(model)}
     missing = sorted({"text_projection", "visual_projection"} - found)
@@ -320,6 +336,26 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     # (building the offline model on a first run reseeds torch, for one).
     set_seed(args.seed)
     return get_peft_model(model, config), processor
+
+
+def _load_base_model(name_or_path: str) -> nn.Module:
+    """``AutoModel.from_pretrained`` from safetensors only: a pickled checkpoint is refused, never unpickled."""
+    from peft_clip_adapter.checkpoint import refuse_pickles
+
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        refuse_pickles(folder, "model.safetensors", what="base model weights")
+    try:
+        return AutoModel.from_pretrained(name_or_path, use_safetensors=True)
+    except OSError as error:
+        # transformers' words for "this checkpoint has no safetensors file"; anything else is not ours to explain.
+        if not any(words in str(error) for words in ("no file named", "does not appear to have")):
+            raise
+        raise ValueError(
+            f"--model_name_or_path {name_or_path} has no safetensors weights ({error}). Pickled weights "
+            "(pytorch_model.bin) are never loaded: unpickling a file can run any code in it. Use a checkpoint that "
+            "ships model.safetensors."
+        ) from error
 
 
 def load_data(args: argparse.Namespace) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
@@ -559,17 +595,104 @@ def train(
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (their trainer state is written last), oldest first."""
-    found = [path.parent for path in output_dir.glob(f"*/{TRAINER_STATE_FILE}")]
-    return sorted(found, key=lambda path: json.loads((path / TRAINER_STATE_FILE).read_text())["completed_steps"])
+    """Every saved checkpoint (a folder with a trainer state), oldest first; unreadable ones by age last.
+
+    Checkpoints are written into a hidden staging folder and renamed into place whole (see
+    ``save_checkpoint``), so a folder here is complete unless damaged later.
+    """
+    found = [
+        path.parent for path in output_dir.glob(f"*/{TRAINER_STATE_FILE}") if not path.parent.name.startswith(".")
+    ]
+    return sorted(found, key=lambda folder: (_completed_steps(folder), (folder / TRAINER_STATE_FILE).stat().st_mtime))
+
+
+def _completed_steps(folder: Path) -> float:
+    try:
+        return _read_trainer_state(folder)["completed_steps"]
+    except ValueError:
+        return math.inf  # damaged: sorted last, so that `latest` reports it rather than silently skipping it
+
+
+def _read_trainer_state(folder: Path, hint: str = "") -> dict[str, Any]:
+    """The loop's state saved with a checkpoint, checked, so a damaged file is named instead of a parser error."""
+    path = folder / TRAINER_STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} cannot be read ({error}): the checkpoint is damaged.{hint}") from error
+    required = {
+        "completed_steps": int,
+        "train_loss_per_epoch": list,
+        "eval_accuracy_per_epoch": dict,
+        "epoch_loss_sum": (int, float),
+        "epoch_steps": int,
+    }
+    bad = [
+        name for name, kind in required.items() if not isinstance(state, dict) or not isinstance(state.get(name), kind)
+    ]
+    if bad or state["completed_steps"] < 0 or not isinstance(state.get("settings", {}), dict):
+        raise ValueError(f"{path} is damaged: {bad or ['completed_steps']} missing or of the wrong type.{hint}")
+    return state
 
 
 def save_checkpoint(accelerator: Accelerator, folder: Path, state: dict[str, Any]) -> None:
-    """``accelerator.save_state`` plus the loop's own state (step and history), written last."""
-    accelerator.save_state(str(folder))
+    """``accelerator.save_state`` plus the loop's own state (step and history), committed as one folder.
+
+    Everything is written into a hidden staging folder first, then renamed into place, so a run killed while
+    saving leaves the previous checkpoints and no partial one (``latest`` skips hidden folders).
+    """
+    staging = folder.with_name(f".{folder.name}.saving")
     if accelerator.is_main_process:
-        (folder / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
     accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every process's files are in
+    if accelerator.is_main_process:
+        (staging / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
+        apply_default_permissions(staging)  # safetensors writes 0600: a shared run folder needs the usual modes
+        replaced = folder.with_name(f".{folder.name}.replaced")
+        if folder.exists():  # saved again after resuming from an earlier checkpoint
+            os.replace(folder, replaced)
+        os.replace(staging, folder)
+        shutil.rmtree(replaced, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _check_checkpoint_files(folder: Path, accelerator: Accelerator, hint: str) -> None:
+    """Refuse a damaged checkpoint before Accelerate reads it.
+
+    Accelerate would fail on a raw parser error, unpickle a pickled model file, or, for the random states,
+    silently resume without them. The model must be safetensors (never unpickled); the optimizer and random
+    states, which Accelerate pickles itself, must load with weights-only unpickling, which refuses any
+    object that could run code.
+    """
+    from accelerate.utils import load as weights_only_load
+    from safetensors.torch import load_file
+
+    from peft_clip_adapter.checkpoint import refuse_pickles, verify_safetensors_file
+
+    model = folder / "model.safetensors"
+    if not model.is_file():  # Accelerate pickles the optimizer and random states itself: those are checked below
+        ignore = ["optimizer*.bin", "scheduler*.bin", "sampler*.bin", "random_states_*.pkl"]
+        refuse_pickles(folder, model.name, what="checkpoint's model weights", ignore=ignore, hint=hint.strip())
+    needed = [model, folder / "optimizer.bin", folder / f"random_states_{accelerator.process_index}.pkl"]
+    missing = [path.name for path in needed if not path.is_file()]
+    if missing:
+        raise ValueError(f"--resume_from_checkpoint {folder} lacks {missing}: the checkpoint is incomplete.{hint}")
+    verify_safetensors_file(model, hint=hint.strip())
+    tensors = load_file(model)
+    bad = [key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise ValueError(f"{model} holds NaN or infinite values in {bad[:3]}: training had diverged.{hint}")
+    for path in needed[1:]:
+        try:
+            weights_only_load(path, map_location="cpu")
+        except Exception as error:  # zip, pickle and torch errors alike: all mean "do not resume from this"
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"{path} cannot be loaded safely ({type(error).__name__}: {reason}): it is damaged, or holds objects "
+                f"that weights-only loading refuses because loading them could run code.{hint}"
+            ) from error
 
 
 def load_checkpoint(
@@ -578,10 +701,12 @@ def load_checkpoint(
     """Restore model, optimizer and RNG states from --resume_from_checkpoint and return the loop's state.
 
     A checkpoint saved under other ``RUN_SETTINGS`` is refused: it would fail to load (another --adapt or
-    --end_to_end) or silently continue another run (other shots, seed, schedule, ...).
+    --end_to_end) or silently continue another run (other shots, seed, schedule, ...). One that records no
+    settings resumes only with --trust_checkpoint_settings. Every file is checked before Accelerate reads
+    it; a damaged one is named, with the previous checkpoint to resume from instead.
     """
+    found = _checkpoints(Path(args.output_dir))
     if args.resume_from_checkpoint == "latest":
-        found = _checkpoints(Path(args.output_dir))
         if not found:
             raise ValueError(f"--resume_from_checkpoint latest: {args.output_dir} holds no complete checkpoint.")
         folder = found[-1]
@@ -589,21 +714,43 @@ def load_checkpoint(
         folder = Path(args.resume_from_checkpoint)
         if not (folder / TRAINER_STATE_FILE).is_file():
             raise ValueError(f"--resume_from_checkpoint {folder} is not a complete checkpoint of this script.")
-    state = json.loads((folder / TRAINER_STATE_FILE).read_text())
-    saved = state.get("settings", expected_settings)
+    steps = _completed_steps(folder)  # infinite when damaged: then every readable one is earlier
+    earlier = [path for path in found if _completed_steps(path) < steps and path.resolve() != folder.resolve()]
+    hint = (
+        f" Resume from the previous checkpoint instead: --resume_from_checkpoint {earlier[-1]}"
+        if earlier
+        else " No earlier checkpoint is readable: start afresh with --overwrite_output_dir."
+    )
+    state = _read_trainer_state(folder, hint)
+    _check_settings(args, folder, state.get("settings"), expected_settings)
+    _check_checkpoint_files(folder, accelerator, hint)
+    accelerator.load_state(str(folder))
+    logger.info("Resumed from %s", folder)
+    state["settings"] = expected_settings  # recorded from now on, also for a trusted checkpoint that had none
+    return state
+
+
+def _check_settings(
+    args: argparse.Namespace, folder: Path, saved: Optional[dict[str, Any]], expected: dict[str, Any]
+) -> None:
+    unrecorded = [name for name in expected if name not in (saved or {})]
+    if unrecorded and not args.trust_checkpoint_settings:
+        what = "no training settings" if saved is None else f"no value for {', '.join('--' + n for n in unrecorded)}"
+        raise ValueError(
+            f"--resume_from_checkpoint {folder} records {what} (saved by an older version of this script), so "
+            "nothing shows it was trained with these flags. Resume with exactly that run's flags and pass "
+            "--trust_checkpoint_settings, or start afresh."
+        )
     changed = [
-        f"--{name} {saved.get(name)!r} -> {value!r}"
-        for name, value in expected_settings.items()
-        if saved.get(name) != value
+        f"--{name} {saved[name]!r} -> {value!r}"
+        for name, value in expected.items()
+        if name in (saved or {}) and saved[name] != value
     ]
     if changed:
         raise ValueError(
             f"--resume_from_checkpoint {folder} was saved by a run with other settings ({'; '.join(changed)}). "
             "Resume with that run's flags, or start afresh in another --output_dir (or with --overwrite_output_dir)."
         )
-    accelerator.load_state(str(folder))
-    logger.info("Resumed from %s", folder)
-    return state
 
 
 # -----------------------------------------------------------------------------
