@@ -9,6 +9,7 @@ import re
 import shutil
 import socket
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
@@ -122,7 +123,12 @@ class CLIPAdapterPeftModel(PeftModel):
         target = Path(save_directory)
         if target.is_file():
             raise ValueError(f"save_directory={str(target)!r} is a file; pass a folder to save the adapter in.")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as error:
+            raise ValueError(
+                f"save_directory={str(target)!r} cannot be created: {error.filename} is a file, not a folder."
+            ) from error
         _remove_abandoned_staging(target)
         staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(target), dir=target.parent))
         location = self._card_location
@@ -204,8 +210,10 @@ class CLIPAdapterPeftModel(PeftModel):
         """
         check_adapter_name(adapter_name)
         hub_kwargs, _ = self._split_kwargs(kwargs)
-        source = _check_saved_adapter(model_id, hub_kwargs)
+        source, saved = _check_saved_adapter(model_id, hub_kwargs)
         new = adapter_name not in self.peft_config
+        if not new:
+            _warn_if_config_differs(self.peft_config[adapter_name], saved, adapter_name, source)
         try:
             with loading_source(source):
                 return super().load_adapter(model_id, adapter_name, *args, **kwargs)
@@ -317,20 +325,21 @@ class CLIPAdapterPeftModel(PeftModel):
             )
 
 
-def _check_saved_adapter(model_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> str:
+def _check_saved_adapter(model_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """Check a saved adapter (local folder or Hub repository) as a whole before any of it is loaded.
 
-    Returns the weights file's path, which messages of the checks that need the model then name.
+    Returns the weights file's path (which messages of the checks that need the model then name) and the
+    saved config's fields.
     """
     subfolder = hub_kwargs.get("subfolder")
     folder = os.path.join(os.fspath(model_id), subfolder) if subfolder else os.fspath(model_id)
     if os.path.isdir(folder):
         # The folder against its manifest, the config, and the weights when present (see from_pretrained).
-        CLIPAdapterConfig.from_pretrained(os.fspath(model_id), subfolder=subfolder)
+        config = CLIPAdapterConfig.from_pretrained(os.fspath(model_id), subfolder=subfolder).to_dict()
         path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
         if not os.path.isfile(path):  # a config-only folder, or a pickle: no weights to load
             check_adapter_folder(folder, require_weights=True)
-        return path
+        return path, config
     accepted = inspect.signature(hf_hub_download).parameters
     download = {key: value for key, value in hub_kwargs.items() if key in accepted and key != "filename"}
     config = CLIPAdapterConfig.from_json_file(hf_hub_download(str(model_id), CONFIG_NAME, **download))
@@ -343,7 +352,24 @@ def _check_saved_adapter(model_id: str | os.PathLike, hub_kwargs: dict[str, Any]
             "loaded: unpickling a file can run any code in it."
         ) from error
     check_weights_file(path, config["reduction"])
-    return path
+    return path, config
+
+
+def _warn_if_config_differs(current: PeftConfig, saved: dict[str, Any], adapter_name: str, source: str) -> None:
+    """Loading into an existing adapter keeps its config (peft's rule); say so when the saved one differs."""
+    fields = ("ratio", "reduction", "target_modules")
+    differ = [
+        f"{name} {getattr(current, name)!r} (saved: {saved.get(name)!r})"
+        for name in fields
+        if getattr(current, name) != saved.get(name)
+    ]
+    if differ:
+        warnings.warn(
+            f"Loading {source} into the existing adapter {adapter_name!r}, which keeps its own config: "
+            f"{', '.join(differ)}. To use the saved config, load it under a new adapter_name.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _staging_prefix(target: Path) -> str:

@@ -394,3 +394,17 @@ def test_saved_files_have_the_usual_permissions(tiny_clip, tmp_path):
         "out/second/adapter_manifest.json": "0o644",
         "out/second/adapter_model.safetensors": "0o644",
     }
+
+
+def test_loading_into_an_existing_adapter_says_which_config_it_keeps(saved, tiny_clip_path):
+    model = get_peft_model(CLIPModel.from_pretrained(tiny_clip_path), CLIPAdapterConfig(ratio=0.2))
+    with pytest.warns(
+        UserWarning, match=r"existing adapter 'default', which keeps its own config: ratio 0\.2 \(saved"
+    ):
+        model.load_adapter(str(saved), "default")
+    assert model.peft_config["default"].ratio == 0.2  # peft's rule, unchanged: only the weights are loaded
+
+
+def test_saving_below_a_file(tiny_clip, saved):
+    with pytest.raises(ValueError, match=r"cannot be created: .*adapter_config\.json is a file, not a folder"):
+        get_peft_model(tiny_clip, CLIPAdapterConfig()).save_pretrained(saved / "adapter_config.json" / "inside")
