@@ -439,6 +439,11 @@ def test_a_damaged_checkpoint_is_named_with_the_previous_one(fewshot, run_copy, 
 @pytest.mark.slow
 def test_a_checkpoint_without_settings_resumes_only_when_trusted(fewshot, run_copy):
     out, argv, results = run_copy
+    state = json.loads((out / "epoch_2" / "trainer_state.json").read_text())
+    del state["settings"]["seed"]  # a flag added to the recorded settings after this checkpoint was written
+    (out / "epoch_2" / "trainer_state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"epoch_2 records no value for --seed \(saved by an older version"):
+        fewshot.main(argv)
     for folder in ("epoch_1", "epoch_2"):
         state = json.loads((out / folder / "trainer_state.json").read_text())
         del state["settings"]  # as an older version of the trainer wrote it
