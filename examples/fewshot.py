@@ -46,48 +46,18 @@ images see the same global batches and train the same adapter.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
-
-import datasets
-import torch
-import transformers
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.logging import get_logger
-from accelerate.utils import set_seed
-from peft import get_peft_model
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
-from transformers import AutoModel, AutoProcessor
-
-import peft_clip_adapter
-from peft_clip_adapter.checkpoint import apply_default_permissions
-from peft_clip_adapter.classifier import CLIPAdapterClassifier, encode_class_prompts
-from peft_clip_adapter.data import (
-    build_eval_transform,
-    build_train_transform,
-    check_columns,
-    class_names,
-    load_image,
-    load_image_classification_data,
-    sample_few_shot,
-)
-from peft_clip_adapter.embeddings import frozen
-from peft_clip_adapter.features import FeatureCache, FeatureSet, dataset_labels
-from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset
-from peft_clip_adapter.templates import DATASET_TEMPLATES, templates_for
-
-logger = get_logger(__name__)
 
 #: The paper's recipe (CoOp's RN50 config), used for real models.
 PAPER_DEFAULTS = {"shots": 16, "ratio": 0.2, "learning_rate": 2e-3, "views": 10, "min_crop_scale": 0.08}
@@ -112,69 +82,120 @@ RUN_SETTINGS = (
 
 
 # -----------------------------------------------------------------------------
-# Arguments
+# Arguments (parsed before the heavy imports below, so that --help and bad flags answer at once)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the command line; flag names follow transformers' image-classification example."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    args = build_parser().parse_args(argv)
+    _resolve_defaults(args)
+    _check_args(args)
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every flag with its default shown in --help, and the launch recipes after them."""
+    parser = _Parser(description=__doc__.split("\n")[0], epilog=_launch_recipes(), formatter_class=_HelpFormatter)
     data = parser.add_argument_group("model and data (none of them: the offline default)")
-    data.add_argument("--model_name_or_path", default=None, help="A CLIP checkpoint (Hub id or folder).")
-    data.add_argument("--dataset_name", default=None, help="A Hub dataset id (or a local dataset script/folder).")
-    data.add_argument("--dataset_config_name", default=None, help="The dataset's configuration name.")
-    data.add_argument("--train_dir", default=None, help="An image folder with one sub-folder per class.")
-    data.add_argument("--validation_dir", default=None, help="Held-out image folder, same classes.")
+    data.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="A CLIP checkpoint (Hub id or folder). Default: the offline tiny CLIP.",
+    )
+    data.add_argument(
+        "--dataset_name", default=None, help="A Hub dataset id, or a local dataset folder. Default: use --train_dir."
+    )
+    data.add_argument(
+        "--dataset_config_name", default=None, help="The dataset's configuration name. Default: its default one."
+    )
+    data.add_argument(
+        "--train_dir", default=None, help="An image folder with one sub-folder per class. Default: use --dataset_name."
+    )
+    data.add_argument(
+        "--validation_dir",
+        default=None,
+        help="Held-out image folder, same classes. Default: the dataset's validation split, or --train_val_split.",
+    )
     data.add_argument("--image_column_name", default="image", help="The column holding the images.")
     data.add_argument("--label_column_name", default="label", help="The column holding the class labels.")
     data.add_argument(
         "--train_val_split", type=float, default=0.2, help="Held-out fraction when the data has no validation split."
     )
-    data.add_argument("--cache_dir", default=None, help="Offline default's model/images and the feature cache.")
-    data.add_argument("--feature_cache_dir", default=None, help="Frozen-feature cache (default: cache_dir/features).")
+    data.add_argument(
+        "--cache_dir",
+        default=default_cache_dir(),
+        help="The offline default's model and images, and the feature cache (under HF_HOME, like the HF caches).",
+    )
+    data.add_argument(
+        "--feature_cache_dir", default=None, help="The frozen-feature cache. Default: <cache_dir>/features."
+    )
 
     method = parser.add_argument_group("CLIP-Adapter")
-    method.add_argument("--shots", type=int, default=None, help="Training images per class (paper: 1-16; 16).")
-    method.add_argument("--ratio", type=float, default=None, help="Residual blend alpha in [0, 1] (paper: 0.2).")
+    method.add_argument(
+        "--shots", type=int, default=None, help=f"Training images per class. {_recipe_default('shots')}"
+    )
+    method.add_argument(
+        "--ratio", type=float, default=None, help=f"Residual blend alpha in [0, 1]. {_recipe_default('ratio')}"
+    )
     method.add_argument("--reduction", type=int, default=4, help="Bottleneck factor: hidden width d // reduction.")
     method.add_argument("--adapt", choices=["vision", "text", "both"], default="vision", help="Branch(es) to adapt.")
     method.add_argument(
         "--templates",
         nargs="+",
         default=None,
-        help="A template set (default, ensemble, " + ", ".join(sorted(DATASET_TEMPLATES)) + ") or prompt "
+        help="A template set (default, ensemble, " + ", ".join(_template_set_names()) + ") or prompt "
         "strings with {} for the class name. Default: the dataset's own set if its name is known, else default.",
     )
-    method.add_argument("--views", type=int, default=None, help="Cached augmented views per training image (10).")
     method.add_argument(
-        "--min_crop_scale", type=float, default=None, help="Smallest random-resized-crop area share (paper: 0.08)."
+        "--views",
+        type=int,
+        default=None,
+        help=f"Cached augmented views per training image. {_recipe_default('views')}",
+    )
+    method.add_argument(
+        "--min_crop_scale",
+        type=float,
+        default=None,
+        help=f"Smallest random-resized-crop area share. {_recipe_default('min_crop_scale')}",
     )
     method.add_argument("--end_to_end", action="store_true", help="Train through the full model, no feature cache.")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--num_train_epochs", type=int, default=200)
+    train.add_argument("--num_train_epochs", type=int, default=200, help="Passes over the training images.")
     train.add_argument(
         "--per_device_train_batch_size",
         type=int,
         default=None,
-        help=f"Default: a global batch of {GLOBAL_BATCH_SIZE}.",
+        help=f"Default: a global batch of {GLOBAL_BATCH_SIZE}, split over processes and accumulation steps.",
     )
-    train.add_argument("--per_device_eval_batch_size", type=int, default=256)
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--learning_rate", type=float, default=None, help="Peak SGD learning rate (paper: 2e-3).")
-    train.add_argument("--momentum", type=float, default=0.9)
-    train.add_argument("--weight_decay", type=float, default=5e-4)
-    train.add_argument("--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine")
+    train.add_argument("--per_device_eval_batch_size", type=int, default=256, help="Images per evaluation batch.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
+    train.add_argument(
+        "--learning_rate", type=float, default=None, help=f"Peak SGD learning rate. {_recipe_default('learning_rate')}"
+    )
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum.")
+    train.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay.")
+    train.add_argument(
+        "--lr_scheduler_type",
+        choices=["cosine", "linear", "constant"],
+        default="cosine",
+        help="Schedule after warm-up.",
+    )
     train.add_argument("--num_warmup_steps", type=int, default=None, help="Default: one epoch.")
     train.add_argument("--warmup_learning_rate", type=float, default=1e-5, help="Constant lr during warm-up.")
     train.add_argument("--eval_every_epochs", type=int, default=None, help="Default: about 20 evaluations a run.")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="Seeds the shots, the crops, the shuffles and the adapter.")
     train.add_argument("--cpu", action="store_true", help="Run on CPU even where a GPU is available.")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--output_dir", default="fewshot-output")
+    output.add_argument("--output_dir", default="fewshot-output", help="Where the adapter and results go.")
     output.add_argument("--overwrite_output_dir", action="store_true", help="Replace a previous run's output.")
-    output.add_argument("--checkpointing_steps", default=None, help="Save state every N optimizer steps, or 'epoch'.")
-    output.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    output.add_argument(
+        "--checkpointing_steps", default=None, help="Save state every N optimizer steps, or 'epoch'. Default: never."
+    )
+    output.add_argument(
+        "--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'. Default: start afresh."
+    )
     output.add_argument(
         "--trust_checkpoint_settings",
         action="store_true",
@@ -185,12 +206,68 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     output.add_argument("--with_tracking", action="store_true", help="Log metrics to --report_to.")
     output.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, ... or all.")
     output.add_argument("--push_to_hub", action="store_true", help="Upload the adapter and its model card.")
-    output.add_argument("--hub_model_id", default=None, help="Repository id (default: output_dir's name).")
-    output.add_argument("--hub_token", default=None, help="Hub token (default: the stored login).")
-    args = parser.parse_args(argv)
-    _resolve_defaults(args)
-    _check_args(args)
-    return args
+    output.add_argument("--hub_model_id", default=None, help="Repository id. Default: output_dir's name.")
+    output.add_argument("--hub_token", default=None, help="Hub token. Default: the stored login (hf auth login).")
+    output.add_argument(
+        "--license",
+        default=None,
+        help="Licence of the model card (e.g. mit, apache-2.0). Default: the base model's, when its card is known.",
+    )
+    output.add_argument("--debug", action="store_true", help="Show the Python traceback of an error.")
+    return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` with its usage errors in the script's one-line ``error:`` form, and --help printed once."""
+
+    def error(self, message: str) -> None:
+        report_error(f"{message} (see --help)")
+        sys.exit(2)
+
+    def print_help(self, file: Any = None) -> None:
+        if _is_first_process():  # `accelerate launch ... --help` runs every process
+            super().print_help(file)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every flag's default: argparse's own ``(default: ...)``, or the help's words when it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if not shown and "default:" not in text.lower():
+            text += " (default: %(default)s)"
+        return text
+
+
+def _recipe_default(name: str) -> str:
+    return f"Default: {PAPER_DEFAULTS[name]} (the paper's); {OFFLINE_DEFAULTS[name]} for the offline default."
+
+
+def _launch_recipes() -> str:
+    """The module docstring's launch commands, for the end of --help."""
+    recipes = __doc__.split("\n\n", 2)[2].split("\nRecipe (")[0]
+    return "how to launch:\n\n" + recipes.replace("::\n", ":\n")
+
+
+def _template_set_names() -> list[str]:
+    """The shipped template sets, read from the package's templates.py without importing the package.
+
+    ``import peft_clip_adapter`` imports torch, transformers and peft (seconds); --help must not wait for them.
+    """
+    package = importlib.util.find_spec("peft_clip_adapter")  # finds the package without importing it
+    path = os.path.join(package.submodule_search_locations[0], "templates.py")
+    spec = importlib.util.spec_from_file_location("_peft_clip_adapter_templates", path)
+    templates = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(templates)
+    return sorted(templates.DATASET_TEMPLATES)
+
+
+def default_cache_dir() -> str:
+    """``$HF_HOME/peft-clip-adapter``; HF_HOME defaults to ``$XDG_CACHE_HOME/huggingface``, as in huggingface_hub."""
+    xdg_cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    hf_home = os.environ.get("HF_HOME", os.path.join(xdg_cache, "huggingface"))
+    return os.path.join(os.path.expandvars(os.path.expanduser(hf_home)), "peft-clip-adapter")
 
 
 def _resolve_defaults(args: argparse.Namespace) -> None:
@@ -208,7 +285,6 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    args.cache_dir = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "peft-clip-adapter")
     args.feature_cache_dir = args.feature_cache_dir or os.path.join(args.cache_dir, "features")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit():
@@ -248,6 +324,79 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 # -----------------------------------------------------------------------------
+# Errors: a user error is one `error:` line and exit code 2; a bug keeps its traceback
+
+
+class LaunchError(RuntimeError):
+    """The processes were launched in a way that cannot work (a user error, reported like a bad flag)."""
+
+
+#: What a user can cause and fix: bad values (ValueError), missing files, models or network (OSError,
+#: including the Hub's HTTP errors), a wrong launch command. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, LaunchError)
+
+
+def report_error(message: str) -> None:
+    """Print ``error: <message>`` on one line, once per run: only the first process of a launch prints it."""
+    if _is_first_process():  # every process raises the same error; one line is enough
+        print("error: " + " ".join(str(message).split()), file=sys.stderr)
+
+
+def _is_first_process() -> bool:
+    """Whether this is the launch's process 0 (``RANK``, set by ``accelerate launch``), before Accelerate starts."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_cli(function: Callable[[Sequence[str]], Any], argv: Optional[Sequence[str]] = None) -> Any:
+    """Call ``function(argv)``: a user error becomes one ``error:`` line and exit code 2 (a traceback with --debug)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return function(argv)
+    except USER_ERRORS as error:
+        if "--debug" in argv:
+            raise
+        report_error(str(error))
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_cli(parse_args)  # --help and bad flags answer here, before the imports below (seconds)
+
+# The heavy imports, only now: see above.
+import datasets  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from transformers import AutoModel, AutoProcessor  # noqa: E402
+
+import peft_clip_adapter  # noqa: E402
+from peft_clip_adapter.checkpoint import apply_default_permissions, from_pretrained_safetensors  # noqa: E402
+from peft_clip_adapter.classifier import CLIPAdapterClassifier, encode_class_prompts  # noqa: E402
+from peft_clip_adapter.data import (  # noqa: E402
+    build_eval_transform,
+    build_train_transform,
+    check_columns,
+    class_names,
+    load_image,
+    load_image_classification_data,
+    sample_few_shot,
+)
+from peft_clip_adapter.embeddings import frozen  # noqa: E402
+from peft_clip_adapter.features import FeatureCache, FeatureSet, dataset_labels  # noqa: E402
+from peft_clip_adapter.logs import on_terminal, progress, quiet_peft_wrapping  # noqa: E402
+from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset  # noqa: E402
+from peft_clip_adapter.templates import DATASET_TEMPLATES, templates_for  # noqa: E402
+
+logger = get_logger(__name__)
+
+
+# -----------------------------------------------------------------------------
 # Output folder, offline default, model and data
 
 
@@ -262,10 +411,12 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
         raise ValueError(f"--output_dir {output_dir} is a file; pass a folder.")
     entries = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
     if entries and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        # Resuming is only worth suggesting when there is a checkpoint to resume from.
+        resume = ", --resume_from_checkpoint latest to continue that run" if _checkpoints(output_dir) else ""
         raise ValueError(
             f"--output_dir {output_dir} already holds another run's files ({', '.join(entries[:5])}"
-            f"{', ...' if len(entries) > 5 else ''}). Pass --overwrite_output_dir to replace them, "
-            "--resume_from_checkpoint to continue that run, or choose another --output_dir."
+            f"{', ...' if len(entries) > 5 else ''}). Pass --overwrite_output_dir to replace them{resume}, "
+            "or choose another --output_dir."
         )
     accelerator.wait_for_everyone()  # every process has checked before anything is removed
     if accelerator.is_main_process:
@@ -275,6 +426,67 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
                 shutil.rmtree(path, ignore_errors=True)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+
+
+def check_hub_access(args: argparse.Namespace) -> str:
+    """For --push_to_hub: reach the Hub, check the login and create the repository, before any data is loaded.
+
+    Returns the repository id (``user/name``). Also fetches the base model's card, so the adapter's card can
+    inherit its licence.
+    """
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"--hub_model_id {repo_id!r} is not a Hub repository id such as 'me/my-adapter': {error}"
+        ) from error
+    upload_later = (
+        "or drop --push_to_hub and upload the output folder later: "
+        "FewShotClassifier.from_pretrained(<output_dir>).push_to_hub(<repo id>)"
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            f"--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set: unset it, {upload_later}."
+        )
+    api = HfApi(token=args.hub_token)
+    try:
+        user = api.whoami()["name"]
+        repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+    except LocalTokenNotFoundError as error:
+        raise ValueError(
+            "--push_to_hub needs a Hugging Face login: run `hf auth login` or pass --hub_token (a token with "
+            "write access)."
+        ) from error
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        if status == 401:
+            raise ValueError(
+                "--push_to_hub: the Hub refused the token (401 Unauthorized); log in again with `hf auth login` or "
+                "pass a valid --hub_token."
+            ) from error
+        raise ValueError(
+            f"--push_to_hub: cannot create or reach the repository {repo_id!r} (HTTP {status}). Check --hub_model_id "
+            f"and that your token may write there, {upload_later}."
+        ) from error
+    except Exception as error:  # no network, DNS, proxy, TLS: whatever the HTTP client raises
+        raise ValueError(
+            f"--push_to_hub: cannot reach the Hugging Face Hub ({type(error).__name__}: {error}); check the network, "
+            f"{upload_later}."
+        ) from error
+    logger.info("Will push to %s as %s", repo_id, user)
+    if args.license is None and not os.path.exists(args.model_name_or_path or ""):
+        try:  # the base model's card, for its licence (see peft_clip_adapter.card.base_model_license)
+            hf_hub_download(args.model_name_or_path, "README.md", token=args.hub_token)
+        except Exception:  # best effort: the card then has no licence, and says so
+            logger.warning(
+                "The base model's card is unavailable, so the adapter's card has no licence; pass --license."
+            )
+    return repo_id
 
 
 def prepare_offline_default(args: argparse.Namespace, accelerator: Accelerator) -> None:
@@ -321,7 +533,7 @@ def _build_once(target: Path, build) -> None:
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     """The frozen CLIP with an adapter on --adapt, and its processor (tokenizer + image processor)."""
-    model = _load_base_model(args.model_name_or_path)
+    model = from_pretrained_safetensors(AutoModel, args.model_name_or_path)  # a pickle is refused, never unpickled
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
     found = {name.rpartition(".")[2] for name in peft_clip_adapter.projection_modules(model)}
     missing = sorted({"text_projection", "visual_projection"} - found)
@@ -335,27 +547,8 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     # Seed right here: the adapter's initial weights then depend on --seed alone, not on what ran before
     # (building the offline model on a first run reseeds torch, for one).
     set_seed(args.seed)
-    return get_peft_model(model, config), processor
-
-
-def _load_base_model(name_or_path: str) -> nn.Module:
-    """``AutoModel.from_pretrained`` from safetensors only: a pickled checkpoint is refused, never unpickled."""
-    from peft_clip_adapter.checkpoint import refuse_pickles
-
-    folder = Path(name_or_path)
-    if folder.is_dir() and not any(folder.glob("*.safetensors")):
-        refuse_pickles(folder, "model.safetensors", what="base model weights")
-    try:
-        return AutoModel.from_pretrained(name_or_path, use_safetensors=True)
-    except OSError as error:
-        # transformers' words for "this checkpoint has no safetensors file"; anything else is not ours to explain.
-        if not any(words in str(error) for words in ("no file named", "does not appear to have")):
-            raise
-        raise ValueError(
-            f"--model_name_or_path {name_or_path} has no safetensors weights ({error}). Pickled weights "
-            "(pytorch_model.bin) are never loaded: unpickling a file can run any code in it. Use a checkpoint that "
-            "ships model.safetensors."
-        ) from error
+    with quiet_peft_wrapping():
+        return get_peft_model(model, config), processor
 
 
 def load_data(args: argparse.Namespace) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
@@ -465,10 +658,10 @@ def learning_rate_at(step: int, args: argparse.Namespace, warmup_steps: int, tot
 def evaluate(
     classifier: CLIPAdapterClassifier, eval_set: FeatureSet, loader: DataLoader, accelerator: Accelerator
 ) -> dict[str, Any]:
-    """Top-1 and per-class accuracy over the cached eval features; rows are split across processes.
+    """Top-1 and per-class accuracy (and each image's predicted class) over the cached eval features.
 
-    ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch, so every eval
-    image counts exactly once.
+    Rows are split across processes; ``gather_for_metrics`` drops the samples Accelerate repeats to even
+    out the last batch, so every eval image counts exactly once.
     """
     features = eval_set.features[0].to(accelerator.device)  # [N, D]
     labels = eval_set.labels.to(accelerator.device)  # [N]
@@ -485,7 +678,8 @@ def evaluate(
         members = targets == label
         # Integer counts, so that 11 of 50 is reported as 0.22 and not as float32's 0.2199999988.
         per_class.append(correct[members].sum().item() / members.sum().item() if members.any() else None)
-    return {"accuracy": correct.sum().item() / len(targets), "per_class": per_class, "count": len(targets)}
+    accuracy = correct.sum().item() / len(targets)
+    return {"accuracy": accuracy, "per_class": per_class, "count": len(targets), "predictions": predictions.tolist()}
 
 
 def make_batch_inputs(
@@ -544,8 +738,12 @@ def train(
         # The adapter's matrices are tiny: on CPU, intra-op threads only add synchronisation (measured
         # 50x slower with 2 threads on a busy 2-core machine), so train on cached features with one.
         torch.set_num_threads(1)
-    progress = tqdm(
-        total=schedule["total_steps"], initial=state["completed_steps"], disable=not accelerator.is_local_main_process
+    bar = progress(
+        total=schedule["total_steps"],
+        initial=state["completed_steps"],
+        desc="Training",
+        enabled=accelerator.is_local_main_process,
+        unit="steps",
     )
     for epoch in range(start_epoch, args.num_train_epochs):
         head.train()
@@ -571,9 +769,9 @@ def train(
                 continue
             state["completed_steps"] += 1
             state["epoch_steps"] += 1
-            progress.update(1)
-            # refresh=False: the bar redraws at tqdm's own pace, not once per step (floods logs when piped).
-            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", refresh=False)
+            bar.update(1)
+            # refresh=False: the bar redraws at its own pace, not once per step.
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", refresh=False)
             if isinstance(args.checkpointing_steps, int) and state["completed_steps"] % args.checkpointing_steps == 0:
                 state["epoch_loss_sum"] = accelerator.reduce(loss_sum, "mean").item()
                 save_checkpoint(accelerator, Path(args.output_dir) / f"step_{state['completed_steps']}", state)
@@ -589,7 +787,7 @@ def train(
             accelerator.log(metrics, step=epoch + 1)
         if args.checkpointing_steps == "epoch":
             save_checkpoint(accelerator, Path(args.output_dir) / f"epoch_{epoch + 1}", state)
-    progress.close()
+    bar.close()
     torch.set_num_threads(threads)
     return state
 
@@ -778,6 +976,40 @@ def save_plot(path: Path, results: dict[str, Any]) -> None:
     plt.close(figure)
 
 
+#: Up to this many classes the log lists each one; above, it summarises (the full table is in all_results.json).
+PER_CLASS_LOG_LIMIT = 20
+
+
+def log_per_class(names: list[str], zero_shot: list[Optional[float]], adapter: list[Optional[float]]) -> None:
+    """Per-class accuracy in the log: every class for a few, a summary for many (weakest, strongest, changes)."""
+    rows = list(zip(names, zero_shot, adapter, strict=True))
+    if len(rows) <= PER_CLASS_LOG_LIMIT:
+        for name, before, after in rows:
+            logger.info("  %-30s zero-shot %s  adapter %s", name, _percent(before), _percent(after))
+        return
+    scored = sorted((row for row in rows if row[2] is not None), key=lambda row: row[2])
+    better = sum(after > before for _, before, after in scored if before is not None)
+    worse = sum(after < before for _, before, after in scored if before is not None)
+    logger.info(
+        "Per class (%d classes; every one in %s): %d better than zero-shot, %d worse, %d unchanged, %d not evaluated",
+        len(rows),
+        RESULTS_FILE,
+        better,
+        worse,
+        len(scored) - better - worse,
+        len(rows) - len(scored),
+    )
+
+    def listing(selected: list[tuple[str, Optional[float], float]]) -> str:
+        return ", ".join(
+            f"{name} {_percent(after).strip()} (zero-shot {_percent(before).strip()})"
+            for name, before, after in selected
+        )
+
+    logger.info("  weakest:   %s", listing(scored[:5]))
+    logger.info("  strongest: %s", listing(scored[::-1][:5]))
+
+
 def _per_class(names: list[str], values: list[Optional[float]]) -> dict[str, Optional[float]]:
     return dict(zip(names, values, strict=True))
 
@@ -791,9 +1023,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     Raises:
         ValueError: for bad arguments or data, each before training starts.
-        RuntimeError: if ``WORLD_SIZE > 1`` but Accelerate sees a single process.
+        LaunchError: (a ``RuntimeError``) if ``WORLD_SIZE > 1`` but Accelerate sees a single process.
     """
     args = parse_args(argv)
+    if not on_terminal():
+        # Library bars (loading weights, reading image folders) redraw in place: noise in a log file.
+        for library in (transformers.utils.logging, datasets.utils.logging):
+            library.disable_progress_bar()
     accelerator = Accelerator(
         cpu=args.cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -804,7 +1040,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and accelerator.num_processes == 1:
-        raise RuntimeError(
+        raise LaunchError(
             f"WORLD_SIZE={world_size} but Accelerate sees one process, so each launched process would train alone. "
             "On CPU launch with `accelerate launch --multi_gpu --num_processes N ... examples/fewshot.py --cpu` "
             "(`accelerate launch --cpu --num_processes N` runs a single process)."
@@ -814,6 +1050,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
+    if args.push_to_hub and accelerator.is_main_process:
+        args.hub_repo_id = check_hub_access(args)  # seconds, not after training: login, network, repository
     prepare_output_dir(args, accelerator)
     if args.offline_default:
         prepare_offline_default(args, accelerator)
@@ -924,8 +1162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         zero_shot["accuracy"],
         final["count"],
     )
-    for name, before, after in zip(names, zero_shot["per_class"], final["per_class"], strict=True):
-        logger.info("  %-30s zero-shot %s  adapter %s", name, _percent(before), _percent(after))
+    log_per_class(names, zero_shot["per_class"], final["per_class"])
 
     dataset = args.dataset_name or ("offline-shapes" if args.offline_default else args.train_dir)
     results = {
@@ -940,6 +1177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "num_train_images": num_train,
         "num_eval_images": final["count"],
         "num_classes": len(names),
+        "class_names": names,
         "shots": args.shots,
         "seed": args.seed,
         "views": args.views,
@@ -965,16 +1203,19 @@ def _evaluate_zero_shot(peft_model, classifier, eval_set, eval_loader, accelerat
 
 
 def _save_outputs(args, accelerator: Accelerator, peft_model, results: dict[str, Any]) -> None:
-    """The adapter with its model card, all_results.json, the plot, and the Hub upload if asked."""
+    """The adapter with its classes and model card, all_results.json, the plot, and the Hub upload if asked."""
     peft_model.training_results = {
-        "base_model": args.model_name_or_path,
-        "dataset": results["dataset"],
+        "base_model": _card_name(args.model_name_or_path),
+        "dataset": _card_name(results["dataset"]),
         "shots": args.shots,
         "ratio": args.ratio,
         "accuracy": results["eval_accuracy"],
         "zero_shot_accuracy": results["zero_shot_accuracy"],
         "num_eval_images": results["num_eval_images"],
     }
+    # Saved beside the adapter (class_prompts.json): FewShotClassifier.from_pretrained rebuilds this classifier.
+    peft_model.class_prompts = {"class_names": results["class_names"], "templates": results["templates"]}
+    peft_model.license = args.license
     accelerator.wait_for_everyone()
     output_dir = Path(args.output_dir)
     accelerator.unwrap_model(peft_model).save_pretrained(str(output_dir), is_main_process=accelerator.is_main_process)
@@ -983,9 +1224,10 @@ def _save_outputs(args, accelerator: Accelerator, peft_model, results: dict[str,
         save_plot(output_dir / PLOT_FILE, results)
         logger.info("Saved the adapter, %s and %s in %s", RESULTS_FILE, PLOT_FILE, output_dir)
         if args.push_to_hub:
-            repo_id = args.hub_model_id or output_dir.resolve().name
-            peft_model.push_to_hub(repo_id, token=args.hub_token, commit_message="Upload CLIP-Adapter (few-shot)")
-            logger.info("Pushed the adapter to %s", repo_id)
+            peft_model.push_to_hub(
+                args.hub_repo_id, token=args.hub_token, commit_message="Upload CLIP-Adapter (few-shot)"
+            )
+            logger.info("Pushed the adapter to %s", args.hub_repo_id)
     accelerator.wait_for_everyone()
 
 
@@ -1000,5 +1242,13 @@ def _percent(value: Optional[float]) -> str:
     return "   n/a" if value is None else f"{100 * value:5.1f}%"
 
 
+def _card_name(name: Optional[str]) -> Optional[str]:
+    """A model or dataset name for the model card: a local path becomes its folder's name (a full path means
+    nothing elsewhere, and would publish the trainer's file system)."""
+    if name and os.path.exists(name):
+        return f"{Path(name).resolve().name} (local folder)"
+    return name
+
+
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -386,6 +386,47 @@ def refuse_pickles(
         )
 
 
+def from_pretrained_safetensors(auto_class: Any, name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
+    """``auto_class.from_pretrained(name_or_path, use_safetensors=True, **kwargs)``: a base model read from
+    safetensors only, so a pickled checkpoint (``pytorch_model.bin``) is refused by name, never unpickled.
+
+    Args:
+        auto_class: A transformers class with ``from_pretrained`` (``AutoModel``, ``CLIPModel``, ...).
+        name_or_path: A Hub id or a local folder.
+        **kwargs: Passed to ``from_pretrained``.
+
+    Returns:
+        The loaded model.
+
+    Raises:
+        ValueError: if the checkpoint has no safetensors weights (a local folder's pickle is named).
+
+    Example:
+        >>> import tempfile, pathlib, torch
+        >>> from transformers import CLIPModel
+        >>> folder = pathlib.Path(tempfile.mkdtemp())
+        >>> torch.save({}, folder / "pytorch_model.bin")
+        >>> from_pretrained_safetensors(CLIPModel, folder)
+        Traceback (most recent call last):
+        ...
+        ValueError: ...pytorch_model.bin holds the base model weights as a pickle, ...
+    """
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        refuse_pickles(folder, "model.safetensors", what="base model weights")
+    try:
+        return auto_class.from_pretrained(os.fspath(name_or_path), **{"use_safetensors": True, **kwargs})
+    except OSError as error:
+        # transformers' words for "this checkpoint has no safetensors file"; anything else is not ours to explain.
+        if not any(words in str(error) for words in ("no file named", "does not appear to have")):
+            raise
+        raise ValueError(
+            f"{os.fspath(name_or_path)} has no safetensors weights ({error}). Pickled weights (pytorch_model.bin) "
+            "are never loaded: unpickling a file can run any code in it. Use a checkpoint that ships "
+            "model.safetensors."
+        ) from error
+
+
 def verify_safetensors_file(path: str | os.PathLike, hint: str = _RESAVE_HINT) -> None:
     """Check that a safetensors file is whole: its header parses and its tensors fill the file exactly.
 

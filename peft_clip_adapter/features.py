@@ -30,6 +30,7 @@ from torch import nn
 
 from peft_clip_adapter.data import check_columns, load_image
 from peft_clip_adapter.embeddings import frozen_image_embeddings, model_device, unwrap_model
+from peft_clip_adapter.logs import progress as progress_bar
 from peft_clip_adapter.registration import PREFIX
 
 logger = logging.getLogger(__name__)
@@ -178,11 +179,10 @@ def _encode_rows(
     progress: bool,
 ) -> torch.Tensor:
     """Frozen embeddings ``[V, len(rows), D]`` (float32, CPU) of the given dataset rows."""
-    from tqdm.auto import tqdm
-
     dtype = next((p.dtype for p in unwrap_model(model).parameters() if p.is_floating_point()), torch.float32)
     chunks = [torch.empty(views, 0, _projection_width(model))]
-    for start in tqdm(range(0, len(rows), batch_size), desc="Extracting features", disable=not progress):
+    batches = range(0, len(rows), batch_size)
+    for start in progress_bar(batches, desc="Extracting features", enabled=progress, unit="batches"):
         batch = rows[start : start + batch_size]
         # Decode each image once; the transform gives every view from it.
         pictures = [load_image(value) for value in images[batch][image_column]]
@@ -241,7 +241,8 @@ def extract_image_features(
         batch_size: Images per backbone forward pass.
         accelerator: An ``accelerate.Accelerator``: rows are split across its processes
             (``split_between_processes``) and gathered, so every process returns ALL features, in order.
-        show_progress: Show a tqdm bar (on the local main process only).
+        show_progress: Show progress (on the local main process only): a bar on a terminal, else a log line
+            now and then.
 
     Returns:
         A ``FeatureSet`` with ``[views, len(dataset), D]`` float32 features (on CPU) and the labels.

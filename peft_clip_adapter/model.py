@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Optional
 
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
 from peft_clip_adapter.checkpoint import check_adapter_name, check_adapter_tensors, current_source
 from peft_clip_adapter.config import PROJECTION_NAMES, CLIPAdapterConfig
@@ -125,21 +125,7 @@ class CLIPAdapterModel(BaseTuner):
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
-        self._upgrade_calling_peft_model()
-
-    def _upgrade_calling_peft_model(self) -> None:
-        """Give the ``PeftModel`` that is building us our save/push behaviour.
-
-        peft builds the tuner inside ``PeftModel.__init__`` and offers no hook afterwards, while
-        transformers' ``push_to_hub`` replaces the model card with a generic one. Switching the class
-        of that one instance to a ``PeftModel`` subclass keeps every peft behaviour and adds ours
-        (atomic saves, our model card); models wrapped by other means are left as they are.
-        """
-        from peft_clip_adapter.peft_model import CLIPAdapterPeftModel
-
-        caller = sys._getframe(2).f_locals.get("self")
-        if type(caller) is PeftModel:
-            caller.__class__ = CLIPAdapterPeftModel
+        _watch_for_the_owning_peft_model()
 
     def _prepare_adapter_config(self, peft_config: CLIPAdapterConfig, model_config: dict) -> CLIPAdapterConfig:
         return peft_config
@@ -222,6 +208,34 @@ class CLIPAdapterModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         _check_loaded_keys(model, adapter_name, remapped)
         return remapped
+
+
+# How a plain `PeftModel` becomes a `CLIPAdapterPeftModel`. `get_peft_model`, `PeftModel.from_pretrained`
+# and `AutoPeftModel` build a plain `PeftModel` for every method whose `task_type` is None, and peft offers
+# no registry for the `PeftModel` class (its task-type table keys on `task_type`, which must stay None so
+# that CLIP keeps its own forward). What peft does guarantee is that the `PeftModel` stores its tuner as
+# the submodule `base_model` (`peft_model.base_model` is public API). torch calls the global
+# module-registration hooks on every submodule assignment, so a hook sees exactly that moment and switches
+# the class of that one `PeftModel` instance to our subclass, which keeps every peft behaviour and adds ours
+# (atomic saves, our model card and its push). Subclasses of `PeftModel` built on purpose are left alone.
+# tests/test_peft_flows.py checks every way of building the model, so a peft change that breaks this fails
+# the suite instead of silently pushing peft's generic card.
+_owner_hook = None
+
+
+def _watch_for_the_owning_peft_model() -> None:
+    """Install (once per process) the hook that upgrades the ``PeftModel`` that takes a CLIP-Adapter tuner."""
+    global _owner_hook
+    if _owner_hook is None:
+        _owner_hook = register_module_module_registration_hook(_upgrade_owning_peft_model)
+
+
+def _upgrade_owning_peft_model(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    if name == "base_model" and isinstance(submodule, CLIPAdapterModel) and type(module) is PeftModel:
+        # Looked up now, not at import: a reloaded peft_model module then provides the class.
+        from peft_clip_adapter.peft_model import CLIPAdapterPeftModel
+
+        module.__class__ = CLIPAdapterPeftModel
 
 
 def _refuse_wrapped_model(model: nn.Module) -> None:

@@ -59,7 +59,12 @@ def build_tiny_clip(
     import torch
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
+
+    try:  # the PIL backend by name: asking for CLIPImageProcessor without torchvision logs a fallback warning
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:  # transformers before the image-processor backends
+        from transformers import CLIPImageProcessor
 
     from peft_clip_adapter.templates import DATASET_TEMPLATES, ENSEMBLE_TEMPLATES
 

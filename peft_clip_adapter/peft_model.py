@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 import re
 import shutil
@@ -14,13 +15,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
-from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from peft import PeftConfig, PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError
 
-from peft_clip_adapter.card import render_model_card
+from peft_clip_adapter.card import CLASS_PROMPTS_FILE, load_card, render_model_card
 from peft_clip_adapter.checkpoint import (
     MANIFEST_NAME,
     apply_default_permissions,
@@ -31,6 +32,7 @@ from peft_clip_adapter.checkpoint import (
     write_manifest,
 )
 from peft_clip_adapter.config import CLIPAdapterConfig
+from peft_clip_adapter.registration import PREFIX
 
 try:  # POSIX: saves into one folder take turns; elsewhere they are still atomic per file, as a set by the manifest.
     import fcntl
@@ -51,6 +53,9 @@ class CLIPAdapterPeftModel(PeftModel):
       saved files get the usual permissions (``0644`` under the usual umask);
     - the model card (``README.md``) shows how to load the adapter, including the required
       ``import peft_clip_adapter``, and records ``training_results`` when a training script sets them;
+      a card already in the folder (or in the Hub repository) keeps its text and metadata;
+    - with ``class_prompts`` set, the class names and templates of the classifier are saved beside the
+      adapter (``class_prompts.json``, read by ``FewShotClassifier``);
     - ``push_to_hub`` uploads exactly the saved files, keeping that card (transformers' generic
       ``push_to_hub`` would replace it with a placeholder);
     - ``load_adapter`` (and so ``PeftModel.from_pretrained`` and ``AutoPeftModel``) checks the saved
@@ -73,6 +78,11 @@ class CLIPAdapterPeftModel(PeftModel):
 
     #: Facts about training (dataset, shots, accuracy, ...) written into the model card.
     training_results: Optional[dict[str, Any]] = None
+    #: ``{"class_names": [...], "templates": [...]}`` of the classifier the adapter was trained for, saved
+    #: as ``class_prompts.json`` and shown in the card (``FewShotClassifier`` sets it).
+    class_prompts: Optional[dict[str, list[str]]] = None
+    #: The card's ``license``; ``None`` keeps the card's own or takes the base model's when it is known.
+    license: Optional[str] = None
     # Where the card's usage snippet says the adapter lives; set per save.
     _card_location: Optional[str] = None
 
@@ -134,7 +144,11 @@ class CLIPAdapterPeftModel(PeftModel):
         location = self._card_location
         try:
             self._card_location = location or str(save_directory)
+            if (target / CARD_NAME).is_file():  # the card updater keeps what a user wrote there
+                shutil.copy2(target / CARD_NAME, staging / CARD_NAME)
             super().save_pretrained(str(staging), is_main_process=True, **kwargs)
+            if self.class_prompts is not None:
+                (staging / CLASS_PROMPTS_FILE).write_text(json.dumps(self.class_prompts, indent=2, ensure_ascii=False))
             _commit_save(staging, target)
         finally:
             self._card_location = location
@@ -216,7 +230,7 @@ class CLIPAdapterPeftModel(PeftModel):
             _warn_if_config_differs(self.peft_config[adapter_name], saved, adapter_name, source)
         try:
             with loading_source(source):
-                return super().load_adapter(model_id, adapter_name, *args, **kwargs)
+                result = super().load_adapter(model_id, adapter_name, *args, **kwargs)
         except Exception as error:
             if new and adapter_name in self.peft_config:
                 self.delete_adapter(adapter_name)  # added by this call: a refused load leaves the model as it was
@@ -226,12 +240,20 @@ class CLIPAdapterPeftModel(PeftModel):
                     "adapter again, or download it again (force_download=True) if it came from the Hub."
                 ) from error
             raise
+        # peft keeps the missing keys that contain the adapter name and the prefix as substrings, so a name
+        # such as "adapter", "clip" or "down" (inside "clip_adapter_down") also reports every other
+        # adapter's weights as missing. Keep only the keys of this adapter's own parameters.
+        own_key = re.compile(rf"\.{re.escape(PREFIX)}[^.]*\.{re.escape(adapter_name)}\.[^.]+$")
+        missing = [key for key in result.missing_keys if own_key.search(key)]
+        result.missing_keys[:] = missing
+        return result
 
     def create_or_update_model_card(self, output_dir: str) -> None:
-        """Write peft's card, then our text and tags over it (keeping any other metadata).
+        """Write the model card, or update ours inside the card already there (keeping the user's parts).
 
         ``save_pretrained`` calls this; the card shows the ``import peft_clip_adapter`` needed to load the
-        adapter and the ``training_results`` when set.
+        adapter, the classifier's classes (``class_prompts``) and the ``training_results`` when set. Text
+        outside our marked section and metadata fields we do not set are left as they were.
 
         Args:
             output_dir: Folder that receives (or already holds) ``README.md``.
@@ -255,17 +277,24 @@ class CLIPAdapterPeftModel(PeftModel):
             >>> "import peft_clip_adapter" in open(f"{folder}/README.md").read()
             True
         """
-        super().create_or_update_model_card(output_dir)
+        # Not peft's own card: it fills a new card with an empty template, and it would write a local
+        # path as base_model, which the Hub refuses.
         path = os.path.join(output_dir, "README.md")
         config = self.active_peft_config
         base = self.get_base_model()
+        prompts = self.class_prompts or {}
         card = render_model_card(
             config,
             base_model=config.base_model_name_or_path or getattr(base, "name_or_path", None) or None,
             repo_id=self._card_location,
             base_model_class=type(base).__name__,
             results=self.training_results,
-            existing=ModelCard.load(path),
+            existing=load_card(path),
+            class_names=prompts.get("class_names"),
+            templates=prompts.get("templates"),
+            license=self.license,
+            # As peft's own card: the base model's tags (ours among them) and "transformers".
+            tags=[*(getattr(base, "model_tags", None) or []), *self._get_peft_specific_model_tags()],
         )
         card.save(path)
 
@@ -283,7 +312,8 @@ class CLIPAdapterPeftModel(PeftModel):
     ) -> Any:
         """Upload the adapter, its config and its model card to the Hub repository ``repo_id``.
 
-        Exactly the files ``save_pretrained`` writes are uploaded, in one commit.
+        Exactly the files ``save_pretrained`` writes are uploaded, in one commit. A card already in the
+        repository keeps its text outside our section, and its metadata.
 
         Args:
             repo_id: ``"user/name"``; the repository is created if it does not exist.
@@ -310,6 +340,9 @@ class CLIPAdapterPeftModel(PeftModel):
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
+            existing = _hub_card(repo_id, revision=revision, token=token)
+            if existing is not None:
+                shutil.copy2(existing, os.path.join(folder, "README.md"))
             self._card_location = repo_id
             try:
                 self.save_pretrained(folder, **save_kwargs)
@@ -323,6 +356,28 @@ class CLIPAdapterPeftModel(PeftModel):
                 revision=revision,
                 create_pr=create_pr,
             )
+
+
+def _hub_card(repo_id: str, *, revision: Optional[str], token: Optional[bool | str]) -> Optional[str]:
+    """The local path of the repository's current ``README.md``, or ``None`` when it has none."""
+    try:
+        return hf_hub_download(repo_id, "README.md", revision=revision, token=token)
+    except EntryNotFoundError:  # also raised offline when the card is not cached: nothing to keep then
+        return None
+
+
+def _allow_in_zero_shot_pipeline() -> None:
+    """List our ``PeftModel`` class among the models transformers' zero-shot image pipeline accepts.
+
+    The pipeline checks the model's class name against a table and logs an ERROR for any other class,
+    though an adapted model works there unchanged. transformers keeps the PEFT wrapper classes each
+    pipeline accepts in ``SUPPORTED_PEFT_TASKS``; it is mutated in place, idempotently.
+    """
+    from transformers.pipelines import base as pipelines_base
+
+    accepted = pipelines_base.SUPPORTED_PEFT_TASKS.setdefault("zero-shot-image-classification", [])
+    if CLIPAdapterPeftModel.__name__ not in accepted:
+        accepted.append(CLIPAdapterPeftModel.__name__)
 
 
 def _check_saved_adapter(model_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
