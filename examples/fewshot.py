@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--model_name_or_path",
         default=None,
-        help="A CLIP checkpoint (Hub id or folder). Default: the offline tiny CLIP.",
+        help="A CLIP or SigLIP checkpoint (Hub id or folder). Default: the offline tiny CLIP.",
     )
     data.add_argument(
         "--dataset_name", default=None, help="A Hub dataset id, or a local dataset folder. Default: use --train_dir."
@@ -388,6 +388,7 @@ from peft_clip_adapter.data import (  # noqa: E402
     sample_few_shot,
 )
 from peft_clip_adapter.embeddings import frozen  # noqa: E402
+from peft_clip_adapter.families import describe_towers, towers_by_branch  # noqa: E402
 from peft_clip_adapter.features import FeatureCache, FeatureSet, dataset_labels  # noqa: E402
 from peft_clip_adapter.logs import on_terminal, progress, quiet_peft_wrapping  # noqa: E402
 from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset  # noqa: E402
@@ -532,16 +533,23 @@ def _build_once(target: Path, build) -> None:
 
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
-    """The frozen CLIP with an adapter on --adapt, and its processor (tokenizer + image processor)."""
+    """The frozen dual encoder with an adapter on --adapt, and its processor (tokenizer + image processor)."""
     model = from_pretrained_safetensors(AutoModel, args.model_name_or_path)  # a pickle is refused, never unpickled
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
-    found = {name.rpartition(".")[2] for name in peft_clip_adapter.projection_modules(model)}
-    missing = sorted({"text_projection", "visual_projection"} - found)
+    towers = towers_by_branch(model)
+    missing = [branch for branch in ("vision", "text") if branch not in towers]
     if missing:
         raise ValueError(
-            f"{type(model).__name__} from {args.model_name_or_path} has no {' / '.join(missing)} layer: the trainer "
-            "needs both CLIP towers with their projections to classify images by class-name prompts. Use a "
-            "CLIPModel checkpoint such as openai/clip-vit-base-patch16."
+            f"{type(model).__name__} from {args.model_name_or_path} has no {' / '.join(missing)} tower with a pooled "
+            f"embedding (it has {describe_towers(model)}): the trainer classifies images by class-name prompts, so it "
+            "needs an image and a text tower. Use a CLIP or SigLIP checkpoint such as openai/clip-vit-base-patch16."
+        )
+    if towers["vision"].model_class.startswith("Siglip2"):
+        raise ValueError(
+            f"{type(model).__name__} from {args.model_name_or_path} is SigLIP 2 NaFlex, whose variable-resolution "
+            "inputs (patches, pixel_attention_mask, spatial_shapes) the trainer's image pipeline does not make yet. "
+            "Use a fixed-resolution checkpoint (a SiglipModel, e.g. google/siglip2-base-patch16-224), or train on "
+            "Siglip2Model in your own loop (docs: Your own training loop)."
         )
     config = peft_clip_adapter.CLIPAdapterConfig(ratio=args.ratio, reduction=args.reduction, adapt=args.adapt)
     # Seed right here: the adapter's initial weights then depend on --seed alone, not on what ran before
@@ -616,13 +624,13 @@ def check_images(dataset: datasets.Dataset, image_column: str) -> None:
 
 
 class EndToEndHead(nn.Module):
-    """Logits from pixels through the full PEFT model: ``exp(logit_scale) * normalize(f') @ text_weights``.
+    """Logits from pixels through the full PEFT model: ``exp(logit_scale) * normalize(f') @ text_weights + bias``.
 
-    ``f'`` comes out of the model's own (adapted) ``visual_projection``, so every step re-runs the frozen
-    backbone. The PEFT model is deliberately kept out of this module's children: the only trainable
-    parameters are the adapters, which ``classifier`` already registers, so DDP synchronises exactly
-    those and checkpoints hold only the classifier (under a ``classifier.`` prefix, so a checkpoint
-    resumes in the mode that wrote it).
+    ``f'`` comes out of the model's own adapted module (CLIP's ``visual_projection``, SigLIP's pooling
+    head, ...), so every step re-runs the frozen backbone. The PEFT model is deliberately kept out of
+    this module's children: the only trainable parameters are the adapters, which ``classifier`` already
+    registers, so DDP synchronises exactly those and checkpoints hold only the classifier (under a
+    ``classifier.`` prefix, so a checkpoint resumes in the mode that wrote it).
     """
 
     def __init__(self, peft_model: nn.Module, classifier: CLIPAdapterClassifier) -> None:
@@ -633,8 +641,7 @@ class EndToEndHead(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         output = self._peft_model[0].get_image_features(pixel_values=pixel_values)
         features = output if isinstance(output, torch.Tensor) else output.pooler_output  # [B, D], adapted
-        features = F.normalize(features.float(), dim=-1)  # [B, D]
-        return self.classifier.logit_scale.exp() * features @ self.classifier.text_weights()  # [B, C]
+        return self.classifier.logits_of_adapted(features)  # [B, C]
 
 
 def learning_rate_at(step: int, args: argparse.Namespace, warmup_steps: int, total_steps: int) -> float:
@@ -1070,7 +1077,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         len(eval_dataset),
         templates,
     )
-    class_embeddings = encode_class_prompts(peft_model, processor.tokenizer, names, templates)  # [C, T, D]
+    class_embeddings = encode_class_prompts(peft_model, processor, names, templates)  # [C, T, D]
     classifier = CLIPAdapterClassifier.from_model(peft_model, class_embeddings)
 
     start = time.perf_counter()

@@ -1,4 +1,4 @@
-"""CLIP-Adapter as a PEFT method for Hugging Face ``transformers`` CLIP models.
+"""CLIP-Adapter as a PEFT method for Hugging Face ``transformers`` contrastive dual encoders (CLIP, SigLIP, ...).
 
 Importing the package registers the method with ``peft``; afterwards the usual peft calls work::
 

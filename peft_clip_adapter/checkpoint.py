@@ -33,8 +33,7 @@ import torch
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
-from peft_clip_adapter.layer import CLIPAdapterLayer
-from peft_clip_adapter.registration import PEFT_TYPE
+from peft_clip_adapter.layer import PREFIX, CLIPAdapterLayer
 
 #: Written by ``save_pretrained`` beside each adapter's files: their sizes and SHA-256 digests.
 MANIFEST_NAME = "adapter_manifest.json"
@@ -117,7 +116,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         )
     loaded.pop("runtime_config", None)  # peft drops it too: runtime settings are never saved
     check_peft_type(loaded.get("peft_type"), path, looks_like_ours="ratio" in loaded and "reduction" in loaded)
-    if loaded["peft_type"] == PEFT_TYPE.value:
+    if loaded["peft_type"] == clip_adapter_type():
         _check_clip_adapter_fields(loaded, path)
     return loaded
 
@@ -148,7 +147,7 @@ def check_peft_type(peft_type: Any, source: str, *, looks_like_ours: bool = Fals
 
     if peft_type is None:
         guess = (
-            f' It holds CLIP-Adapter settings: add "peft_type": "{PEFT_TYPE.value}", or save the adapter again.'
+            f' It holds CLIP-Adapter settings: add "peft_type": "{clip_adapter_type()}", or save the adapter again.'
             if looks_like_ours
             else " Save the adapter again with save_pretrained, which writes it."
         )
@@ -159,9 +158,31 @@ def check_peft_type(peft_type: Any, source: str, *, looks_like_ours: bool = Fals
     suggestion = _did_you_mean(peft_type, registered)
     raise ValueError(
         f"{source} has peft_type={peft_type!r}, which is not a registered PEFT method{suggestion}. "
-        f"Fix the spelling in the file, or save the adapter again (CLIP-Adapter's is {PEFT_TYPE.value!r}, "
+        f"Fix the spelling in the file, or save the adapter again (CLIP-Adapter's is {clip_adapter_type()!r}, "
         "registered by `import peft_clip_adapter`)."
     )
+
+
+def clip_adapter_type() -> str:
+    """The ``peft_type`` CLIP-Adapter is registered under: the one whose key prefix is CLIP-Adapter's.
+
+    Read from peft's registry (filled by ``register``) rather than imported from the config module, which
+    imports this one.
+
+    Returns:
+        ``"CLIP_ADAPTER"``.
+
+    Example:
+        >>> import peft_clip_adapter
+        >>> clip_adapter_type()
+        'CLIP_ADAPTER'
+    """
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    registered = (
+        str(getattr(key, "value", key)) for key, prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items() if prefix == PREFIX
+    )
+    return next(registered, "CLIP_ADAPTER")
 
 
 def _did_you_mean(value: Any, choices: list[str]) -> str:
@@ -186,7 +207,7 @@ def _check_clip_adapter_fields(loaded: dict[str, Any], path: str) -> None:
             f"a default instead of the value it was trained with. {_RESAVE_HINT} Never fill it in by guess."
         )
     # Read from the registered class, so fields added to the config later are known here too.
-    known = {field.name for field in dataclasses.fields(PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE])}
+    known = {field.name for field in dataclasses.fields(PEFT_TYPE_TO_CONFIG_MAPPING[clip_adapter_type()])}
     unknown = sorted(set(loaded) - known)
     if unknown:
         name = unknown[0]

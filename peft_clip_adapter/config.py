@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 from dataclasses import dataclass, field
@@ -10,58 +11,77 @@ from typing import Any, Literal, Optional, Union
 from peft import PeftConfig
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from peft_clip_adapter.registration import PEFT_TYPE
 
-Branch = Literal["vision", "text", "both"]
+class CLIPAdapterPeftType(str, enum.Enum):
+    """The ``peft_type`` written to ``adapter_config.json``.
 
-#: The projection layers that produce CLIP's pooled embeddings, by branch.
-BRANCH_TARGETS: dict[str, tuple[str, ...]] = {
-    "vision": ("visual_projection",),
-    "text": ("text_projection",),
-    "both": ("text_projection", "visual_projection"),
+    A ``str`` enum compares and hashes like its value, so the string ``"CLIP_ADAPTER"`` read back from
+    JSON finds the same registry entries as the member itself. Like peft's own ``PeftType``, ``str()``
+    gives ``"<class>.<name>"``: peft reads the method's name as the part after the dot (e.g. in
+    ``PeftModel.get_model_status().peft_types``).
+
+    Raises:
+        ValueError: from ``enum`` when looked up with any other value.
+
+    Example:
+        >>> from peft_clip_adapter.config import CLIPAdapterPeftType
+        >>> CLIPAdapterPeftType("CLIP_ADAPTER") == "CLIP_ADAPTER", CLIPAdapterPeftType.CLIP_ADAPTER.value
+        (True, 'CLIP_ADAPTER')
+        >>> str(CLIPAdapterPeftType.CLIP_ADAPTER).partition(".")[-1]
+        'CLIP_ADAPTER'
+    """
+
+    CLIP_ADAPTER = "CLIP_ADAPTER"
+
+
+PEFT_TYPE = CLIPAdapterPeftType.CLIP_ADAPTER
+
+Adapt = Literal["vision", "text", "audio", "both"]
+#: The accepted values of ``adapt``: one tower, or ``"both"`` for every tower the model has.
+ADAPT_CHOICES: tuple[str, ...] = ("vision", "text", "audio", "both")
+
+# Version 0.1.0 saved CLIP's projection names beside `adapt`; such a pair means `adapt` alone.
+_TARGETS_SAVED_WITH_ADAPT = {
+    "vision": ["visual_projection"],
+    "text": ["text_projection"],
+    "both": ["text_projection", "visual_projection"],
 }
-PROJECTION_NAMES: tuple[str, ...] = BRANCH_TARGETS["both"]
-
-
-def _branch_of(target_modules: list[str]) -> Optional[str]:
-    for branch, targets in BRANCH_TARGETS.items():
-        if sorted(target_modules) == sorted(targets):
-            return branch
-    return None
 
 
 @dataclass
 class CLIPAdapterConfig(PeftConfig):
     """Configuration of a CLIP-Adapter (Gao et al., 2021, https://arxiv.org/abs/2110.04544).
 
-    The adapter is a residual bottleneck MLP on CLIP's pooled, projected embedding ``f``::
+    The adapter is a residual bottleneck MLP on a tower's final pooled embedding ``f`` (CLIP's pooled,
+    projected embedding; SigLIP's pooling-head output; ...)::
 
         f' = ratio * ReLU(W2 @ ReLU(W1 @ f)) + (1 - ratio) * f,   W1: d -> d // reduction, W2: back to d
 
-    where ``d`` is read from the model (``projection_dim``), and both linears have no bias.
+    where ``d`` is read from the model, and both linears have no bias. Which module outputs ``f`` is
+    known per model class (``peft_clip_adapter.families``), so one config fits every supported model.
 
     Args:
-        ratio: Residual blend ``alpha`` in ``[0, 1]``: 0 keeps CLIP's embedding, 1 replaces it with the
+        ratio: Residual blend ``alpha`` in ``[0, 1]``: 0 keeps the model's embedding, 1 replaces it with the
             adapter's output. The paper's default is 0.2; it picks 0.6 for fine-grained datasets such as
             EuroSAT, DTD or Aircraft.
         reduction: Bottleneck factor ``r``: the hidden width is ``d // reduction``. Must be an integer in
             ``[1, d]``. Default 4, as in the paper.
-        adapt: Which embedding to adapt: ``"vision"`` (the paper's default), ``"text"`` (the class
-            prototypes) or ``"both"``. Maps onto ``target_modules``; leave ``None`` when passing
-            ``target_modules`` yourself.
-        target_modules: Advanced: the projection module names (or a regex over full module names) to
-            wrap. Every match must be a ``visual_projection`` / ``text_projection`` ``nn.Linear``.
-            Derived from ``adapt`` when ``None``, and stored sorted so the JSON is reproducible.
+        adapt: Which tower's embedding to adapt: ``"vision"`` (the paper's default), ``"text"`` (the class
+            prototypes), ``"audio"`` (CLAP) or ``"both"`` (every tower of the model: its two towers, or
+            the one of a single-tower class). Leave ``None`` when passing ``target_modules``.
+        target_modules: Advanced: names (or a regex over full module names) choosing among the model's
+            pooled-embedding modules, e.g. in a model that holds two dual encoders. Every match must be
+            such a module. ``None`` (the default) lets ``adapt`` choose them per model class.
 
     Raises:
-        ValueError: if a value is out of range or of the wrong type, if ``adapt`` and ``target_modules``
-            disagree, or if ``task_type`` is set (CLIP has no peft task head).
+        ValueError: if a value is out of range or of the wrong type, if both ``adapt`` and
+            ``target_modules`` are given, or if ``task_type`` is set (the model keeps its own forward).
 
     Example:
         >>> import peft_clip_adapter
         >>> config = peft_clip_adapter.CLIPAdapterConfig(ratio=0.6, adapt="both")
-        >>> config.target_modules
-        ['text_projection', 'visual_projection']
+        >>> config.adapt, config.target_modules
+        ('both', None)
     """
 
     ratio: float = field(
@@ -71,13 +91,13 @@ class CLIPAdapterConfig(PeftConfig):
     reduction: int = field(
         default=4, metadata={"help": "Bottleneck factor: the adapter's hidden width is d // reduction."}
     )
-    adapt: Optional[Branch] = field(
+    adapt: Optional[Adapt] = field(
         default=None,
-        metadata={"help": "Branch to adapt: 'vision' (default), 'text' or 'both'. Sets target_modules."},
+        metadata={"help": "Tower to adapt: 'vision' (default), 'text', 'audio' or 'both' (every tower)."},
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "Advanced: projection module names or a regex. Derived from `adapt` if unset."},
+        metadata={"help": "Advanced: pooled-embedding module names or a regex, instead of `adapt`."},
     )
 
     def __post_init__(self) -> None:
@@ -114,22 +134,21 @@ class CLIPAdapterConfig(PeftConfig):
         self.reduction = reduction
 
     def _resolve_targets(self) -> None:
-        if self.adapt is not None and self.adapt not in BRANCH_TARGETS:
+        if self.adapt is not None and self.adapt not in ADAPT_CHOICES:
             raise ValueError(
-                f"adapt must be one of {sorted(BRANCH_TARGETS)} (or None with explicit target_modules), "
+                f"adapt must be one of {sorted(ADAPT_CHOICES)} (or None with explicit target_modules), "
                 f"got {self.adapt!r}."
             )
         targets = self.target_modules
         if targets is None:
             self.adapt = self.adapt or "vision"
-            self.target_modules = sorted(BRANCH_TARGETS[self.adapt])
             return
         if isinstance(targets, str):
             if targets == "all-linear":
                 raise ValueError(
-                    "target_modules='all-linear' would wrap every attention and MLP layer; CLIP-Adapter "
-                    f"only wraps the pooled projections {list(PROJECTION_NAMES)}. Use adapt='vision', "
-                    "'text' or 'both' instead."
+                    "target_modules='all-linear' would wrap every attention and MLP layer; CLIP-Adapter only "
+                    "wraps the module that outputs a tower's pooled embedding. Use adapt='vision', 'text', "
+                    "'audio' or 'both' instead."
                 )
             if self.adapt is not None:
                 raise ValueError(
@@ -143,14 +162,15 @@ class CLIPAdapterConfig(PeftConfig):
                 f"target_modules must be a non-empty list of module names or a regex string, got {targets!r}."
             )
         self.target_modules = sorted(set(targets))
-        branch = _branch_of(self.target_modules)
         if self.adapt is None:
-            self.adapt = branch
-        elif branch != self.adapt:
-            raise ValueError(
-                f"adapt={self.adapt!r} targets {sorted(BRANCH_TARGETS[self.adapt])}, but target_modules="
-                f"{self.target_modules}. Pass only one of them."
-            )
+            return
+        if self.target_modules == _TARGETS_SAVED_WITH_ADAPT.get(self.adapt):
+            self.target_modules = None
+            return
+        raise ValueError(
+            f"Pass either adapt={self.adapt!r} or target_modules={self.target_modules}, not both: adapt picks "
+            "each model's pooled-embedding modules itself."
+        )
 
     @classmethod
     def from_pretrained(

@@ -30,6 +30,7 @@ from torch import nn
 
 from peft_clip_adapter.data import check_columns, load_image
 from peft_clip_adapter.embeddings import frozen_image_embeddings, model_device, unwrap_model
+from peft_clip_adapter.families import embedding_width
 from peft_clip_adapter.logs import progress as progress_bar
 from peft_clip_adapter.registration import PREFIX
 
@@ -160,10 +161,7 @@ def _undecoded(dataset: datasets.Dataset, image_column: str) -> datasets.Dataset
 
 
 def _projection_width(model: nn.Module) -> int:
-    for name, module in unwrap_model(model).named_modules():
-        if name.rpartition(".")[2] == "visual_projection":
-            return module.out_features
-    raise ValueError(f"{type(unwrap_model(model)).__name__} has no `visual_projection` layer.")
+    return embedding_width(unwrap_model(model), "vision")
 
 
 def _encode_rows(

@@ -47,7 +47,8 @@ class FewShotClassifier:
     Calling it scores every image against every class and returns, per image, the classes sorted by
     score, best first, as ``transformers``' zero-shot image pipeline does:
     ``[{"score": 0.91, "label": "AnnualCrop"}, ...]``. The scores are a softmax over the logits
-    ``exp(logit_scale) * cos(adapted image embedding, class prototype)`` that the trainer evaluates.
+    ``exp(logit_scale) * cos(adapted image embedding, class prototype)`` that the trainer evaluates
+    (for SigLIP, one sigmoid per class of those logits plus ``logit_bias``, as its pipeline shows them).
 
     Args:
         model: The adapted model (a ``PeftModel`` with a CLIP-Adapter), or a plain ``CLIPModel`` for
@@ -248,18 +249,21 @@ class FewShotClassifier:
         return torch.cat(chunks)  # [N, C]
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities from logits: a softmax over the classes, as CLIP's zero-shot pipeline.
+        """Class probabilities from logits, as the model's zero-shot pipeline shows them.
+
+        A softmax over the classes for CLIP-like models; for SigLIP one sigmoid per class,
+        ``sigmoid(exp(logit_scale) * cos + logit_bias)``, as SigLIP was trained.
 
         Args:
             logits: ``[N, C]`` from ``logits``.
 
         Returns:
-            ``[N, C]`` scores; each row sums to 1.
+            ``[N, C]`` scores in ``[0, 1]``; with the softmax each row sums to 1.
 
         Example:
             See the class example; ``classifier.scores(classifier.logits(images))`` gives ``[N, C]``.
         """
-        return logits.softmax(dim=-1)
+        return torch.sigmoid(logits) if self.head.sigmoid_scores else logits.softmax(dim=-1)
 
     def __call__(self, images: Any, top_k: Optional[int] = None) -> list:
         """Score the images against every class; return the classes best first, per image.

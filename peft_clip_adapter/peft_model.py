@@ -32,7 +32,7 @@ from peft_clip_adapter.checkpoint import (
     write_manifest,
 )
 from peft_clip_adapter.config import CLIPAdapterConfig
-from peft_clip_adapter.registration import PREFIX
+from peft_clip_adapter.layer import PREFIX
 
 try:  # POSIX: saves into one folder take turns; elsewhere they are still atomic per file, as a set by the manifest.
     import fcntl

@@ -255,14 +255,16 @@ def test_output_dir_with_another_runs_files(fewshot, tiny_clip_path, shapes_dir,
         fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--output_dir", str(tmp_path / "file")))
 
 
-def test_model_without_projection_layers(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+def test_model_without_image_and_text_towers(fewshot, tiny_clip_path, shapes_dir, tmp_path):
     from transformers import AutoProcessor, CLIPModel, CLIPVisionModel
 
     folder = tmp_path / "vision-only"
     CLIPVisionModel(CLIPModel.from_pretrained(tiny_clip_path).config.vision_config).save_pretrained(folder)
     AutoProcessor.from_pretrained(tiny_clip_path).save_pretrained(folder)
     argv = _args(tiny_clip_path, shapes_dir, tmp_path, "--model_name_or_path", str(folder))
-    with pytest.raises(ValueError, match=r"CLIPVisionModel .* has no text_projection / visual_projection layer"):
+    with pytest.raises(
+        ValueError, match=r"CLIPVisionModel from .* has no vision / text tower with a pooled embedding \(it has no "
+    ):
         fewshot.main(argv)
 
 

@@ -280,7 +280,7 @@ def test_another_width_is_refused_before_the_model_is_touched(saved, tmp_path):
     from peft_clip_adapter.offline import build_tiny_clip
 
     narrow = CLIPModel.from_pretrained(build_tiny_clip(tmp_path / "d24", projection_dim=24))
-    with pytest.raises(ValueError, match=r"safetensors does not fit this model .*d=32 .* projection width is d=24"):
+    with pytest.raises(ValueError, match=r"safetensors does not fit this model .*d=32 .* embedding width is d=24"):
         PeftModel.from_pretrained(narrow, saved)
     assert not is_wrapped(narrow)
 
@@ -288,12 +288,26 @@ def test_another_width_is_refused_before_the_model_is_touched(saved, tmp_path):
 def test_weights_of_the_other_branch(saved, tiny_clip_path):
     text = {key.replace("visual_projection", "text_projection"): value for key, value in tensors_of(saved).items()}
     write_weights(saved, text)
-    with pytest.raises(
-        ValueError, match=r"targets \['visual_projection'\], but the file holds adapter weights for \['text"
-    ):
-        load_paths(tiny_clip_path)["PeftModel.from_pretrained"](saved)
-    with pytest.raises(ValueError, match=r"text_projection\.clip_adapter_down\.weight', which is no weight of this"):
-        load_paths(tiny_clip_path)["load_adapter"](saved)  # found as the weights are loaded, then rolled back
+    for path in ("PeftModel.from_pretrained", "load_adapter"):
+        with pytest.raises(
+            ValueError, match=r"adapts \['visual_projection'\], but the file holds adapter weights for"
+        ):
+            load_paths(tiny_clip_path)[path](saved)
+
+
+def test_a_load_that_fails_midway_removes_the_adapter_it_added(saved, tiny_clip_path, monkeypatch):
+    import peft.peft_model
+
+    model = get_peft_model(CLIPModel.from_pretrained(tiny_clip_path), CLIPAdapterConfig())
+
+    def failing(*args, **kwargs):
+        raise ValueError("failed while setting the weights")
+
+    monkeypatch.setattr(peft.peft_model, "set_peft_model_state_dict", failing)
+    with pytest.raises(ValueError, match="failed while setting the weights"):
+        model.load_adapter(str(saved), "second")
+    assert list(model.peft_config) == ["default"]
+    assert not any(".second." in name for name, _ in model.named_parameters())
 
 
 def hub_repo(saved: Path, cache: Path, name: str = "me--x") -> str:
