@@ -50,55 +50,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import importlib.util
 import json
 import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
-
-import datasets
-import torch
-import transformers
-from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.logging import get_logger
-from accelerate.utils import broadcast_object_list, set_seed
-from peft import get_peft_model
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
-from transformers import AutoModel, AutoProcessor
-
-import peft_clip_adapter
-from peft_clip_adapter.classifier import (
-    NEAR_DUPLICATE_COSINE,
-    CLIPAdapterClassifier,
-    check_class_prototypes,
-    encode_class_prompts,
-)
-from peft_clip_adapter.data import (
-    build_eval_transform,
-    build_train_transform,
-    check_columns,
-    class_names,
-    load_image,
-    load_image_classification_data,
-    sample_few_shot,
-)
-from peft_clip_adapter.embeddings import frozen
-from peft_clip_adapter.features import FeatureCache, FeatureSet, dataset_labels
-from peft_clip_adapter.microclip import PretrainingConfig, build_micro_clip
-from peft_clip_adapter.recipe import TrainingRecipe, scheduled_learning_rate
-from peft_clip_adapter.scene_tasks import SCENE_TASKS, write_task_dataset
-from peft_clip_adapter.search import SearchResult, search_hyperparameters, set_ratio
-from peft_clip_adapter.templates import DATASET_TEMPLATES, templates_for
-
-logger = get_logger(__name__)
 
 #: The paper's recipe (CoOp's RN50 config), used for real models.
 PAPER_DEFAULTS = {"shots": 16, "ratio": 0.2, "learning_rate": 2e-3, "views": 10, "min_crop_scale": 0.08}
@@ -106,8 +69,10 @@ PAPER_DEFAULTS = {"shots": 16, "ratio": 0.2, "learning_rate": 2e-3, "views": 10,
 #: micro-CLIP. Only the augmentation differs: in 32 px scenes a random crop cuts off the shape or changes
 #: its size, which the classes and prompts describe, so the views are whole images, randomly flipped.
 OFFLINE_DEFAULTS = {"shots": 16, "ratio": 0.2, "learning_rate": 2e-3, "views": 10, "min_crop_scale": 1.0}
-#: The offline default's model (bump the folder name when the pretraining changes) and its images.
-MICRO_CLIP_CONFIG = PretrainingConfig()
+#: The offline default's generated tasks: the keys of peft_clip_adapter.scene_tasks.SCENE_TASKS (named here,
+#: so that --help needs no import of the package; a test keeps them equal).
+OFFLINE_TASKS = ("dusk-pairs", "held-out-pairs")
+#: The offline default's model folder (bump it when the pretraining changes) and its images per class.
 MICRO_CLIP_FOLDER = "micro-clip-v1"
 OFFLINE_IMAGES_PER_CLASS = {"train": 32, "validation": 50}
 #: Global batch (per device x processes x accumulation) used when --per_device_train_batch_size is unset.
@@ -132,38 +97,69 @@ RUN_SETTINGS = (
 
 
 # -----------------------------------------------------------------------------
-# Arguments
+# Arguments (parsed before the heavy imports below, so that --help and bad flags answer at once)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Parse and check the command line; flag names follow transformers' image-classification example."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    args = build_parser().parse_args(argv)
+    _resolve_defaults(args)
+    _check_args(args)
+    return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every flag with its default shown in --help, and the launch recipes after them."""
+    parser = _Parser(description=__doc__.split("\n")[0], epilog=_launch_recipes(), formatter_class=_HelpFormatter)
     data = parser.add_argument_group("model and data (none of them: the offline default)")
-    data.add_argument("--model_name_or_path", default=None, help="A CLIP checkpoint (Hub id or folder).")
-    data.add_argument("--dataset_name", default=None, help="A Hub dataset id (or a local dataset script/folder).")
-    data.add_argument("--dataset_config_name", default=None, help="The dataset's configuration name.")
-    data.add_argument("--train_dir", default=None, help="An image folder with one sub-folder per class.")
-    data.add_argument("--validation_dir", default=None, help="Held-out image folder, same classes.")
+    data.add_argument(
+        "--model_name_or_path",
+        default=None,
+        help="A CLIP or SigLIP checkpoint (Hub id or folder). Default: the offline micro-CLIP.",
+    )
+    data.add_argument(
+        "--dataset_name", default=None, help="A Hub dataset id, or a local dataset folder. Default: use --train_dir."
+    )
+    data.add_argument(
+        "--dataset_config_name", default=None, help="The dataset's configuration name. Default: its default one."
+    )
+    data.add_argument(
+        "--train_dir", default=None, help="An image folder with one sub-folder per class. Default: use --dataset_name."
+    )
+    data.add_argument(
+        "--validation_dir",
+        default=None,
+        help="Held-out image folder, same classes. Default: the dataset's validation split, or --train_val_split.",
+    )
     data.add_argument("--image_column_name", default="image", help="The column holding the images.")
     data.add_argument("--label_column_name", default="label", help="The column holding the class labels.")
     data.add_argument(
         "--train_val_split", type=float, default=0.2, help="Held-out fraction when the data has no validation split."
     )
-    data.add_argument("--cache_dir", default=None, help="Offline default's model/images and the feature cache.")
+    data.add_argument(
+        "--cache_dir",
+        default=default_cache_dir(),
+        help="The offline default's model and images, and the feature cache (under HF_HOME, like the HF caches).",
+    )
+    data.add_argument(
+        "--feature_cache_dir", default=None, help="The frozen-feature cache. Default: <cache_dir>/features."
+    )
     data.add_argument(
         "--offline_task",
-        choices=sorted(SCENE_TASKS),
+        choices=OFFLINE_TASKS,
         default="dusk-pairs",
-        help="The offline default's generated task (see peft_clip_adapter.scene_tasks).",
+        help="The offline default's generated few-shot task (peft_clip_adapter.scene_tasks).",
     )
-    data.add_argument("--feature_cache_dir", default=None, help="Frozen-feature cache (default: cache_dir/features).")
 
     method = parser.add_argument_group("CLIP-Adapter")
-    method.add_argument("--shots", type=int, default=None, help="Training images per class (paper: 1-16; 16).")
+    method.add_argument(
+        "--shots", type=int, default=None, help=f"Training images per class. {_recipe_default('shots')}"
+    )
     method.add_argument(
         "--ratio",
         default=None,
-        help="Residual blend alpha in [0, 1] (paper: 0.2), or 'auto': chosen by k-fold cross-validation on the shots.",
+        help="Residual blend alpha in [0, 1], or 'auto': chosen by k-fold cross-validation on the shots. "
+        f"{_recipe_default('ratio')}",
     )
     method.add_argument("--reduction", type=int, default=4, help="Bottleneck factor: hidden width d // reduction.")
     method.add_argument("--adapt", choices=["vision", "text", "both"], default="vision", help="Branch(es) to adapt.")
@@ -171,12 +167,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--templates",
         nargs="+",
         default=None,
-        help="A template set (default, ensemble, " + ", ".join(sorted(DATASET_TEMPLATES)) + ") or prompt "
+        help="A template set (default, ensemble, " + ", ".join(_template_set_names()) + ") or prompt "
         "strings with {} for the class name. Default: the dataset's own set if its name is known, else default.",
     )
-    method.add_argument("--views", type=int, default=None, help="Cached augmented views per training image (10).")
     method.add_argument(
-        "--min_crop_scale", type=float, default=None, help="Smallest random-resized-crop area share (paper: 0.08)."
+        "--views",
+        type=int,
+        default=None,
+        help=f"Cached augmented views per training image. {_recipe_default('views')}",
+    )
+    method.add_argument(
+        "--min_crop_scale",
+        type=float,
+        default=None,
+        help=f"Smallest random-resized-crop area share. {_recipe_default('min_crop_scale')}",
     )
     method.add_argument("--end_to_end", action="store_true", help="Train through the full model, no feature cache.")
     method.add_argument(
@@ -201,41 +205,115 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
 
     train = parser.add_argument_group("training")
-    train.add_argument("--num_train_epochs", type=int, default=200)
+    train.add_argument("--num_train_epochs", type=int, default=200, help="Passes over the training images.")
     train.add_argument(
         "--per_device_train_batch_size",
         type=int,
         default=None,
-        help=f"Default: a global batch of {GLOBAL_BATCH_SIZE}.",
+        help=f"Default: a global batch of {GLOBAL_BATCH_SIZE}, split over processes and accumulation steps.",
     )
-    train.add_argument("--per_device_eval_batch_size", type=int, default=256)
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--per_device_eval_batch_size", type=int, default=256, help="Images per evaluation batch.")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches per optimizer step.")
     train.add_argument(
-        "--learning_rate", default=None, help="Peak SGD learning rate (paper: 2e-3), or 'auto' (see --ratio auto)."
+        "--learning_rate",
+        default=None,
+        help=f"Peak SGD learning rate, or 'auto' (see --ratio). {_recipe_default('learning_rate')}",
     )
-    train.add_argument("--momentum", type=float, default=0.9)
-    train.add_argument("--weight_decay", type=float, default=5e-4)
-    train.add_argument("--lr_scheduler_type", choices=["cosine", "linear", "constant"], default="cosine")
+    train.add_argument("--momentum", type=float, default=0.9, help="SGD momentum.")
+    train.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay.")
+    train.add_argument(
+        "--lr_scheduler_type",
+        choices=["cosine", "linear", "constant"],
+        default="cosine",
+        help="Schedule after warm-up.",
+    )
     train.add_argument("--num_warmup_steps", type=int, default=None, help="Default: one epoch.")
     train.add_argument("--warmup_learning_rate", type=float, default=1e-5, help="Constant lr during warm-up.")
     train.add_argument("--eval_every_epochs", type=int, default=None, help="Default: about 20 evaluations a run.")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=int, default=0, help="Seeds the shots, the crops, the shuffles and the adapter.")
     train.add_argument("--cpu", action="store_true", help="Run on CPU even where a GPU is available.")
 
     output = parser.add_argument_group("output")
-    output.add_argument("--output_dir", default="fewshot-output")
+    output.add_argument("--output_dir", default="fewshot-output", help="Where the adapter and results go.")
     output.add_argument("--overwrite_output_dir", action="store_true", help="Replace a previous run's output.")
-    output.add_argument("--checkpointing_steps", default=None, help="Save state every N optimizer steps, or 'epoch'.")
-    output.add_argument("--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'.")
+    output.add_argument(
+        "--checkpointing_steps", default=None, help="Save state every N optimizer steps, or 'epoch'. Default: never."
+    )
+    output.add_argument(
+        "--resume_from_checkpoint", default=None, help="A checkpoint folder, or 'latest'. Default: start afresh."
+    )
+    output.add_argument(
+        "--trust_checkpoint_settings",
+        action="store_true",
+        default=False,
+        help="Resume a checkpoint that records no training settings (an older version's), trusting that it was "
+        "made with these same flags.",
+    )
     output.add_argument("--with_tracking", action="store_true", help="Log metrics to --report_to.")
     output.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, ... or all.")
     output.add_argument("--push_to_hub", action="store_true", help="Upload the adapter and its model card.")
-    output.add_argument("--hub_model_id", default=None, help="Repository id (default: output_dir's name).")
-    output.add_argument("--hub_token", default=None, help="Hub token (default: the stored login).")
-    args = parser.parse_args(argv)
-    _resolve_defaults(args)
-    _check_args(args)
-    return args
+    output.add_argument("--hub_model_id", default=None, help="Repository id. Default: output_dir's name.")
+    output.add_argument("--hub_token", default=None, help="Hub token. Default: the stored login (hf auth login).")
+    output.add_argument(
+        "--license",
+        default=None,
+        help="Licence of the model card (e.g. mit, apache-2.0). Default: the base model's, when its card is known.",
+    )
+    output.add_argument("--debug", action="store_true", help="Show the Python traceback of an error.")
+    return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` with its usage errors in the script's one-line ``error:`` form, and --help printed once."""
+
+    def error(self, message: str) -> None:
+        report_error(f"{message} (see --help)")
+        sys.exit(2)
+
+    def print_help(self, file: Any = None) -> None:
+        if _is_first_process():  # `accelerate launch ... --help` runs every process
+            super().print_help(file)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows every flag's default: argparse's own ``(default: ...)``, or the help's words when it has none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if not shown and "default:" not in text.lower():
+            text += " (default: %(default)s)"
+        return text
+
+
+def _recipe_default(name: str) -> str:
+    return f"Default: {PAPER_DEFAULTS[name]} (the paper's); {OFFLINE_DEFAULTS[name]} for the offline default."
+
+
+def _launch_recipes() -> str:
+    """The module docstring's launch commands, for the end of --help."""
+    recipes = __doc__.split("\n\n", 2)[2].split("\nRecipe (")[0]
+    return "how to launch:\n\n" + recipes.replace("::\n", ":\n")
+
+
+def _template_set_names() -> list[str]:
+    """The shipped template sets, read from the package's templates.py without importing the package.
+
+    ``import peft_clip_adapter`` imports torch, transformers and peft (seconds); --help must not wait for them.
+    """
+    package = importlib.util.find_spec("peft_clip_adapter")  # finds the package without importing it
+    path = os.path.join(package.submodule_search_locations[0], "templates.py")
+    spec = importlib.util.spec_from_file_location("_peft_clip_adapter_templates", path)
+    templates = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(templates)
+    return sorted(templates.DATASET_TEMPLATES)
+
+
+def default_cache_dir() -> str:
+    """``$HF_HOME/peft-clip-adapter``; HF_HOME defaults to ``$XDG_CACHE_HOME/huggingface``, as in huggingface_hub."""
+    xdg_cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    hf_home = os.environ.get("HF_HOME", os.path.join(xdg_cache, "huggingface"))
+    return os.path.join(os.path.expandvars(os.path.expanduser(hf_home)), "peft-clip-adapter")
 
 
 def _resolve_defaults(args: argparse.Namespace) -> None:
@@ -255,7 +333,6 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
             setattr(args, name, value)
     args.ratio = _number_or_auto("ratio", args.ratio)
     args.learning_rate = _number_or_auto("learning_rate", args.learning_rate)
-    args.cache_dir = args.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "peft-clip-adapter")
     args.feature_cache_dir = args.feature_cache_dir or os.path.join(args.cache_dir, "features")
     if args.checkpointing_steps is not None and args.checkpointing_steps != "epoch":
         if not args.checkpointing_steps.isdigit():
@@ -315,6 +392,90 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 # -----------------------------------------------------------------------------
+# Errors: a user error is one `error:` line and exit code 2; a bug keeps its traceback
+
+
+class LaunchError(RuntimeError):
+    """The processes were launched in a way that cannot work (a user error, reported like a bad flag)."""
+
+
+#: What a user can cause and fix: bad values (ValueError), missing files, models or network (OSError,
+#: including the Hub's HTTP errors), a wrong launch command. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, LaunchError)
+
+
+def report_error(message: str) -> None:
+    """Print ``error: <message>`` on one line, once per run: only the first process of a launch prints it."""
+    if _is_first_process():  # every process raises the same error; one line is enough
+        print("error: " + " ".join(str(message).split()), file=sys.stderr)
+
+
+def _is_first_process() -> bool:
+    """Whether this is the launch's process 0 (``RANK``, set by ``accelerate launch``), before Accelerate starts."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_cli(function: Callable[[Sequence[str]], Any], argv: Optional[Sequence[str]] = None) -> Any:
+    """Call ``function(argv)``: a user error becomes one ``error:`` line and exit code 2 (a traceback with --debug)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return function(argv)
+    except USER_ERRORS as error:
+        if "--debug" in argv:
+            raise
+        report_error(str(error))
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_cli(parse_args)  # --help and bad flags answer here, before the imports below (seconds)
+
+# The heavy imports, only now: see above.
+import datasets  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
+from accelerate.logging import get_logger  # noqa: E402
+from accelerate.utils import broadcast_object_list, set_seed  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from transformers import AutoModel, AutoProcessor  # noqa: E402
+
+import peft_clip_adapter  # noqa: E402
+from peft_clip_adapter.checkpoint import apply_default_permissions, from_pretrained_safetensors  # noqa: E402
+from peft_clip_adapter.classifier import (  # noqa: E402
+    NEAR_DUPLICATE_COSINE,
+    CLIPAdapterClassifier,
+    check_class_prototypes,
+    encode_class_prompts,
+)
+from peft_clip_adapter.data import (  # noqa: E402
+    build_eval_transform,
+    build_train_transform,
+    check_columns,
+    class_names,
+    load_image,
+    load_image_classification_data,
+    sample_few_shot,
+)
+from peft_clip_adapter.embeddings import frozen  # noqa: E402
+from peft_clip_adapter.families import describe_towers, towers_by_branch  # noqa: E402
+from peft_clip_adapter.features import FeatureCache, FeatureSet, dataset_labels  # noqa: E402
+from peft_clip_adapter.logs import on_terminal, progress, quiet_peft_wrapping  # noqa: E402
+from peft_clip_adapter.microclip import PretrainingConfig, build_micro_clip  # noqa: E402
+from peft_clip_adapter.recipe import TrainingRecipe, scheduled_learning_rate  # noqa: E402
+from peft_clip_adapter.scene_tasks import SCENE_TASKS, write_task_dataset  # noqa: E402
+from peft_clip_adapter.search import SearchResult, search_hyperparameters, set_ratio  # noqa: E402
+from peft_clip_adapter.templates import DATASET_TEMPLATES, templates_for  # noqa: E402
+
+logger = get_logger(__name__)
+#: The offline default's micro-CLIP: the pretraining settings it is built with.
+MICRO_CLIP_CONFIG = PretrainingConfig()
+
+
+# -----------------------------------------------------------------------------
 # Output folder, offline default, model and data
 
 
@@ -329,18 +490,82 @@ def prepare_output_dir(args: argparse.Namespace, accelerator: Accelerator) -> No
         raise ValueError(f"--output_dir {output_dir} is a file; pass a folder.")
     entries = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
     if entries and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        # Resuming is only worth suggesting when there is a checkpoint to resume from.
+        resume = ", --resume_from_checkpoint latest to continue that run" if _checkpoints(output_dir) else ""
         raise ValueError(
             f"--output_dir {output_dir} already holds another run's files ({', '.join(entries[:5])}"
-            f"{', ...' if len(entries) > 5 else ''}). Pass --overwrite_output_dir to replace them, "
-            "--resume_from_checkpoint to continue that run, or choose another --output_dir."
+            f"{', ...' if len(entries) > 5 else ''}). Pass --overwrite_output_dir to replace them{resume}, "
+            "or choose another --output_dir."
         )
     accelerator.wait_for_everyone()  # every process has checked before anything is removed
     if accelerator.is_main_process:
         if entries and args.overwrite_output_dir and not args.resume_from_checkpoint:
-            for path in [*_checkpoints(output_dir), output_dir / TRACKING_PROJECT]:
+            staged = [*output_dir.glob(".*.saving"), *output_dir.glob(".*.replaced")]  # left by a killed save
+            for path in [*_checkpoints(output_dir), *staged, output_dir / TRACKING_PROJECT]:
                 shutil.rmtree(path, ignore_errors=True)
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
+
+
+def check_hub_access(args: argparse.Namespace) -> str:
+    """For --push_to_hub: reach the Hub, check the login and create the repository, before any data is loaded.
+
+    Returns the repository id (``user/name``). Also fetches the base model's card, so the adapter's card can
+    inherit its licence.
+    """
+    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
+    from huggingface_hub.utils import validate_repo_id
+
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"--hub_model_id {repo_id!r} is not a Hub repository id such as 'me/my-adapter': {error}"
+        ) from error
+    upload_later = (
+        "or drop --push_to_hub and upload the output folder later: "
+        "FewShotClassifier.from_pretrained(<output_dir>).push_to_hub(<repo id>)"
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            f"--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set: unset it, {upload_later}."
+        )
+    api = HfApi(token=args.hub_token)
+    try:
+        user = api.whoami()["name"]
+        repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+    except LocalTokenNotFoundError as error:
+        raise ValueError(
+            "--push_to_hub needs a Hugging Face login: run `hf auth login` or pass --hub_token (a token with "
+            "write access)."
+        ) from error
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        if status == 401:
+            raise ValueError(
+                "--push_to_hub: the Hub refused the token (401 Unauthorized); log in again with `hf auth login` or "
+                "pass a valid --hub_token."
+            ) from error
+        raise ValueError(
+            f"--push_to_hub: cannot create or reach the repository {repo_id!r} (HTTP {status}). Check --hub_model_id "
+            f"and that your token may write there, {upload_later}."
+        ) from error
+    except Exception as error:  # no network, DNS, proxy, TLS: whatever the HTTP client raises
+        raise ValueError(
+            f"--push_to_hub: cannot reach the Hugging Face Hub ({type(error).__name__}: {error}); check the network, "
+            f"{upload_later}."
+        ) from error
+    logger.info("Will push to %s as %s", repo_id, user)
+    if args.license is None and not os.path.exists(args.model_name_or_path or ""):
+        try:  # the base model's card, for its licence (see peft_clip_adapter.card.base_model_license)
+            hf_hub_download(args.model_name_or_path, "README.md", token=args.hub_token)
+        except Exception:  # best effort: the card then has no licence, and says so
+            logger.warning(
+                "The base model's card is unavailable, so the adapter's card has no licence; pass --license."
+            )
+    return repo_id
 
 
 def prepare_offline_default(args: argparse.Namespace, accelerator: Accelerator) -> None:
@@ -375,7 +600,8 @@ def offline_default_folders(cache_dir: str, task_name: str) -> tuple[Path, Path,
 def build_offline_default(cache_dir: str, task_name: str) -> tuple[Path, Path, Path]:
     """Build whatever of the offline default is missing: the pretrained micro-CLIP and the task's images.
 
-    Each folder is built aside and renamed into place, so a killed build is never mistaken for a whole one.
+    Each folder is built aside and renamed into place (``_build_once``), so a killed build is never mistaken
+    for a whole one, and concurrent runs may build the same folder.
     """
     model_dir, train_dir, validation_dir = offline_default_folders(cache_dir, task_name)
     _build_once(model_dir, lambda path: build_micro_clip(path, MICRO_CLIP_CONFIG))
@@ -387,28 +613,42 @@ def build_offline_default(cache_dir: str, task_name: str) -> tuple[Path, Path, P
 
 
 def _build_once(target: Path, build) -> None:
+    """Build ``target`` aside and rename it into place; another run building it at the same time may win."""
     if target.is_dir():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(staging)
-        os.replace(staging, target)
+        apply_default_permissions(staging)  # mkdtemp makes it private; the cache is shared like any other folder
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Renaming onto a folder fails when it is not empty: a concurrent run finished the same build first.
+            if not target.is_dir():
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
-    """The frozen CLIP with an adapter on --adapt, and its processor (tokenizer + image processor)."""
-    model = AutoModel.from_pretrained(args.model_name_or_path)
+    """The frozen dual encoder with an adapter on --adapt, and its processor (tokenizer + image processor)."""
+    model = from_pretrained_safetensors(AutoModel, args.model_name_or_path)  # a pickle is refused, never unpickled
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
-    found = {name.rpartition(".")[2] for name in peft_clip_adapter.projection_modules(model)}
-    missing = sorted({"text_projection", "visual_projection"} - found)
+    towers = towers_by_branch(model)
+    missing = [branch for branch in ("vision", "text") if branch not in towers]
     if missing:
         raise ValueError(
-            f"{type(model).__name__} from {args.model_name_or_path} has no {' / '.join(missing)} layer: the trainer "
-            "needs both CLIP towers with their projections to classify images by class-name prompts. Use a "
-            "CLIPModel checkpoint such as openai/clip-vit-base-patch16."
+            f"{type(model).__name__} from {args.model_name_or_path} has no {' / '.join(missing)} tower with a pooled "
+            f"embedding (it has {describe_towers(model)}): the trainer classifies images by class-name prompts, so it "
+            "needs an image and a text tower. Use a CLIP or SigLIP checkpoint such as openai/clip-vit-base-patch16."
+        )
+    if towers["vision"].model_class.startswith("Siglip2"):
+        raise ValueError(
+            f"{type(model).__name__} from {args.model_name_or_path} is SigLIP 2 NaFlex, whose variable-resolution "
+            "inputs (patches, pixel_attention_mask, spatial_shapes) the trainer's image pipeline does not make yet. "
+            "Use a fixed-resolution checkpoint (a SiglipModel, e.g. google/siglip2-base-patch16-224), or train on "
+            "Siglip2Model in your own loop (docs: Your own training loop)."
         )
     # With --ratio auto the search sets the ratio later (set_ratio); the initial weights do not depend on it.
     ratio = PAPER_DEFAULTS["ratio"] if args.ratio == "auto" else args.ratio
@@ -416,7 +656,8 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
     # Seed right here: the adapter's initial weights then depend on --seed alone, not on what ran before
     # (building the offline model on a first run reseeds torch, for one).
     set_seed(args.seed)
-    return get_peft_model(model, config), processor
+    with quiet_peft_wrapping():
+        return get_peft_model(model, config), processor
 
 
 def load_data(args: argparse.Namespace) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
@@ -484,13 +725,13 @@ def check_images(dataset: datasets.Dataset, image_column: str) -> None:
 
 
 class EndToEndHead(nn.Module):
-    """Logits from pixels through the full PEFT model: ``exp(logit_scale) * normalize(f') @ text_weights``.
+    """Logits from pixels through the full PEFT model: ``exp(logit_scale) * normalize(f') @ text_weights + bias``.
 
-    ``f'`` comes out of the model's own (adapted) ``visual_projection``, so every step re-runs the frozen
-    backbone. The PEFT model is deliberately kept out of this module's children: the only trainable
-    parameters are the adapters, which ``classifier`` already registers, so DDP synchronises exactly
-    those and checkpoints hold only the classifier (under a ``classifier.`` prefix, so a checkpoint
-    resumes in the mode that wrote it).
+    ``f'`` comes out of the model's own adapted module (CLIP's ``visual_projection``, SigLIP's pooling
+    head, ...), so every step re-runs the frozen backbone. The PEFT model is deliberately kept out of
+    this module's children: the only trainable parameters are the adapters, which ``classifier`` already
+    registers, so DDP synchronises exactly those and checkpoints hold only the classifier (under a
+    ``classifier.`` prefix, so a checkpoint resumes in the mode that wrote it).
     """
 
     def __init__(self, peft_model: nn.Module, classifier: CLIPAdapterClassifier) -> None:
@@ -501,8 +742,7 @@ class EndToEndHead(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         output = self._peft_model[0].get_image_features(pixel_values=pixel_values)
         features = output if isinstance(output, torch.Tensor) else output.pooler_output  # [B, D], adapted
-        features = F.normalize(features.float(), dim=-1)  # [B, D]
-        return self.classifier.logit_scale.exp() * features @ self.classifier.text_weights()  # [B, C]
+        return self.classifier.logits_of_adapted(features)  # [B, C]
 
 
 def learning_rate_at(step: int, args: argparse.Namespace, warmup_steps: int, total_steps: int) -> float:
@@ -525,10 +765,10 @@ def learning_rate_at(step: int, args: argparse.Namespace, warmup_steps: int, tot
 def evaluate(
     classifier: CLIPAdapterClassifier, eval_set: FeatureSet, loader: DataLoader, accelerator: Accelerator
 ) -> dict[str, Any]:
-    """Top-1 and per-class accuracy over the cached eval features; rows are split across processes.
+    """Top-1 and per-class accuracy (and each image's predicted class) over the cached eval features.
 
-    ``gather_for_metrics`` drops the samples Accelerate repeats to even out the last batch, so every eval
-    image counts exactly once.
+    Rows are split across processes; ``gather_for_metrics`` drops the samples Accelerate repeats to even
+    out the last batch, so every eval image counts exactly once.
     """
     features = eval_set.features[0].to(accelerator.device)  # [N, D]
     labels = eval_set.labels.to(accelerator.device)  # [N]
@@ -545,7 +785,8 @@ def evaluate(
         members = targets == label
         # Integer counts, so that 11 of 50 is reported as 0.22 and not as float32's 0.2199999988.
         per_class.append(correct[members].sum().item() / members.sum().item() if members.any() else None)
-    return {"accuracy": correct.sum().item() / len(targets), "per_class": per_class, "count": len(targets)}
+    accuracy = correct.sum().item() / len(targets)
+    return {"accuracy": accuracy, "per_class": per_class, "count": len(targets), "predictions": predictions.tolist()}
 
 
 def make_batch_inputs(
@@ -662,8 +903,12 @@ def train(
         # The adapter's matrices are tiny: on CPU, intra-op threads only add synchronisation (measured
         # 50x slower with 2 threads on a busy 2-core machine), so train on cached features with one.
         torch.set_num_threads(1)
-    progress = tqdm(
-        total=schedule["total_steps"], initial=state["completed_steps"], disable=not accelerator.is_local_main_process
+    bar = progress(
+        total=schedule["total_steps"],
+        initial=state["completed_steps"],
+        desc="Training",
+        enabled=accelerator.is_local_main_process,
+        unit="steps",
     )
     for epoch in range(start_epoch, args.num_train_epochs):
         head.train()
@@ -689,9 +934,9 @@ def train(
                 continue
             state["completed_steps"] += 1
             state["epoch_steps"] += 1
-            progress.update(1)
-            # refresh=False: the bar redraws at tqdm's own pace, not once per step (floods logs when piped).
-            progress.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", refresh=False)
+            bar.update(1)
+            # refresh=False: the bar redraws at its own pace, not once per step.
+            bar.set_postfix(epoch=epoch, loss=f"{loss.item():.4f}", refresh=False)
             if isinstance(args.checkpointing_steps, int) and state["completed_steps"] % args.checkpointing_steps == 0:
                 state["epoch_loss_sum"] = accelerator.reduce(loss_sum, "mean").item()
                 save_checkpoint(accelerator, Path(args.output_dir) / f"step_{state['completed_steps']}", state)
@@ -709,7 +954,7 @@ def train(
             accelerator.log(metrics, step=epoch + 1)
         if args.checkpointing_steps == "epoch":
             save_checkpoint(accelerator, Path(args.output_dir) / f"epoch_{epoch + 1}", state)
-    progress.close()
+    bar.close()
     torch.set_num_threads(threads)
     return state
 
@@ -730,17 +975,104 @@ def _warn_if_loss_stalled(losses: list[float], num_classes: int) -> None:
 
 
 def _checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (their trainer state is written last), oldest first."""
-    found = [path.parent for path in output_dir.glob(f"*/{TRAINER_STATE_FILE}")]
-    return sorted(found, key=lambda path: json.loads((path / TRAINER_STATE_FILE).read_text())["completed_steps"])
+    """Every saved checkpoint (a folder with a trainer state), oldest first; unreadable ones by age last.
+
+    Checkpoints are written into a hidden staging folder and renamed into place whole (see
+    ``save_checkpoint``), so a folder here is complete unless damaged later.
+    """
+    found = [
+        path.parent for path in output_dir.glob(f"*/{TRAINER_STATE_FILE}") if not path.parent.name.startswith(".")
+    ]
+    return sorted(found, key=lambda folder: (_completed_steps(folder), (folder / TRAINER_STATE_FILE).stat().st_mtime))
+
+
+def _completed_steps(folder: Path) -> float:
+    try:
+        return _read_trainer_state(folder)["completed_steps"]
+    except ValueError:
+        return math.inf  # damaged: sorted last, so that `latest` reports it rather than silently skipping it
+
+
+def _read_trainer_state(folder: Path, hint: str = "") -> dict[str, Any]:
+    """The loop's state saved with a checkpoint, checked, so a damaged file is named instead of a parser error."""
+    path = folder / TRAINER_STATE_FILE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} cannot be read ({error}): the checkpoint is damaged.{hint}") from error
+    required = {
+        "completed_steps": int,
+        "train_loss_per_epoch": list,
+        "eval_accuracy_per_epoch": dict,
+        "epoch_loss_sum": (int, float),
+        "epoch_steps": int,
+    }
+    bad = [
+        name for name, kind in required.items() if not isinstance(state, dict) or not isinstance(state.get(name), kind)
+    ]
+    if bad or state["completed_steps"] < 0 or not isinstance(state.get("settings", {}), dict):
+        raise ValueError(f"{path} is damaged: {bad or ['completed_steps']} missing or of the wrong type.{hint}")
+    return state
 
 
 def save_checkpoint(accelerator: Accelerator, folder: Path, state: dict[str, Any]) -> None:
-    """``accelerator.save_state`` plus the loop's own state (step and history), written last."""
-    accelerator.save_state(str(folder))
+    """``accelerator.save_state`` plus the loop's own state (step and history), committed as one folder.
+
+    Everything is written into a hidden staging folder first, then renamed into place, so a run killed while
+    saving leaves the previous checkpoints and no partial one (``latest`` skips hidden folders).
+    """
+    staging = folder.with_name(f".{folder.name}.saving")
     if accelerator.is_main_process:
-        (folder / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
+        shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while saving
     accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every process's files are in
+    if accelerator.is_main_process:
+        (staging / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2))
+        apply_default_permissions(staging)  # safetensors writes 0600: a shared run folder needs the usual modes
+        replaced = folder.with_name(f".{folder.name}.replaced")
+        if folder.exists():  # saved again after resuming from an earlier checkpoint
+            os.replace(folder, replaced)
+        os.replace(staging, folder)
+        shutil.rmtree(replaced, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _check_checkpoint_files(folder: Path, accelerator: Accelerator, hint: str) -> None:
+    """Refuse a damaged checkpoint before Accelerate reads it.
+
+    Accelerate would fail on a raw parser error, unpickle a pickled model file, or, for the random states,
+    silently resume without them. The model must be safetensors (never unpickled); the optimizer and random
+    states, which Accelerate pickles itself, must load with weights-only unpickling, which refuses any
+    object that could run code.
+    """
+    from accelerate.utils import load as weights_only_load
+    from safetensors.torch import load_file
+
+    from peft_clip_adapter.checkpoint import refuse_pickles, verify_safetensors_file
+
+    model = folder / "model.safetensors"
+    if not model.is_file():  # Accelerate pickles the optimizer and random states itself: those are checked below
+        ignore = ["optimizer*.bin", "scheduler*.bin", "sampler*.bin", "random_states_*.pkl"]
+        refuse_pickles(folder, model.name, what="checkpoint's model weights", ignore=ignore, hint=hint.strip())
+    needed = [model, folder / "optimizer.bin", folder / f"random_states_{accelerator.process_index}.pkl"]
+    missing = [path.name for path in needed if not path.is_file()]
+    if missing:
+        raise ValueError(f"--resume_from_checkpoint {folder} lacks {missing}: the checkpoint is incomplete.{hint}")
+    verify_safetensors_file(model, hint=hint.strip())
+    tensors = load_file(model)
+    bad = [key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise ValueError(f"{model} holds NaN or infinite values in {bad[:3]}: training had diverged.{hint}")
+    for path in needed[1:]:
+        try:
+            weights_only_load(path, map_location="cpu")
+        except Exception as error:  # zip, pickle and torch errors alike: all mean "do not resume from this"
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise ValueError(
+                f"{path} cannot be loaded safely ({type(error).__name__}: {reason}): it is damaged, or holds objects "
+                f"that weights-only loading refuses because loading them could run code.{hint}"
+            ) from error
 
 
 def load_checkpoint(
@@ -749,10 +1081,12 @@ def load_checkpoint(
     """Restore model, optimizer and RNG states from --resume_from_checkpoint and return the loop's state.
 
     A checkpoint saved under other ``RUN_SETTINGS`` is refused: it would fail to load (another --adapt or
-    --end_to_end) or silently continue another run (other shots, seed, schedule, ...).
+    --end_to_end) or silently continue another run (other shots, seed, schedule, ...). One that records no
+    settings resumes only with --trust_checkpoint_settings. Every file is checked before Accelerate reads
+    it; a damaged one is named, with the previous checkpoint to resume from instead.
     """
+    found = _checkpoints(Path(args.output_dir))
     if args.resume_from_checkpoint == "latest":
-        found = _checkpoints(Path(args.output_dir))
         if not found:
             raise ValueError(f"--resume_from_checkpoint latest: {args.output_dir} holds no complete checkpoint.")
         folder = found[-1]
@@ -760,21 +1094,43 @@ def load_checkpoint(
         folder = Path(args.resume_from_checkpoint)
         if not (folder / TRAINER_STATE_FILE).is_file():
             raise ValueError(f"--resume_from_checkpoint {folder} is not a complete checkpoint of this script.")
-    state = json.loads((folder / TRAINER_STATE_FILE).read_text())
-    saved = state.get("settings", expected_settings)
+    steps = _completed_steps(folder)  # infinite when damaged: then every readable one is earlier
+    earlier = [path for path in found if _completed_steps(path) < steps and path.resolve() != folder.resolve()]
+    hint = (
+        f" Resume from the previous checkpoint instead: --resume_from_checkpoint {earlier[-1]}"
+        if earlier
+        else " No earlier checkpoint is readable: start afresh with --overwrite_output_dir."
+    )
+    state = _read_trainer_state(folder, hint)
+    _check_settings(args, folder, state.get("settings"), expected_settings)
+    _check_checkpoint_files(folder, accelerator, hint)
+    accelerator.load_state(str(folder))
+    logger.info("Resumed from %s", folder)
+    state["settings"] = expected_settings  # recorded from now on, also for a trusted checkpoint that had none
+    return state
+
+
+def _check_settings(
+    args: argparse.Namespace, folder: Path, saved: Optional[dict[str, Any]], expected: dict[str, Any]
+) -> None:
+    unrecorded = [name for name in expected if name not in (saved or {})]
+    if unrecorded and not args.trust_checkpoint_settings:
+        what = "no training settings" if saved is None else f"no value for {', '.join('--' + n for n in unrecorded)}"
+        raise ValueError(
+            f"--resume_from_checkpoint {folder} records {what} (saved by an older version of this script), so "
+            "nothing shows it was trained with these flags. Resume with exactly that run's flags and pass "
+            "--trust_checkpoint_settings, or start afresh."
+        )
     changed = [
-        f"--{name} {saved.get(name)!r} -> {value!r}"
-        for name, value in expected_settings.items()
-        if saved.get(name) != value
+        f"--{name} {saved[name]!r} -> {value!r}"
+        for name, value in expected.items()
+        if name in (saved or {}) and saved[name] != value
     ]
     if changed:
         raise ValueError(
             f"--resume_from_checkpoint {folder} was saved by a run with other settings ({'; '.join(changed)}). "
             "Resume with that run's flags, or start afresh in another --output_dir (or with --overwrite_output_dir)."
         )
-    accelerator.load_state(str(folder))
-    logger.info("Resumed from %s", folder)
-    return state
 
 
 # -----------------------------------------------------------------------------
@@ -802,6 +1158,40 @@ def save_plot(path: Path, results: dict[str, Any]) -> None:
     plt.close(figure)
 
 
+#: Up to this many classes the log lists each one; above, it summarises (the full table is in all_results.json).
+PER_CLASS_LOG_LIMIT = 20
+
+
+def log_per_class(names: list[str], zero_shot: list[Optional[float]], adapter: list[Optional[float]]) -> None:
+    """Per-class accuracy in the log: every class for a few, a summary for many (weakest, strongest, changes)."""
+    rows = list(zip(names, zero_shot, adapter, strict=True))
+    if len(rows) <= PER_CLASS_LOG_LIMIT:
+        for name, before, after in rows:
+            logger.info("  %-30s zero-shot %s  adapter %s", name, _percent(before), _percent(after))
+        return
+    scored = sorted((row for row in rows if row[2] is not None), key=lambda row: row[2])
+    better = sum(after > before for _, before, after in scored if before is not None)
+    worse = sum(after < before for _, before, after in scored if before is not None)
+    logger.info(
+        "Per class (%d classes; every one in %s): %d better than zero-shot, %d worse, %d unchanged, %d not evaluated",
+        len(rows),
+        RESULTS_FILE,
+        better,
+        worse,
+        len(scored) - better - worse,
+        len(rows) - len(scored),
+    )
+
+    def listing(selected: list[tuple[str, Optional[float], float]]) -> str:
+        return ", ".join(
+            f"{name} {_percent(after).strip()} (zero-shot {_percent(before).strip()})"
+            for name, before, after in selected
+        )
+
+    logger.info("  weakest:   %s", listing(scored[:5]))
+    logger.info("  strongest: %s", listing(scored[::-1][:5]))
+
+
 def _per_class(names: list[str], values: list[Optional[float]]) -> dict[str, Optional[float]]:
     return dict(zip(names, values, strict=True))
 
@@ -815,9 +1205,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     Raises:
         ValueError: for bad arguments or data, each before training starts.
-        RuntimeError: if ``WORLD_SIZE > 1`` but Accelerate sees a single process.
+        LaunchError: (a ``RuntimeError``) if ``WORLD_SIZE > 1`` but Accelerate sees a single process.
     """
     args = parse_args(argv)
+    if not on_terminal():
+        # Library bars (loading weights, reading image folders) redraw in place: noise in a log file.
+        for library in (transformers.utils.logging, datasets.utils.logging):
+            library.disable_progress_bar()
     accelerator = Accelerator(
         cpu=args.cpu,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -828,7 +1222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and accelerator.num_processes == 1:
-        raise RuntimeError(
+        raise LaunchError(
             f"WORLD_SIZE={world_size} but Accelerate sees one process, so each launched process would train alone. "
             "On CPU launch with `accelerate launch --multi_gpu --num_processes N ... examples/fewshot.py --cpu` "
             "(`accelerate launch --cpu --num_processes N` runs a single process)."
@@ -838,6 +1232,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         datasets.utils.logging.set_verbosity_error()
         transformers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
+    if args.push_to_hub and accelerator.is_main_process:
+        args.hub_repo_id = check_hub_access(args)  # seconds, not after training: login, network, repository
     prepare_output_dir(args, accelerator)
     if args.offline_default:
         prepare_offline_default(args, accelerator)
@@ -856,7 +1252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         len(eval_dataset),
         templates,
     )
-    class_embeddings = encode_class_prompts(peft_model, processor.tokenizer, names, templates)  # [C, T, D]
+    class_embeddings = encode_class_prompts(peft_model, processor, names, templates)  # [C, T, D]
     # Identical prototypes are a ValueError; nearly identical ones a warning.
     near_duplicates = check_class_prototypes(class_embeddings, names, near_duplicate_cosine=NEAR_DUPLICATE_COSINE)
     if near_duplicates:
@@ -967,8 +1363,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         zero_shot["accuracy"],
         final["count"],
     )
-    for name, before, after in zip(names, zero_shot["per_class"], final["per_class"], strict=True):
-        logger.info("  %-30s zero-shot %s  adapter %s", name, _percent(before), _percent(after))
+    log_per_class(names, zero_shot["per_class"], final["per_class"])
 
     dataset = args.dataset_name or (f"offline-{args.offline_task}" if args.offline_default else args.train_dir)
     results = {
@@ -983,6 +1378,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         "num_train_images": num_train,
         "num_eval_images": final["count"],
         "num_classes": len(names),
+        "class_names": names,
         "shots": args.shots,
         "seed": args.seed,
         "views": args.views,
@@ -1010,10 +1406,10 @@ def _evaluate_zero_shot(peft_model, classifier, eval_set, eval_loader, accelerat
 
 
 def _save_outputs(args, accelerator: Accelerator, peft_model, results: dict[str, Any]) -> None:
-    """The adapter with its model card, all_results.json, the plot, and the Hub upload if asked."""
+    """The adapter with its classes and model card, all_results.json, the plot, and the Hub upload if asked."""
     peft_model.training_results = {
-        "base_model": args.model_name_or_path,
-        "dataset": results["dataset"],
+        "base_model": _card_name(args.model_name_or_path),
+        "dataset": _card_name(results["dataset"]),
         "shots": args.shots,
         "ratio": args.ratio,
         "learning_rate": args.learning_rate,
@@ -1023,6 +1419,9 @@ def _save_outputs(args, accelerator: Accelerator, peft_model, results: dict[str,
     }
     if results["hyperparameter_search"]:  # the grid, every candidate's held-out accuracy and the choice
         peft_model.training_results["hyperparameter_search"] = results["hyperparameter_search"]["summary"]
+    # Saved beside the adapter (class_prompts.json): FewShotClassifier.from_pretrained rebuilds this classifier.
+    peft_model.class_prompts = {"class_names": results["class_names"], "templates": results["templates"]}
+    peft_model.license = args.license
     accelerator.wait_for_everyone()
     output_dir = Path(args.output_dir)
     accelerator.unwrap_model(peft_model).save_pretrained(str(output_dir), is_main_process=accelerator.is_main_process)
@@ -1031,9 +1430,10 @@ def _save_outputs(args, accelerator: Accelerator, peft_model, results: dict[str,
         save_plot(output_dir / PLOT_FILE, results)
         logger.info("Saved the adapter, %s and %s in %s", RESULTS_FILE, PLOT_FILE, output_dir)
         if args.push_to_hub:
-            repo_id = args.hub_model_id or output_dir.resolve().name
-            peft_model.push_to_hub(repo_id, token=args.hub_token, commit_message="Upload CLIP-Adapter (few-shot)")
-            logger.info("Pushed the adapter to %s", repo_id)
+            peft_model.push_to_hub(
+                args.hub_repo_id, token=args.hub_token, commit_message="Upload CLIP-Adapter (few-shot)"
+            )
+            logger.info("Pushed the adapter to %s", args.hub_repo_id)
     accelerator.wait_for_everyone()
 
 
@@ -1048,5 +1448,13 @@ def _percent(value: Optional[float]) -> str:
     return "   n/a" if value is None else f"{100 * value:5.1f}%"
 
 
+def _card_name(name: Optional[str]) -> Optional[str]:
+    """A model or dataset name for the model card: a local path becomes its folder's name (a full path means
+    nothing elsewhere, and would publish the trainer's file system)."""
+    if name and os.path.exists(name):
+        return f"{Path(name).resolve().name} (local folder)"
+    return name
+
+
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,4 +1,4 @@
-"""CLIP-Adapter as a PEFT method for Hugging Face ``transformers`` CLIP models.
+"""CLIP-Adapter as a PEFT method for Hugging Face ``transformers`` contrastive dual encoders (CLIP, SigLIP, ...).
 
 Importing the package registers the method with ``peft``; afterwards the usual peft calls work::
 
@@ -20,6 +20,7 @@ from peft_clip_adapter.data import (
     sample_few_shot,
 )
 from peft_clip_adapter.features import FeatureCache, FeatureSet, extract_image_features
+from peft_clip_adapter.few_shot_classifier import FewShotClassifier
 from peft_clip_adapter.layer import CLIPAdapterLayer
 from peft_clip_adapter.model import CLIPAdapterModel, adapter_layers, projection_modules
 from peft_clip_adapter.peft_model import CLIPAdapterPeftModel
@@ -40,6 +41,7 @@ __all__ = [
     "CLIPAdapterPeftType",
     "FeatureCache",
     "FeatureSet",
+    "FewShotClassifier",
     "adapter_layers",
     "build_eval_transform",
     "build_train_transform",

@@ -1,18 +1,39 @@
-"""The model card written beside a saved CLIP-Adapter: metadata for the Hub and a usage snippet."""
+"""The model card written beside a saved CLIP-Adapter: metadata for the Hub and a usage snippet.
+
+The card is the user's as much as ours. Our part of the text sits between two marker lines and is
+rewritten on every save; whatever a user wrote outside it, and every metadata field we do not own, is
+kept. Every string that comes from a user (paths, dataset names, class names, results) is escaped for
+Markdown or quoted as a Python literal, so it can neither break the card nor add lines to its snippet.
+"""
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from peft import __version__ as peft_version
 
 from peft_clip_adapter.config import CLIPAdapterConfig
 
 TAGS = ("peft", "clip-adapter")
+#: The file beside the adapter that holds the classifier's class names and prompt templates (JSON:
+#: ``{"class_names": [...], "templates": [...]}``); ``FewShotClassifier`` reads it.
+CLASS_PROMPTS_FILE = "class_prompts.json"
+#: The lines that delimit our part of the card's text; everything outside them is the user's.
+BEGIN_MARKER = "<!-- peft-clip-adapter: begin (rewritten on every save; edit outside these markers) -->"
+END_MARKER = "<!-- peft-clip-adapter: end -->"
+#: Our cards written before the markers existed start like this; such a text is ours entirely.
+_UNMARKED_CARD_START = "# CLIP-Adapter\n\nA [CLIP-Adapter](https://arxiv.org/abs/2110.04544)"
+#: Class names listed in the snippet's comment; longer lists are cut (``class_names`` holds them all).
+SNIPPET_CLASSES = 20
+#: What Markdown or HTML would read in a table cell or a line of text (underscores inside words are literal).
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*\[\]<>|&])")
 
 
 def render_model_card(
@@ -23,94 +44,291 @@ def render_model_card(
     base_model_class: str = "CLIPModel",
     results: Optional[Mapping[str, Any]] = None,
     existing: Optional[ModelCard] = None,
+    class_names: Optional[Sequence[str]] = None,
+    templates: Optional[Sequence[str]] = None,
+    license: Optional[str] = None,
+    tags: Sequence[str] = (),
 ) -> ModelCard:
-    """Build the model card of an adapter saved with ``config``.
+    """Build the model card of an adapter saved with ``config``, or update ``existing`` in place.
 
     Args:
         config: The adapter's config.
-        base_model: Hub id or path of the base model (default: ``config.base_model_name_or_path``).
-        repo_id: Where the adapter lives (Hub id or folder), used in the usage snippet.
-        base_model_class: The transformers class the snippet loads the base model with.
+        base_model: Hub id or path of the base model (default: ``config.base_model_name_or_path``). Only a
+            Hub id goes into the metadata and the snippets; for a local folder the card says to pass the
+            base model's Hub id instead.
+        repo_id: Where the adapter lives; used in the snippets when it is a Hub id (a local folder is
+            replaced by a placeholder: a path means nothing on another machine).
+        base_model_class: The transformers class the peft snippet loads the base model with.
         results: Optional facts about training (dataset, shots, accuracy, ...), shown as a table.
-        existing: A card to update (peft writes one first); its metadata and tags are kept.
+        existing: A card already in the folder: its text outside our markers and its metadata are kept.
+        class_names: The classes of the classifier saved beside the adapter; they give the card its
+            ``FewShotClassifier`` snippet and the zero-shot-image-classification widget.
+        templates: The prompt templates of that classifier.
+        license: The card's ``license`` (default: the existing card's, else the base model's when
+            ``base_model_license`` finds it).
+        tags: More tags, e.g. the base model's ``model_tags``.
 
     Returns:
-        A ``huggingface_hub.ModelCard`` whose text shows ``import peft_clip_adapter``, which must run
-        before ``PeftModel.from_pretrained`` can resolve ``"peft_type": "CLIP_ADAPTER"``.
+        A ``huggingface_hub.ModelCard``. Its text shows ``import peft_clip_adapter``, which must run before
+        ``PeftModel.from_pretrained`` can resolve ``"peft_type": "CLIP_ADAPTER"``.
 
     Example:
         >>> from peft_clip_adapter import CLIPAdapterConfig
-        >>> card = render_model_card(CLIPAdapterConfig(base_model_name_or_path="openai/clip-vit-base-patch16"))
-        >>> sorted(card.data.tags)[:2], "import peft_clip_adapter" in card.text
-        (['base_model:adapter:openai/clip-vit-base-patch16', 'clip-adapter'], True)
+        >>> config = CLIPAdapterConfig(base_model_name_or_path="openai/clip-vit-base-patch16")
+        >>> card = render_model_card(config, repo_id="me/pets", class_names=["cat", "dog"])
+        >>> sorted(card.data.tags)[:2], card.data.widget[0]["candidate_labels"]
+        (['base_model:adapter:openai/clip-vit-base-patch16', 'clip-adapter'], 'cat, dog')
+        >>> 'FewShotClassifier.from_pretrained("me/pets")' in card.text
+        True
     """
-    data = existing.data if existing is not None else ModelCardData()
     base_model = base_model or config.base_model_name_or_path
-    tags = set(data.tags or []) | set(TAGS)
-    # The Hub refuses a README whose `base_model` is not a model id (peft's card writes local paths
-    # and '' there), which would make push_to_hub fail after training: local paths stay in the text only.
-    tags = {tag for tag in tags if not tag.startswith("base_model:")}
-    data.base_model = base_model if _is_hub_id(base_model) else None
-    if data.base_model:
-        tags.add(f"base_model:adapter:{base_model}")
+    base_id = base_model if is_hub_id(base_model) else None
+    adapter_id = repo_id if is_hub_id(repo_id) else None
+    data = existing.data if existing is not None else ModelCardData()
+
+    tags = {tag for tag in [*(data.tags or []), *tags] if not tag.startswith("base_model:")} | set(TAGS)
+    if base_id:
+        data.base_model = base_id
+        tags.add(f"base_model:adapter:{base_id}")
+    elif not is_hub_id(_as_text(data.base_model)):
+        # The Hub refuses a README whose base_model is not a model id (a local path, ''): keep a user's id only.
+        data.base_model = None
     data.tags = sorted(tags)
     data.library_name = "peft"
-    data.pipeline_tag = "zero-shot-image-classification"
-    if results and _is_hub_id(str(results.get("dataset") or "")):
-        data.datasets = [str(results["dataset"])]
+    data.pipeline_tag = data.pipeline_tag or "zero-shot-image-classification"
+    data.license = license or data.license or base_model_license(base_model)
+    dataset = str((results or {}).get("dataset") or "")
+    if is_hub_id(dataset):
+        data.datasets = sorted(set(data.datasets or []) | {dataset})
+    if class_names:
+        # The widget takes one comma-separated line, so names with commas or line breaks cannot be offered there.
+        widget = [{"candidate_labels": ", ".join(class_names), "example_title": "The adapter's classes"}]
+        data.widget = None if any("," in name or not name.isprintable() for name in class_names) else widget
 
-    base_name = base_model or "<base model id or path>"
-    adapter_id = repo_id or "<this adapter's repo id or folder>"
-    lines = [
-        "# CLIP-Adapter",
-        "",
-        f"A [CLIP-Adapter](https://arxiv.org/abs/2110.04544) for `{base_name}`: a residual bottleneck MLP "
-        "on CLIP's pooled, projected embedding, `f' = ratio * ReLU(W2 ReLU(W1 f)) + (1 - ratio) * f`, "
-        "trained with the class-name prompts as the classifier. Only the adapter is stored here.",
-        "",
-        "## Usage",
-        "",
-        "`import peft_clip_adapter` registers the method with peft; without it, peft cannot read "
-        "this adapter's config (`KeyError: 'CLIP_ADAPTER'`).",
-        "",
-        "```python",
-        "import peft_clip_adapter  # pip install peft-clip-adapter",
-        "from peft import PeftModel",
-        f"from transformers import AutoProcessor, {base_model_class}",
-        "",
-        f'base = {base_model_class}.from_pretrained("{base_name}")',
-        f'model = PeftModel.from_pretrained(base, "{adapter_id}")',
-        f'processor = AutoProcessor.from_pretrained("{base_name}")',
-        "```",
-        "",
-        "## Adapter",
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| adapted branch | {config.adapt or config.target_modules} |",
-        f"| ratio (residual blend) | {config.ratio} |",
-        f"| reduction | {config.reduction} |",
-    ]
-    if results:
-        lines += ["", "## Training results", "", "| | |", "|---|---|"]
-        lines += [f"| {key} | {_format(value)} |" for key, value in results.items()]
+    section = _our_section(
+        config,
+        base_model=base_model,
+        base_id=base_id,
+        adapter_id=adapter_id,
+        base_model_class=base_model_class,
+        results=results,
+        class_names=class_names,
+        templates=templates,
+    )
     card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ text }}\n")
-    card.text = "\n".join(lines) + "\n"
+    card.text = _merge_text(existing.text if existing is not None else "", section)
     return card
 
 
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+def load_card(path: str | os.PathLike) -> Optional[ModelCard]:
+    """The model card at ``path``, or ``None`` when there is no such file.
+
+    Unlike ``ModelCard.load``, a README without a metadata block loads quietly, with empty metadata.
+
+    Args:
+        path: A ``README.md`` file.
+
+    Returns:
+        The card, or ``None``.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "README.md")
+        >>> load_card(path) is None
+        True
+        >>> _ = open(path, "w").write("Notes without metadata.")
+        >>> load_card(path).text
+        'Notes without metadata.'
+    """
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as file:
+        content = file.read()
+    if content.lstrip().startswith("---"):
+        return ModelCard(content)
+    card = ModelCard.from_template(ModelCardData(), template_str="---\n{{ card_data }}\n---\n")
+    card.text = content
+    return card
 
 
-def _is_hub_id(name: Optional[str]) -> bool:
-    """Whether ``name`` can stand in the card's metadata: a Hub repository id, not a local path."""
-    if not name or os.path.exists(name):
+def base_model_license(base_model: Optional[str]) -> Optional[str]:
+    """The ``license`` in the base model's own card, when it can be read without the network.
+
+    Args:
+        base_model: A local model folder, or a Hub id whose ``README.md`` is in the Hugging Face cache.
+
+    Returns:
+        The licence identifier (e.g. ``"mit"``), or ``None`` when unknown.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> _ = open(f"{folder}/README.md", "w").write("---\\nlicense: mit\\n---\\nA model.")
+        >>> base_model_license(folder), base_model_license(None)
+        ('mit', None)
+    """
+    if not base_model:
+        return None
+    readme: Any = os.path.join(base_model, "README.md")
+    if not os.path.isdir(base_model) and is_hub_id(base_model):
+        from huggingface_hub import try_to_load_from_cache
+
+        readme = try_to_load_from_cache(base_model, "README.md")
+    card = load_card(readme) if isinstance(readme, str) else None
+    value = card.data.license if card is not None else None
+    return str(value) if value else None
+
+
+def is_hub_id(name: Optional[str]) -> bool:
+    """Whether ``name`` can stand in the card as a Hub repository id (and is not a local path).
+
+    Args:
+        name: A model or dataset name, a path, or ``None``.
+
+    Returns:
+        ``True`` for an id such as ``"openai/clip-vit-base-patch16"`` that is not an existing local path.
+
+    Example:
+        >>> is_hub_id("openai/clip-vit-base-patch16"), is_hub_id("/tmp"), is_hub_id("a\\nb"), is_hub_id(None)
+        (True, False, False, False)
+    """
+    if not name or not isinstance(name, str) or os.path.exists(name):
         return False
     try:
         validate_repo_id(name)
     except HFValidationError:
         return False
     return True
+
+
+def _our_section(
+    config: CLIPAdapterConfig,
+    *,
+    base_model: Optional[str],
+    base_id: Optional[str],
+    adapter_id: Optional[str],
+    base_model_class: str,
+    results: Optional[Mapping[str, Any]],
+    class_names: Optional[Sequence[str]],
+    templates: Optional[Sequence[str]],
+) -> str:
+    adapter = adapter_id or "<this adapter's Hub id, or its folder>"
+    base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else "a CLIP model"
+    lines = [
+        BEGIN_MARKER,
+        "# CLIP-Adapter",
+        "",
+        f"A [CLIP-Adapter](https://arxiv.org/abs/2110.04544) for {base_text}: a residual bottleneck MLP "
+        "on CLIP's pooled, projected embedding, `f' = ratio * ReLU(W2 ReLU(W1 f)) + (1 - ratio) * f`, "
+        "trained with the class-name prompts as the classifier. Only the adapter is stored here.",
+        "",
+        "## Usage",
+        "",
+    ]
+    if base_model and not base_id:
+        # A local path means nothing on another machine (and would leak the trainer's file system).
+        folder = os.path.basename(os.path.normpath(base_model))
+        lines += [
+            f"The base model was loaded from a local folder ({_markdown(folder)}), so this card cannot name it: "
+            "pass its Hub id (or a local copy of it) where the snippets say `<base model id>`.",
+            "",
+        ]
+    elif not base_model:
+        lines += ["The base model is not recorded: pass its Hub id where the snippets say `<base model id>`.", ""]
+    if not adapter_id:
+        lines += [
+            "Replace `<this adapter's Hub id, or its folder>` with the repository this folder is uploaded "
+            "to, or with the folder's path.",
+            "",
+        ]
+    base_argument = "" if base_id else ', base_model="<base model id>"'
+    if class_names:
+        shown = list(class_names[:SNIPPET_CLASSES])
+        more = f" and {len(class_names) - len(shown)} more" if len(class_names) > len(shown) else ""
+        lines += _code_block(
+            [
+                "from peft_clip_adapter import FewShotClassifier  # pip install peft-clip-adapter",
+                "",
+                f"classifier = FewShotClassifier.from_pretrained({_python(adapter)}{base_argument})",
+                'predictions = classifier("image.jpg")  # [{"score": ..., "label": ...}, ...], best first',
+                f"# {len(class_names)} classes: {shown!r}{more} (classifier.class_names)",
+            ]
+        )
+        templates = list(templates or [])
+        lines += [
+            "",
+            f"The classifier holds {len(class_names)} classes, prompted with {_plural(len(templates), 'template')} "
+            f"({_markdown(json.dumps(templates, ensure_ascii=False))}), saved in `{CLASS_PROMPTS_FILE}`. "
+            "With peft alone:",
+            "",
+        ]
+    base_name = base_id or "<base model id>"
+    lines += _code_block(
+        [
+            "import peft_clip_adapter  # registers CLIP_ADAPTER with peft; without it: KeyError: 'CLIP_ADAPTER'",
+            "from peft import PeftModel",
+            f"from transformers import AutoProcessor, {base_model_class}",
+            "",
+            f"base = {base_model_class}.from_pretrained({_python(base_name)})",
+            f"model = PeftModel.from_pretrained(base, {_python(adapter)})",
+            f"processor = AutoProcessor.from_pretrained({_python(base_name)})",
+        ]
+    )
+    lines += [
+        "",
+        "## Adapter",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| adapted branch | {_markdown(config.adapt or sorted(config.target_modules or []))} |",
+        f"| ratio (residual blend) | {_markdown(config.ratio)} |",
+        f"| reduction | {_markdown(config.reduction)} |",
+    ]
+    if results:
+        lines += ["", "## Training results", "", "| | |", "|---|---|"]
+        lines += [f"| {_markdown(key)} | {_markdown(value)} |" for key, value in results.items()]
+    lines += ["", "### Framework versions", "", f"- PEFT {peft_version}", END_MARKER]
+    return "\n".join(lines)
+
+
+def _merge_text(existing: str, section: str) -> str:
+    """``existing`` with our section replaced (between the marker lines) or appended after the user's text."""
+    lines = existing.splitlines()
+    if BEGIN_MARKER in lines and END_MARKER in lines[lines.index(BEGIN_MARKER) :]:
+        start = lines.index(BEGIN_MARKER)
+        end = lines.index(END_MARKER, start)
+        before, after = "\n".join(lines[:start]).rstrip(), "\n".join(lines[end + 1 :]).strip()
+    elif existing.startswith(_UNMARKED_CARD_START):
+        before, after = "", ""
+    else:
+        before, after = existing.rstrip(), ""
+    return "\n\n".join(part for part in (before, section, after) if part) + "\n"
+
+
+def _code_block(code_lines: list[str]) -> list[str]:
+    # A fence longer than any backtick run inside, so no user string can close it early.
+    runs = [len(run) for line in code_lines for run in re.findall(r"`+", line)]
+    fence = "`" * max(3, max(runs, default=0) + 1)
+    return [f"{fence}python", *code_lines, fence]
+
+
+def _python(value: str) -> str:
+    """A Python string literal for ``value``: quotes and escapes, and never a line break."""
+    literal = json.dumps(value, ensure_ascii=False)
+    # JSON leaves U+2028/U+2029 raw; some viewers break lines there.
+    return literal.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _markdown(value: Any) -> str:
+    """``value`` as inline Markdown text: one line, with every character that Markdown or HTML reads escaped."""
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", text)
+
+
+def _as_text(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) else None
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"

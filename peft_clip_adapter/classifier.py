@@ -1,12 +1,13 @@
-"""Zero-shot classification with CLIP from class names and prompt templates, and its adapted version.
+"""Zero-shot classification from class names and prompt templates, and its adapted version.
 
 Two steps, as in open_clip's ``zero_shot_classifier``:
 
 1. ``encode_class_prompts`` runs the frozen text encoder ONCE over every class x template prompt and
-   returns the raw projected embeddings ``[C, T, D]`` (class batches, padded prompts).
-2. ``CLIPAdapterClassifier`` turns pooled image embeddings into logits. It re-applies only the adapters
-   on each call: the vision adapter on the image embedding, the text adapter on each cached prompt
-   embedding, so training on cached features never re-runs either encoder.
+   returns the raw pooled embeddings ``[C, T, D]`` (class batches, prompts padded as the model was
+   trained: to the longest prompt for CLIP, to the fixed length for SigLIP).
+2. ``CLIPAdapterClassifier`` turns pooled image (or CLAP audio) embeddings into logits. It re-applies
+   only the adapters on each call: the vision adapter on the image embedding, the text adapter on each
+   cached prompt embedding, so training on cached features never re-runs either encoder.
 
 Orientation: ``text_weights()`` is ``[D, C]`` (one column per class), so ``logits = image @ weights``.
 """
@@ -14,7 +15,7 @@ Orientation: ``text_weights()`` is ``[D, C]`` (one column per class), so ``logit
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
@@ -37,14 +38,15 @@ def encode_class_prompts(
     """Frozen text embeddings of every class name in every prompt template.
 
     Class names are cleaned (``_`` -> space) and filled into each template (a string with ``{}`` or a
-    callable). Prompts are tokenized with padding and encoded in batches of whole classes, with every
-    adapter disabled and without gradients: the result is the raw ``text_projection`` output, to which
+    callable). Prompts are tokenized as the model was trained (see ``prompt_padding``) and encoded in
+    batches of whole classes, with every adapter disabled and without gradients: the result is the raw
+    pooled text embedding (CLIP's ``text_projection`` output, SigLIP's text head output, ...), to which
     ``CLIPAdapterClassifier`` applies the text adapter (if any) on each step.
 
     Args:
-        model: A ``PeftModel`` around a CLIP model, or a plain ``CLIPModel`` /
-            ``CLIPTextModelWithProjection``.
-        tokenizer: The model's tokenizer, or a processor holding one (``processor.tokenizer``).
+        model: A ``PeftModel`` around a supported model with a text tower, or a plain one (``CLIPModel``,
+            ``SiglipModel``, ``CLIPTextModelWithProjection``, ...).
+        tokenizer: The model's processor (preferred: SigLIP 2's declares its text length) or its tokenizer.
         classnames: One name per class, in label order.
         templates: One template or a sequence of them.
         batch_size: Most prompts per forward pass; batches always hold whole classes (at least one).
@@ -54,8 +56,8 @@ def encode_class_prompts(
 
     Raises:
         ValueError: for no class names, duplicate class names (also once ``_`` became a space),
-            ``batch_size < 1``, an empty template list, a template without ``{}``, or a model without
-            ``text_projection``.
+            ``batch_size < 1``, an empty template list, a template without ``{}``, or a model without a
+            text tower.
 
     Example:
         >>> import tempfile
@@ -79,7 +81,8 @@ def encode_class_prompts(
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be at least 1.")
     templates = as_template_list(templates)
-    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # accept a CLIPProcessor too
+    padding = prompt_padding(model, tokenizer)
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # accept a processor too
     device = model_device(unwrap_model(model))
     classes_per_batch = max(1, batch_size // len(templates))
 
@@ -87,10 +90,49 @@ def encode_class_prompts(
     for start in range(0, len(classnames), classes_per_batch):
         batch = classnames[start : start + classes_per_batch]
         prompts = [fill_template(template, clean_classname(name)) for name in batch for template in templates]
-        tokens = tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(device)
+        tokens = tokenizer(prompts, return_tensors="pt", **padding).to(device)
         embeddings = frozen_text_embeddings(model, tokens["input_ids"], tokens.get("attention_mask"))  # [B*T, D]
         chunks.append(embeddings.float().reshape(len(batch), len(templates), -1))  # [B, T, D]
     return torch.cat(chunks)  # [C, T, D]
+
+
+def prompt_padding(model: nn.Module, processor: Any) -> dict[str, Any]:
+    """How to pad class prompts for ``model``: as its checkpoints were trained, like the zero-shot pipeline.
+
+    SigLIP's text embedding is the state of the LAST token, padding included, and its checkpoints were
+    trained on prompts padded to a fixed length; padded otherwise, the embedding changes. So every
+    ``siglip*`` model type gets ``padding="max_length"`` with the processor's length: the text length its
+    processor declares (SigLIP 2), else the tokenizer's ``model_max_length``, else the text tower's
+    ``max_position_embeddings`` (64 for the released checkpoints, as transformers' pipeline assumes).
+    Other models pool a token that does not move with padding, so prompts pad to the longest in a batch.
+
+    Args:
+        model: The model, possibly wrapped by peft.
+        processor: Its processor or tokenizer.
+
+    Returns:
+        Keyword arguments for the tokenizer call.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import AutoProcessor, SiglipModel
+        >>> from peft_clip_adapter.offline import build_tiny_model
+        >>> path = build_tiny_model(tempfile.mkdtemp(), family="siglip")
+        >>> prompt_padding(SiglipModel.from_pretrained(path), AutoProcessor.from_pretrained(path))
+        {'padding': 'max_length', 'max_length': 64, 'truncation': True}
+    """
+    inner = unwrap_model(model)
+    config = getattr(inner, "config", None)
+    if "siglip" not in str(getattr(config, "model_type", "")):
+        return {"padding": True, "truncation": True}
+    declared = (getattr(processor, "text_kwargs", None) or {}).get("max_length")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer_length = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_length, int) and tokenizer_length > 100_000:
+        tokenizer_length = None  # transformers' "no limit" placeholder
+    text_config = getattr(config, "text_config", config)
+    length = declared or tokenizer_length or getattr(text_config, "max_position_embeddings", None) or 64
+    return {"padding": "max_length", "max_length": int(length), "truncation": True}
 
 
 class CLIPAdapterClassifier(nn.Module):
@@ -98,19 +140,23 @@ class CLIPAdapterClassifier(nn.Module):
 
     ``forward`` maps RAW (pre-adapter) pooled image embeddings ``f`` to logits::
 
-        logits = exp(logit_scale) * normalize(vision_adapter(f)) @ text_weights()
+        logits = exp(logit_scale) * normalize(vision_adapter(f)) @ text_weights() + logit_bias
 
     where ``text_weights()`` applies the text adapter to each cached prompt embedding, normalises it,
-    averages over templates and renormalises (open_clip's ensemble). ``logit_scale`` is CLIP's own
-    learned value, copied and frozen. The adapter layers are the model's own modules, so their
-    parameters are shared: training this head trains the ``PeftModel``, and ``save_pretrained`` on the
-    ``PeftModel`` saves the result. Without adapters (a plain ``CLIPModel``) it is CLIP's zero-shot head.
+    averages over templates and renormalises (open_clip's ensemble). ``logit_scale`` (and SigLIP's
+    ``logit_bias``, 0 for other models) are the model's own learned values, copied and frozen; ``scores``
+    turns logits into what the model's own zero-shot pipeline shows (softmax over classes, SigLIP's
+    sigmoid per class). The adapter layers are the model's own modules, so their parameters are shared:
+    training this head trains the ``PeftModel``, and ``save_pretrained`` on the ``PeftModel`` saves the
+    result. Without adapters (a plain ``CLIPModel``) it is the model's zero-shot head.
 
     Args:
         class_embeddings: ``[C, T, D]`` frozen prompt embeddings from ``encode_class_prompts``.
-        logit_scale: CLIP's ``logit_scale`` (the log of the temperature's inverse), a scalar.
-        vision_adapter: The layer wrapping ``visual_projection``, or ``None``.
-        text_adapter: The layer wrapping ``text_projection``, or ``None``.
+        logit_scale: The model's ``logit_scale`` (the log of the temperature's inverse), a scalar.
+        vision_adapter: The adapter layer of the embedding being classified (the image tower's; CLAP's
+            audio tower's), or ``None``.
+        text_adapter: The adapter layer of the text tower, or ``None``.
+        logit_bias: SigLIP's ``logit_bias``; ``None`` (no bias, softmax scores) for other models.
 
     Raises:
         ValueError: if ``class_embeddings`` is not ``[C, T, D]`` or its width does not match an adapter.
@@ -137,6 +183,7 @@ class CLIPAdapterClassifier(nn.Module):
         logit_scale: Union[torch.Tensor, float],
         vision_adapter: Optional[CLIPAdapterLayer] = None,
         text_adapter: Optional[CLIPAdapterLayer] = None,
+        logit_bias: Union[torch.Tensor, float, None] = None,
     ) -> None:
         super().__init__()
         if class_embeddings.dim() != 3:
@@ -146,9 +193,9 @@ class CLIPAdapterClassifier(nn.Module):
             )
         width = class_embeddings.shape[-1]
         for branch, layer in (("vision", vision_adapter), ("text", text_adapter)):
-            if layer is not None and layer.out_features != width:
+            if layer is not None and layer.width != width:
                 raise ValueError(
-                    f"The {branch} adapter works on width {layer.out_features}, but class_embeddings have "
+                    f"The {branch} adapter works on width {layer.width}, but class_embeddings have "
                     f"width {width}; encode the prompts with the same model."
                 )
         self.vision_adapter = vision_adapter
@@ -156,6 +203,11 @@ class CLIPAdapterClassifier(nn.Module):
         self.register_buffer("class_embeddings", class_embeddings.detach().float().clone())  # [C, T, D]
         scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=class_embeddings.device)
         self.register_buffer("logit_scale", scale.detach().clone())  # frozen: a buffer, never a parameter
+        # SigLIP's bias shifts every class's logit alike: it changes the sigmoid scores, never a softmax or
+        # a cross-entropy over classes (so training over classes is unaffected by it), nor the argmax.
+        self.sigmoid_scores = logit_bias is not None
+        bias = torch.as_tensor(0.0 if logit_bias is None else logit_bias, dtype=torch.float32)
+        self.register_buffer("logit_bias", bias.to(class_embeddings.device).detach().clone().reshape(()))
 
     @classmethod
     def from_model(
@@ -165,13 +217,17 @@ class CLIPAdapterClassifier(nn.Module):
         *,
         logit_scale: Union[torch.Tensor, float, None] = None,
     ) -> CLIPAdapterClassifier:
-        """Build the head from a (peft-wrapped) CLIP model: its adapter layers and its ``logit_scale``.
+        """Build the head from a (peft-wrapped) model: its adapter layers, ``logit_scale`` and ``logit_bias``.
+
+        The scale is the model's ``logit_scale`` as its forward uses it (CLAP: ``logit_scale_a``, for audio
+        against text; ALIGN: ``-log(temperature)``; AIMv2: clamped to its ceiling); SigLIP's
+        ``logit_bias`` is taken too.
 
         Args:
-            model: A ``PeftModel`` made with ``CLIPAdapterConfig``, or a plain CLIP model (zero-shot).
+            model: A ``PeftModel`` made with ``CLIPAdapterConfig``, or a plain supported model (zero-shot).
             class_embeddings: ``[C, T, D]`` from ``encode_class_prompts``.
             logit_scale: Overrides the model's; required for models without one (the single-tower
-                ``CLIP*ModelWithProjection`` classes).
+                classes such as ``CLIPVisionModelWithProjection``).
 
         Returns:
             A classifier on the device of ``class_embeddings`` that shares the model's adapter parameters.
@@ -182,15 +238,17 @@ class CLIPAdapterClassifier(nn.Module):
         Example:
             See the class example; with a plain ``CLIPModel`` the head is CLIP's zero-shot classifier.
         """
+        inner = unwrap_model(model)
         if logit_scale is None:
-            logit_scale = getattr(unwrap_model(model), "logit_scale", None)
+            logit_scale = _model_logit_scale(inner)
             if logit_scale is None:
                 raise ValueError(
-                    f"{type(unwrap_model(model)).__name__} has no `logit_scale`; pass logit_scale=... (the log "
-                    "of the inverse temperature, from the CLIPModel these towers come from)."
+                    f"{type(inner).__name__} has no `logit_scale`; pass logit_scale=... (the log "
+                    "of the inverse temperature, from the dual encoder these towers come from)."
                 )
         layers = adapter_layers(model)
-        return cls(class_embeddings, logit_scale, layers.get("vision"), layers.get("text"))
+        query = layers.get("vision", layers.get("audio"))
+        return cls(class_embeddings, logit_scale, query, layers.get("text"), getattr(inner, "logit_bias", None))
 
     @property
     def num_classes(self) -> int:
@@ -224,7 +282,7 @@ class CLIPAdapterClassifier(nn.Module):
             image_features: ``[N, D]`` pooled, projected image embeddings (e.g. from the feature cache).
 
         Returns:
-            ``[N, C]`` float32 logits, scaled by ``exp(logit_scale)``.
+            ``[N, C]`` float32 logits, scaled by ``exp(logit_scale)`` and shifted by ``logit_bias``.
 
         Raises:
             ValueError: if ``image_features`` is not ``[N, D]`` with the prompts' width ``D``.
@@ -246,8 +304,62 @@ class CLIPAdapterClassifier(nn.Module):
         features = image_features.float()
         if self.vision_adapter is not None:
             features = self.vision_adapter.adapt(features)  # [N, D]
-        features = F.normalize(features, dim=-1)  # [N, D]
-        return self.logit_scale.exp() * features @ self.text_weights()  # [N, C]
+        return self.logits_of_adapted(features)
+
+    def logits_of_adapted(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, C]`` from embeddings the vision adapter has already been applied to.
+
+        ``forward`` applies the adapter first; this is for embeddings taken from the adapted model
+        itself (e.g. ``get_image_features`` of the ``PeftModel``).
+
+        Args:
+            features: ``[N, D]`` adapted pooled embeddings.
+
+        Returns:
+            ``[N, C]`` float32 logits.
+
+        Example:
+            >>> head = CLIPAdapterClassifier(torch.randn(3, 1, 4), logit_scale=0.0, logit_bias=-1.0)
+            >>> f = torch.randn(2, 4)
+            >>> torch.equal(head.logits_of_adapted(f), head(f))  # no adapter: the same
+            True
+        """
+        features = F.normalize(features.float(), dim=-1)  # [N, D]
+        return self.logit_scale.exp() * features @ self.text_weights() + self.logit_bias  # [N, C]
+
+    def scores(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Class scores ``[N, C]`` as the model's zero-shot pipeline shows them.
+
+        A softmax over classes for CLIP-like models; for SigLIP (a model with ``logit_bias``) the sigmoid
+        of each logit, ``sigmoid(exp(logit_scale) * cos + logit_bias)``: independent per-class
+        probabilities, as SigLIP was trained.
+
+        Args:
+            image_features: ``[N, D]`` raw pooled embeddings, as for ``forward``.
+
+        Returns:
+            ``[N, C]`` float32 scores in ``[0, 1]``.
+
+        Example:
+            >>> head = CLIPAdapterClassifier(torch.randn(3, 1, 4), logit_scale=0.0)
+            >>> head.scores(torch.randn(2, 4)).sum(dim=-1)  # softmax: each row sums to 1
+            tensor([1.0000, 1.0000])
+        """
+        logits = self(image_features)  # [N, C]
+        return torch.sigmoid(logits) if self.sigmoid_scores else logits.softmax(dim=-1)
+
+
+def _model_logit_scale(model: nn.Module) -> Optional[torch.Tensor]:
+    """The log of the inverse temperature, under each family's name for it."""
+    for name in ("logit_scale", "logit_scale_a"):  # CLAP: audio-to-text logits use logit_scale_a
+        value = getattr(model, name, None)
+        if value is not None:
+            ceiling = getattr(model, "max_log_logit_scale", None)  # AIMv2 clamps its scale in forward
+            return value if ceiling is None else value.detach().clamp(0.0, ceiling)
+    temperature = getattr(model, "temperature", None)  # ALIGN divides the cosine by its temperature
+    if isinstance(temperature, torch.Tensor):
+        return -torch.log(temperature.detach())
+    return None
 
 
 #: Prototypes closer than this cosine similarity are reported as nearly identical.

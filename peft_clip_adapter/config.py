@@ -2,66 +2,86 @@
 
 from __future__ import annotations
 
-import json
+import enum
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from peft import PeftConfig
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
-from peft_clip_adapter.registration import PEFT_TYPE
 
-Branch = Literal["vision", "text", "both"]
+class CLIPAdapterPeftType(str, enum.Enum):
+    """The ``peft_type`` written to ``adapter_config.json``.
 
-#: The projection layers that produce CLIP's pooled embeddings, by branch.
-BRANCH_TARGETS: dict[str, tuple[str, ...]] = {
-    "vision": ("visual_projection",),
-    "text": ("text_projection",),
-    "both": ("text_projection", "visual_projection"),
+    A ``str`` enum compares and hashes like its value, so the string ``"CLIP_ADAPTER"`` read back from
+    JSON finds the same registry entries as the member itself. Like peft's own ``PeftType``, ``str()``
+    gives ``"<class>.<name>"``: peft reads the method's name as the part after the dot (e.g. in
+    ``PeftModel.get_model_status().peft_types``).
+
+    Raises:
+        ValueError: from ``enum`` when looked up with any other value.
+
+    Example:
+        >>> from peft_clip_adapter.config import CLIPAdapterPeftType
+        >>> CLIPAdapterPeftType("CLIP_ADAPTER") == "CLIP_ADAPTER", CLIPAdapterPeftType.CLIP_ADAPTER.value
+        (True, 'CLIP_ADAPTER')
+        >>> str(CLIPAdapterPeftType.CLIP_ADAPTER).partition(".")[-1]
+        'CLIP_ADAPTER'
+    """
+
+    CLIP_ADAPTER = "CLIP_ADAPTER"
+
+
+PEFT_TYPE = CLIPAdapterPeftType.CLIP_ADAPTER
+
+Adapt = Literal["vision", "text", "audio", "both"]
+#: The accepted values of ``adapt``: one tower, or ``"both"`` for every tower the model has.
+ADAPT_CHOICES: tuple[str, ...] = ("vision", "text", "audio", "both")
+
+# Version 0.1.0 saved CLIP's projection names beside `adapt`; such a pair means `adapt` alone.
+_TARGETS_SAVED_WITH_ADAPT = {
+    "vision": ["visual_projection"],
+    "text": ["text_projection"],
+    "both": ["text_projection", "visual_projection"],
 }
-PROJECTION_NAMES: tuple[str, ...] = BRANCH_TARGETS["both"]
-
-
-def _branch_of(target_modules: list[str]) -> Optional[str]:
-    for branch, targets in BRANCH_TARGETS.items():
-        if sorted(target_modules) == sorted(targets):
-            return branch
-    return None
 
 
 @dataclass
 class CLIPAdapterConfig(PeftConfig):
     """Configuration of a CLIP-Adapter (Gao et al., 2021, https://arxiv.org/abs/2110.04544).
 
-    The adapter is a residual bottleneck MLP on CLIP's pooled, projected embedding ``f``::
+    The adapter is a residual bottleneck MLP on a tower's final pooled embedding ``f`` (CLIP's pooled,
+    projected embedding; SigLIP's pooling-head output; ...)::
 
         f' = ratio * ReLU(W2 @ ReLU(W1 @ f)) + (1 - ratio) * f,   W1: d -> d // reduction, W2: back to d
 
-    where ``d`` is read from the model (``projection_dim``), and both linears have no bias.
+    where ``d`` is read from the model, and both linears have no bias. Which module outputs ``f`` is
+    known per model class (``peft_clip_adapter.families``), so one config fits every supported model.
 
     Args:
-        ratio: Residual blend ``alpha`` in ``[0, 1]``: 0 keeps CLIP's embedding, 1 replaces it with the
+        ratio: Residual blend ``alpha`` in ``[0, 1]``: 0 keeps the model's embedding, 1 replaces it with the
             adapter's output. The paper's default is 0.2; it picks 0.6 for fine-grained datasets such as
             EuroSAT, DTD or Aircraft.
         reduction: Bottleneck factor ``r``: the hidden width is ``d // reduction``. Must be an integer in
             ``[1, d]``. Default 4, as in the paper.
-        adapt: Which embedding to adapt: ``"vision"`` (the paper's default), ``"text"`` (the class
-            prototypes) or ``"both"``. Maps onto ``target_modules``; leave ``None`` when passing
-            ``target_modules`` yourself.
-        target_modules: Advanced: the projection module names (or a regex over full module names) to
-            wrap. Every match must be a ``visual_projection`` / ``text_projection`` ``nn.Linear``.
-            Derived from ``adapt`` when ``None``, and stored sorted so the JSON is reproducible.
+        adapt: Which tower's embedding to adapt: ``"vision"`` (the paper's default), ``"text"`` (the class
+            prototypes), ``"audio"`` (CLAP) or ``"both"`` (every tower of the model: its two towers, or
+            the one of a single-tower class). Leave ``None`` when passing ``target_modules``.
+        target_modules: Advanced: names (or a regex over full module names) choosing among the model's
+            pooled-embedding modules, e.g. in a model that holds two dual encoders. Every match must be
+            such a module. ``None`` (the default) lets ``adapt`` choose them per model class.
 
     Raises:
-        ValueError: if a value is out of range or of the wrong type, if ``adapt`` and ``target_modules``
-            disagree, or if ``task_type`` is set (CLIP has no peft task head).
+        ValueError: if a value is out of range or of the wrong type, if both ``adapt`` and
+            ``target_modules`` are given, or if ``task_type`` is set (the model keeps its own forward).
 
     Example:
         >>> import peft_clip_adapter
         >>> config = peft_clip_adapter.CLIPAdapterConfig(ratio=0.6, adapt="both")
-        >>> config.target_modules
-        ['text_projection', 'visual_projection']
+        >>> config.adapt, config.target_modules
+        ('both', None)
     """
 
     ratio: float = field(
@@ -71,13 +91,13 @@ class CLIPAdapterConfig(PeftConfig):
     reduction: int = field(
         default=4, metadata={"help": "Bottleneck factor: the adapter's hidden width is d // reduction."}
     )
-    adapt: Optional[Branch] = field(
+    adapt: Optional[Adapt] = field(
         default=None,
-        metadata={"help": "Branch to adapt: 'vision' (default), 'text' or 'both'. Sets target_modules."},
+        metadata={"help": "Tower to adapt: 'vision' (default), 'text', 'audio' or 'both' (every tower)."},
     )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "Advanced: projection module names or a regex. Derived from `adapt` if unset."},
+        metadata={"help": "Advanced: pooled-embedding module names or a regex, instead of `adapt`."},
     )
 
     def __post_init__(self) -> None:
@@ -114,22 +134,21 @@ class CLIPAdapterConfig(PeftConfig):
         self.reduction = reduction
 
     def _resolve_targets(self) -> None:
-        if self.adapt is not None and self.adapt not in BRANCH_TARGETS:
+        if self.adapt is not None and self.adapt not in ADAPT_CHOICES:
             raise ValueError(
-                f"adapt must be one of {sorted(BRANCH_TARGETS)} (or None with explicit target_modules), "
+                f"adapt must be one of {sorted(ADAPT_CHOICES)} (or None with explicit target_modules), "
                 f"got {self.adapt!r}."
             )
         targets = self.target_modules
         if targets is None:
             self.adapt = self.adapt or "vision"
-            self.target_modules = sorted(BRANCH_TARGETS[self.adapt])
             return
         if isinstance(targets, str):
             if targets == "all-linear":
                 raise ValueError(
-                    "target_modules='all-linear' would wrap every attention and MLP layer; CLIP-Adapter "
-                    f"only wraps the pooled projections {list(PROJECTION_NAMES)}. Use adapt='vision', "
-                    "'text' or 'both' instead."
+                    "target_modules='all-linear' would wrap every attention and MLP layer; CLIP-Adapter only "
+                    "wraps the module that outputs a tower's pooled embedding. Use adapt='vision', 'text', "
+                    "'audio' or 'both' instead."
                 )
             if self.adapt is not None:
                 raise ValueError(
@@ -143,20 +162,27 @@ class CLIPAdapterConfig(PeftConfig):
                 f"target_modules must be a non-empty list of module names or a regex string, got {targets!r}."
             )
         self.target_modules = sorted(set(targets))
-        branch = _branch_of(self.target_modules)
         if self.adapt is None:
-            self.adapt = branch
-        elif branch != self.adapt:
-            raise ValueError(
-                f"adapt={self.adapt!r} targets {sorted(BRANCH_TARGETS[self.adapt])}, but target_modules="
-                f"{self.target_modules}. Pass only one of them."
-            )
+            return
+        if self.target_modules == _TARGETS_SAVED_WITH_ADAPT.get(self.adapt):
+            self.target_modules = None
+            return
+        raise ValueError(
+            f"Pass either adapt={self.adapt!r} or target_modules={self.target_modules}, not both: adapt picks "
+            "each model's pooled-embedding modules itself."
+        )
 
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any
     ) -> CLIPAdapterConfig:
         """Load a config saved by ``save_pretrained`` (a local folder or a Hub id), checking it first.
+
+        A local folder is checked as a whole before the config is built: its files against the record of
+        the save that wrote them (``adapter_manifest.json``), the config (see ``from_json_file``) and, when
+        present, ``adapter_model.safetensors``: complete, not a pickle, only adapter weights, floating point,
+        finite, and of the config's ``reduction``. ``PeftModel.from_pretrained`` calls this, so those
+        checks run before the base model is touched.
 
         Args:
             pretrained_model_name_or_path: A folder holding ``adapter_config.json``, or a Hub repository id.
@@ -167,9 +193,9 @@ class CLIPAdapterConfig(PeftConfig):
             The ``CLIPAdapterConfig``.
 
         Raises:
-            ValueError: if ``adapter_config.json`` is not valid JSON, is not a CLIP-Adapter config, or
-                holds values of the wrong type; or if a local ``adapter_model.safetensors`` beside it is
-                truncated or corrupted.
+            ValueError: naming the file and the fix, if the folder mixes two saves, has no
+                ``adapter_config.json``, the config is not valid (see ``from_json_file``), or the weights
+                are damaged, a pickle, or do not fit the config.
 
         Example:
             >>> import tempfile, peft_clip_adapter
@@ -178,27 +204,50 @@ class CLIPAdapterConfig(PeftConfig):
             >>> peft_clip_adapter.CLIPAdapterConfig.from_pretrained(folder).ratio
             0.6
         """
-        from peft_clip_adapter.checkpoint import verify_adapter_weights
+        from peft_clip_adapter.checkpoint import check_adapter_folder, manifest_mismatch, verify_manifest
 
-        path = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        if os.path.isdir(path):
-            verify_adapter_weights(path)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        path = (
+            os.path.join(os.fspath(pretrained_model_name_or_path), subfolder)
+            if subfolder
+            else os.fspath(pretrained_model_name_or_path)
+        )
+        if not os.path.isdir(path):
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        try:
+            if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+                raise ValueError(
+                    f"{path} has no {CONFIG_NAME}; it holds {sorted(os.listdir(path))[:8]}. Pass the folder that "
+                    "save_pretrained wrote (it holds adapter_config.json and adapter_model.safetensors)."
+                )
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+            shapes = check_adapter_folder(path, reduction=config.reduction)
+        except ValueError as error:
+            # A folder that mixes two saves explains whatever failed: say that first.
+            mismatch = manifest_mismatch(path)
+            if mismatch:
+                raise ValueError(f"{mismatch} Reading it failed with: {error}") from error
+            raise
+        verify_manifest(path)
+        # Kept for the tuner, which compares the weights' widths with the model's before injecting anything.
+        config._saved_weight_shapes = shapes
+        config._saved_weights_source = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
+        return config
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
-        """Read ``adapter_config.json``, refusing files that are not JSON or not a CLIP-Adapter config.
+        """Read ``adapter_config.json``, refusing anything that would not load as the adapter that was saved.
 
         Args:
             path_json_file: Path of the JSON file.
-            **kwargs: Passed to ``peft.PeftConfig.from_json_file``.
+            **kwargs: Accepted for ``peft.PeftConfig.from_json_file``'s signature; unused.
 
         Returns:
             The file's fields as a dict (``from_pretrained`` builds the config from it).
 
         Raises:
-            ValueError: if the file is not valid JSON, not a JSON object, or its ``peft_type`` is not
-                ``"CLIP_ADAPTER"``.
+            ValueError: if the file is not valid JSON or not a JSON object, its ``peft_type`` is not
+                ``"CLIP_ADAPTER"`` (with a did-you-mean), it misses ``ratio``, ``reduction`` or its targets
+                (which would silently load defaults), or has a field this version does not know.
 
         Example:
             >>> import json, tempfile
@@ -209,16 +258,12 @@ class CLIPAdapterConfig(PeftConfig):
             ...
             ValueError: ... has peft_type='LORA'; a CLIP-Adapter config has peft_type='CLIP_ADAPTER'. ...
         """
-        try:
-            loaded = super().from_json_file(path_json_file, **kwargs)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path_json_file} is not valid JSON ({error}).") from error
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path_json_file} must hold a JSON object, got {type(loaded).__name__}.")
-        peft_type = loaded.get("peft_type")
-        if peft_type != PEFT_TYPE.value:
+        from peft_clip_adapter.checkpoint import read_adapter_config
+
+        loaded = read_adapter_config(path_json_file)
+        if loaded["peft_type"] != PEFT_TYPE.value:
             raise ValueError(
-                f"{path_json_file} has peft_type={peft_type!r}; a CLIP-Adapter config has "
+                f"{path_json_file} has peft_type={loaded['peft_type']!r}; a CLIP-Adapter config has "
                 f"peft_type={PEFT_TYPE.value!r}. Load other methods with peft.PeftConfig.from_pretrained."
             )
         return loaded

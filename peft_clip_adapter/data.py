@@ -17,8 +17,10 @@ is what lets frozen features be cached and reused.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import datasets
@@ -126,6 +128,19 @@ def load_image_classification_data(
     )
 
 
+@contextlib.contextmanager
+def _no_download_bar() -> Iterator[None]:
+    """Hide datasets' bars while it reads local files: they sit behind a "Downloading data: N files" bar
+    (drawn for 16 files or more whatever ``DownloadConfig.disable_tqdm`` says), but nothing is downloaded."""
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
 def _load_dataset(dataset_name: str | os.PathLike, dataset_config_name: str | None) -> datasets.DatasetDict:
     """A Hub id or local dataset folder, or a folder written by ``save_to_disk``.
 
@@ -135,7 +150,8 @@ def _load_dataset(dataset_name: str | os.PathLike, dataset_config_name: str | No
     folder = os.fspath(dataset_name)
     if any(os.path.isfile(os.path.join(folder, name)) for name in ("state.json", "dataset_dict.json")):
         return datasets.load_from_disk(folder)
-    return datasets.load_dataset(folder, dataset_config_name)
+    with _no_download_bar() if os.path.isdir(folder) else contextlib.nullcontext():
+        return datasets.load_dataset(folder, dataset_config_name)
 
 
 def _load_image_folder(folder: str | os.PathLike, argument: str, label_column: str) -> datasets.Dataset:
@@ -150,8 +166,17 @@ def _load_image_folder(folder: str | os.PathLike, argument: str, label_column: s
             f"{argument}={os.fspath(folder)!r} holds no image files; expected "
             "<folder>/<class name>/<image>.png|jpg|..."
         )
+    empty = _empty_class_folders(folder, extensions)
+    if empty:
+        # The imagefolder builder takes classes from the images' folders, so these would silently vanish.
+        raise ValueError(
+            f"{argument}={os.fspath(folder)!r} has class folders without images: {empty[:10]}"
+            f"{' ...' if len(empty) > 10 else ''}. Every class needs images (.png, .jpg, ...); add some or remove "
+            "the folder."
+        )
     # data_files (not data_dir) so that sub-folders named "train" or "val" are not taken for splits.
-    dataset = datasets.load_dataset("imagefolder", data_files={"train": os.path.join(folder, "**")}, split="train")
+    with _no_download_bar():
+        dataset = datasets.load_dataset("imagefolder", data_files={"train": os.path.join(folder, "**")}, split="train")
     if label_column not in dataset.column_names and label_column == "label":
         # imagefolder only adds a "label" column when it finds two or more class sub-folders.
         raise ValueError(
@@ -159,6 +184,18 @@ def _load_image_folder(folder: str | os.PathLike, argument: str, label_column: s
             "<folder>/<class name>/<image>, and classification needs at least 2 class sub-folders."
         )
     return dataset
+
+
+def _empty_class_folders(folder: str | os.PathLike, extensions: set[str]) -> list[str]:
+    """The class sub-folders of ``folder`` (hidden ones aside) that hold no image file at any depth."""
+    empty = []
+    for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        files = (name for _, _, names in os.walk(entry.path) for name in names)
+        if not any(os.path.splitext(name)[1].lower() in extensions for name in files):
+            empty.append(entry.name)
+    return empty
 
 
 def _relabel_like(dataset: datasets.Dataset, reference: datasets.Dataset, label_column: str) -> datasets.Dataset:

@@ -1,8 +1,9 @@
-"""CLIP's frozen pooled embeddings: the towers run with every CLIP-Adapter disabled, without gradients.
+"""Frozen pooled embeddings: a tower runs with every CLIP-Adapter disabled, without gradients.
 
 The classifier caches the frozen text embeddings of the class prompts and the feature cache stores the
 frozen image embeddings; both then re-apply only the adapter. These helpers accept a ``PeftModel``, a
-model with adapter layers injected, or a plain ``CLIPModel`` / ``CLIP*ModelWithProjection``.
+model with adapter layers injected, or a plain supported model (``CLIPModel``, ``SiglipModel``, a single
+tower such as ``SiglipVisionModel``, ...; see ``peft_clip_adapter.families``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from peft_clip_adapter.families import select_towers
 from peft_clip_adapter.layer import CLIPAdapterLayer
+
+# Per branch: the dual encoder's method for one tower, and the output field of a single-tower class.
+_TOWER_CALLS = {
+    "vision": ("get_image_features", "image_embeds"),
+    "text": ("get_text_features", "text_embeds"),
+    "audio": ("get_audio_features", "audio_embeds"),
+}
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -78,54 +87,66 @@ def frozen(model: nn.Module) -> Iterator[nn.Module]:
             module.training = flag
 
 
-def has_module(model: nn.Module, name: str) -> bool:
-    """Whether ``model`` holds a submodule whose own name (last dotted part) is ``name``.
-
-    Args:
-        model: Any module.
-        name: A module's own name, e.g. ``"text_projection"``.
-
-    Returns:
-        ``True`` if some submodule's last dotted name part is ``name``.
-
-    Example:
-        >>> from torch import nn
-        >>> has_module(nn.Sequential(nn.Linear(2, 2)), "0"), has_module(nn.Linear(2, 2), "text_projection")
-        (True, False)
-    """
-    return any(full_name.rpartition(".")[2] == name for full_name, _ in model.named_modules())
-
-
-def _require_projection(model: nn.Module, name: str, purpose: str) -> None:
-    if not has_module(model, name):
-        raise ValueError(
-            f"{type(model).__name__} has no `{name}` layer, so it gives no pooled CLIP embedding to {purpose}. "
-            "Use a CLIPModel, or CLIPVisionModelWithProjection / CLIPTextModelWithProjection for one tower."
-        )
-
-
 def _pooled(output: Any, field: str) -> torch.Tensor:
-    """The projected embedding from whatever a CLIP-style method returns (tensor or ModelOutput)."""
+    """The pooled embedding from whatever a tower call returns (a tensor or a ModelOutput)."""
     if isinstance(output, torch.Tensor):
         return output
     value: Optional[torch.Tensor] = getattr(output, field, None)
-    # transformers 5 returns a BaseModelOutputWithPooling whose pooler_output is the projected embedding.
+    # transformers 5's get_*_features return a BaseModelOutputWithPooling whose pooler_output is the
+    # embedding; single towers without a projection field (SiglipVisionModel, ...) return it there too.
     return value if value is not None else output.pooler_output
 
 
-def frozen_image_embeddings(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """CLIP's pooled, projected image embeddings with every adapter disabled, without gradients.
+def frozen_embeddings(model: nn.Module, branch: str, **inputs: Any) -> torch.Tensor:
+    """The pooled embedding of one tower with every adapter disabled, without gradients.
+
+    Runs the dual encoder's own ``get_image_features`` / ``get_text_features`` / ``get_audio_features``,
+    or the forward of a single-tower class, so the result is exactly what the adapter of that tower
+    receives. (CLAP's ``get_*_features`` L2-normalise it; the adapter is positively homogeneous, so the
+    normalised embeddings classify exactly as the raw ones.)
 
     Args:
-        model: A CLIP-style model with a ``visual_projection`` (``CLIPModel``,
-            ``CLIPVisionModelWithProjection``), possibly wrapped by peft.
-        pixel_values: ``[N, 3, H, W]`` images, preprocessed for this model.
+        model: A supported model (see ``peft_clip_adapter.families``), possibly wrapped by peft.
+        branch: ``"vision"``, ``"text"`` or ``"audio"``.
+        **inputs: The tower's inputs, as its processor makes them (``pixel_values``; ``input_ids`` and
+            ``attention_mask``; ``input_features``; SigLIP 2's ``pixel_attention_mask`` and ``spatial_shapes``).
 
     Returns:
         ``[N, D]`` embeddings in the model's dtype, on the model's device.
 
     Raises:
-        ValueError: if the model has no ``visual_projection``.
+        ValueError: if the model has no such tower (naming the model class and the towers it has).
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import CLIPModel
+        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
+        >>> frozen_embeddings(clip, "text", input_ids=torch.tensor([[0, 5, 1]])).shape
+        torch.Size([1, 32])
+    """
+    select_towers(unwrap_model(model), branch)  # a clear error for a tower the model lacks
+    method, field = _TOWER_CALLS[branch]
+    with frozen(model) as inner:
+        call = getattr(inner, method, inner)  # a single tower has no get_*_features: its forward gives it
+        return _pooled(call(**inputs), field)
+
+
+def frozen_image_embeddings(model: nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> torch.Tensor:
+    """The pooled image embeddings with every adapter disabled, without gradients.
+
+    Args:
+        model: A supported model with a vision tower (``CLIPModel``, ``SiglipModel``,
+            ``CLIPVisionModelWithProjection``, ...), possibly wrapped by peft.
+        pixel_values: ``[N, 3, H, W]`` images, preprocessed for this model (SigLIP 2 NaFlex: its
+            processor's ``[N, patches, 3 * p * p]``).
+        **inputs: Further inputs of the vision tower (SigLIP 2: ``pixel_attention_mask``, ``spatial_shapes``).
+
+    Returns:
+        ``[N, D]`` embeddings in the model's dtype, on the model's device.
+
+    Raises:
+        ValueError: if the model has no vision tower.
 
     Example:
         >>> import tempfile
@@ -135,21 +156,17 @@ def frozen_image_embeddings(model: nn.Module, pixel_values: torch.Tensor) -> tor
         >>> frozen_image_embeddings(clip, torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 32])
     """
-    _require_projection(unwrap_model(model), "visual_projection", "adapt")
-    with frozen(model) as inner:
-        if hasattr(inner, "get_image_features"):
-            return _pooled(inner.get_image_features(pixel_values=pixel_values), "image_embeds")
-        return _pooled(inner(pixel_values=pixel_values), "image_embeds")
+    return frozen_embeddings(model, "vision", pixel_values=pixel_values, **inputs)
 
 
 def frozen_text_embeddings(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """CLIP's pooled, projected text embeddings with every adapter disabled, without gradients.
+    """The pooled text embeddings with every adapter disabled, without gradients.
 
     Args:
-        model: A CLIP-style model with a ``text_projection`` (``CLIPModel``,
-            ``CLIPTextModelWithProjection``), possibly wrapped by peft.
+        model: A supported model with a text tower (``CLIPModel``, ``SiglipModel``,
+            ``CLIPTextModelWithProjection``, ...), possibly wrapped by peft.
         input_ids: ``[N, L]`` token ids.
         attention_mask: ``[N, L]`` mask for padded batches.
 
@@ -157,7 +174,7 @@ def frozen_text_embeddings(
         ``[N, D]`` embeddings in the model's dtype, on the model's device.
 
     Raises:
-        ValueError: if the model has no ``text_projection``.
+        ValueError: if the model has no text tower.
 
     Example:
         >>> import tempfile
@@ -167,13 +184,7 @@ def frozen_text_embeddings(
         >>> frozen_text_embeddings(clip, torch.tensor([[0, 5, 1]])).shape
         torch.Size([1, 32])
     """
-    _require_projection(unwrap_model(model), "text_projection", "build class prototypes from")
-    with frozen(model) as inner:
-        if hasattr(inner, "get_text_features"):
-            output = inner.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-        else:
-            output = inner(input_ids=input_ids, attention_mask=attention_mask)
-        return _pooled(output, "text_embeds")
+    return frozen_embeddings(model, "text", input_ids=input_ids, attention_mask=attention_mask)
 
 
 def model_device(model: nn.Module) -> torch.device:

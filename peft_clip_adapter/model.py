@@ -1,32 +1,44 @@
-"""``CLIPAdapterModel``: the peft tuner that injects CLIP-Adapter layers into CLIP-style models."""
+"""``CLIPAdapterModel``: the peft tuner that injects CLIP-Adapter layers into contrastive dual encoders."""
 
 from __future__ import annotations
 
-import sys
+import copy
+import re
+from typing import Any, Optional
 
 import torch
 from peft import PeftModel
-from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
 
-from peft_clip_adapter.config import PROJECTION_NAMES, CLIPAdapterConfig
-from peft_clip_adapter.layer import CLIPAdapterLayer
-from peft_clip_adapter.registration import PREFIX
+from peft_clip_adapter.checkpoint import check_adapter_name, check_adapter_tensors, current_source
+from peft_clip_adapter.config import CLIPAdapterConfig
+from peft_clip_adapter.families import (
+    BRANCHES,
+    Tower,
+    branch_of_module_path,
+    describe_towers,
+    find_towers,
+    select_towers,
+)
+from peft_clip_adapter.layer import PREFIX, CLIPAdapterLayer
 
 MODEL_TAG = "clip-adapter"
 
 
 def projection_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module named ``visual_projection`` or ``text_projection`` in ``model``, by full name.
+    """Every module of ``model`` whose output is a tower's final pooled embedding, by full name.
 
-    Layers already wrapped by CLIP-Adapter are left out; their inner ``base_layer`` is not named like a
-    projection, so it is not listed either.
+    These are the modules CLIP-Adapter wraps (``visual_projection`` / ``text_projection`` in CLIP, the
+    pooling heads in SigLIP, ...; see ``peft_clip_adapter.families``). Modules already wrapped by
+    CLIP-Adapter are left out.
 
     Args:
-        model: Any ``nn.Module``, usually a CLIP-style transformers model.
+        model: Any ``nn.Module``, usually a transformers dual encoder.
 
     Returns:
-        ``{full module name: module}``; empty when the model has no such projection.
+        ``{full module name: module}``; empty when the model has no such module.
 
     Example:
         >>> from transformers import CLIPConfig, CLIPModel
@@ -40,14 +52,14 @@ def projection_modules(model: nn.Module) -> dict[str, nn.Module]:
         ['text_projection', 'visual_projection']
     """
     return {
-        name: module
-        for name, module in model.named_modules()
-        if name.rpartition(".")[2] in PROJECTION_NAMES and not isinstance(module, CLIPAdapterLayer)
+        name: tower.module
+        for name, tower in find_towers(model).items()
+        if not isinstance(tower.module, CLIPAdapterLayer)
     }
 
 
 def adapter_layers(model: nn.Module) -> dict[str, CLIPAdapterLayer]:
-    """The CLIP-Adapter layers in ``model`` keyed by branch: ``"vision"`` and/or ``"text"``.
+    """The CLIP-Adapter layers in ``model`` keyed by branch: ``"vision"``, ``"text"`` and/or ``"audio"``.
 
     Works on a ``PeftModel``, on the tuner or on the base model they wrap. A training loop on cached
     embeddings calls ``layer.adapt(features)`` on these.
@@ -56,7 +68,7 @@ def adapter_layers(model: nn.Module) -> dict[str, CLIPAdapterLayer]:
         model: A ``PeftModel``, a ``CLIPAdapterModel`` or the base model they wrap.
 
     Returns:
-        ``{"vision": layer, "text": layer}``, holding only the adapted branches (empty if none is).
+        ``{branch: layer}``, holding only the adapted branches (empty if none is).
 
     Raises:
         ValueError: if a branch holds more than one adapter layer (the embedding would be ambiguous).
@@ -72,24 +84,24 @@ def adapter_layers(model: nn.Module) -> dict[str, CLIPAdapterLayer]:
         ['text', 'vision']
     """
     layers: dict[str, CLIPAdapterLayer] = {}
-    for name, module in model.named_modules():
+    for module in model.modules():
         if not isinstance(module, CLIPAdapterLayer):
             continue
-        branch = "vision" if name.rpartition(".")[2] == "visual_projection" else "text"
-        if branch in layers:
-            raise ValueError(f"The model holds more than one {branch} adapter layer; expected one.")
-        layers[branch] = module
+        if module.branch in layers:
+            raise ValueError(f"The model holds more than one {module.branch} adapter layer; expected one.")
+        layers[module.branch] = module
     return layers
 
 
 class CLIPAdapterModel(BaseTuner):
     """CLIP-Adapter (Gao et al., https://arxiv.org/abs/2110.04544) as a peft tuner.
 
-    Wraps the ``visual_projection`` and/or ``text_projection`` linears of CLIP-style models
-    (``CLIPModel``, ``CLIPVisionModelWithProjection``, ``CLIPTextModelWithProjection``, Chinese-CLIP,
-    AltCLIP, MetaCLIP 2, ...) so that ``forward``, ``get_image_features``, ``get_text_features`` and
-    the zero-shot pipeline all see the adapted embedding. Only the adapters train; they cannot be
-    merged (the adapter is non-linear), but ``unload()`` returns the untouched base model.
+    Wraps the module whose output is a tower's final pooled embedding, found per model class in
+    ``peft_clip_adapter.families`` (CLIP's projections, SigLIP's pooling heads, ALIGN's image pooling,
+    GroupViT's and CLAP's projection MLPs, ...), so that ``forward``, ``get_image_features``,
+    ``get_text_features``, ``get_audio_features`` and the zero-shot pipelines all see the adapted
+    embedding. Only the adapters train; they cannot be merged (the adapter is non-linear), but
+    ``unload()`` returns the untouched base model.
 
     Users do not build this class: ``peft.get_peft_model`` does, once ``peft_clip_adapter`` is imported.
 
@@ -100,9 +112,10 @@ class CLIPAdapterModel(BaseTuner):
         **kwargs: Passed to peft's ``BaseTuner``.
 
     Raises:
-        ValueError: if the config is not a ``CLIPAdapterConfig``, the model has no ``visual_projection`` /
-            ``text_projection``, ``target_modules`` matches nothing or matches a module other than a
-            projection ``Linear``, or on ``merge_adapter()`` / ``merge_and_unload()`` (non-linear adapter).
+        ValueError: if the config is not a ``CLIPAdapterConfig``; if the model has no tower for ``adapt``
+            (naming the model class and what it has); if ``target_modules`` matches nothing or a module
+            that is not a tower's pooled embedding (e.g. a per-token layer); or on ``merge_adapter()`` /
+            ``merge_and_unload()`` (non-linear adapter).
 
     Example:
         >>> import peft_clip_adapter
@@ -118,56 +131,61 @@ class CLIPAdapterModel(BaseTuner):
 
     prefix: str = PREFIX
     tuner_layer_cls = CLIPAdapterLayer
-    # Targets always come from the config (`adapt`), never from a per-architecture table.
+    # Targets come from `adapt` through peft_clip_adapter.families, per model class, not per model_type.
     target_module_mapping: dict[str, list[str]] = {}
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
-        self._upgrade_calling_peft_model()
-
-    def _upgrade_calling_peft_model(self) -> None:
-        """Give the ``PeftModel`` that is building us our save/push behaviour.
-
-        peft builds the tuner inside ``PeftModel.__init__`` and offers no hook afterwards, while
-        transformers' ``push_to_hub`` replaces the model card with a generic one. Switching the class
-        of that one instance to a ``PeftModel`` subclass keeps every peft behaviour and adds ours
-        (atomic saves, our model card); models wrapped by other means are left as they are.
-        """
-        from peft_clip_adapter.peft_model import CLIPAdapterPeftModel
-
-        caller = sys._getframe(2).f_locals.get("self")
-        if type(caller) is PeftModel:
-            caller.__class__ = CLIPAdapterPeftModel
-
-    def _prepare_adapter_config(self, peft_config: CLIPAdapterConfig, model_config: dict) -> CLIPAdapterConfig:
-        return peft_config
+        _watch_for_the_owning_peft_model()
 
     def _pre_injection_hook(self, model: nn.Module, config: CLIPAdapterConfig, adapter_name: str) -> None:
-        if not isinstance(config, CLIPAdapterConfig):
-            raise ValueError(f"Expected a CLIPAdapterConfig, got {type(config).__name__}.")
-        projections = projection_modules(model)
-        if not projections:
-            raise ValueError(
-                f"{type(model).__name__} has no {' / '.join(PROJECTION_NAMES)} layer, so there is no pooled "
-                "CLIP embedding to adapt. Use a CLIP-style model such as CLIPModel, "
-                "CLIPVisionModelWithProjection or CLIPTextModelWithProjection."
-            )
-        matched = [name for name, _ in model.named_modules() if check_target_module_exists(config, name)]
+        # Runs once, when get_peft_model or PeftModel.from_pretrained builds the tuner (add_adapter and
+        # load_adapter check their names in CLIPAdapterPeftModel).
+        check_adapter_name(adapter_name)
+        _refuse_wrapped_model(model)
+
+    def _prepare_adapter_config(self, peft_config: CLIPAdapterConfig, model_config: dict) -> CLIPAdapterConfig:
+        # Runs before anything is injected, for every adapter (get_peft_model, add_adapter, load_adapter).
+        # The stored config keeps `adapt`; the copy used for injection names this model's exact modules,
+        # so one saved adapter fits CLIPModel and its single towers, SiglipModel and SiglipVisionModel, ...
+        if not isinstance(peft_config, CLIPAdapterConfig):
+            raise ValueError(f"Expected a CLIPAdapterConfig, got {type(peft_config).__name__}.")
+        towers = self._towers_to_adapt(peft_config)
+        # Weights CLIPAdapterConfig.from_pretrained checked: refuse another branch or width before injecting.
+        _check_saved_weights_fit(self.model, towers, peft_config)
+        prepared = copy.copy(peft_config)
+        prepared.target_modules = "|".join(re.escape(name) for name in towers)  # matched in full by peft
+        return prepared
+
+    def _towers_to_adapt(self, config: CLIPAdapterConfig) -> dict[str, Tower]:
+        if config.target_modules is None:
+            return select_towers(self.model, config.adapt)
+        towers = find_towers(self.model)
+        model_name = type(self.model).__name__
+        # An earlier adapter's layer stands for its tower; its insides (base layer, adapters) are not targets.
+        inner = tuple(
+            f"{name}." for name, module in self.model.named_modules() if isinstance(module, CLIPAdapterLayer)
+        )
+        matched = [
+            name
+            for name, _ in self.model.named_modules()
+            if name and not name.startswith(inner) and _matches(config.target_modules, name)
+        ]
         if not matched:
             raise ValueError(
-                f"target_modules={config.target_modules!r} matches no module of {type(model).__name__}. "
-                f"Its projection modules are {sorted(projections)}; adapt='vision' / 'text' / 'both' "
+                f"target_modules={config.target_modules!r} matches no module of {model_name}. "
+                f"Its pooled-embedding modules are {sorted(towers)}; adapt='vision' / 'text' / 'audio' / 'both' "
                 "picks them for you."
             )
         for name in matched:
-            module = model.get_submodule(name)
-            if isinstance(module, CLIPAdapterLayer):
-                continue
-            if name not in projections or not isinstance(module, nn.Linear):
+            if name not in towers:
+                module = self.model.get_submodule(name)
                 raise ValueError(
-                    f"target_modules={config.target_modules!r} matches '{name}' ({type(module).__name__}), "
-                    f"which is not a pooled projection Linear. CLIP-Adapter only wraps {sorted(projections)}."
+                    f"target_modules={config.target_modules!r} matches '{name}' ({type(module).__name__}), which "
+                    f"does not output a tower's final pooled embedding (it works per token, or inside a tower). "
+                    f"CLIP-Adapter only wraps {model_name}'s pooled-embedding modules: {describe_towers(self.model)}."
                 )
+        return {name: towers[name] for name in matched}
 
     def _post_injection_hook(self, model: nn.Module, config: CLIPAdapterConfig, adapter_name: str) -> None:
         # transformers models carry tags that end up in the model card.
@@ -186,10 +204,26 @@ class CLIPAdapterModel(BaseTuner):
         if isinstance(target, CLIPAdapterLayer):
             target.update_layer(adapter_name, peft_config)
             return
-        new_module = CLIPAdapterLayer(target, adapter_name, peft_config)
+        tower = find_towers(self.model)[current_key]
+        new_module = CLIPAdapterLayer(
+            target,
+            adapter_name,
+            peft_config,
+            branch=tower.branch,
+            width=tower.width,
+            channels_first=tower.kind == "pool",
+        )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if next(child.parameters(), None) is not None:
+            super()._replace_module(parent, child_name, new_module, child)  # adapters follow the child's device
+            return
+        # A parameter-free pooling (ALIGN's image side) has no device of its own: follow its tower's.
+        setattr(parent, child_name, new_module)
+        new_module.to(next(parent.parameters()).device)
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(
@@ -206,33 +240,177 @@ class CLIPAdapterModel(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
+        # Every load path of peft ends here before the weights reach the model (PeftModel.from_pretrained,
+        # load_adapter, AutoPeftModel, set_peft_model_state_dict): refuse anything but this adapter's weights.
+        check_adapter_tensors(state_dict, reduction=config.reduction)
+        state_dict = _onto_this_models_towers(model, config, state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        _check_loaded_shapes(model, adapter_name, remapped)
+        _check_loaded_keys(model, adapter_name, remapped)
         return remapped
 
 
-def _check_loaded_shapes(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-    """Refuse a checkpoint whose adapter does not fit the model, naming both projection widths."""
-    expected = {
-        key: value.shape
-        for key, value in model.state_dict().items()
-        if PREFIX in key and key.endswith(f".{adapter_name}.weight")
+# How a plain `PeftModel` becomes a `CLIPAdapterPeftModel`. `get_peft_model`, `PeftModel.from_pretrained`
+# and `AutoPeftModel` build a plain `PeftModel` for every method whose `task_type` is None, and peft offers
+# no registry for the `PeftModel` class (its task-type table keys on `task_type`, which must stay None so
+# that CLIP keeps its own forward). What peft does guarantee is that the `PeftModel` stores its tuner as
+# the submodule `base_model` (`peft_model.base_model` is public API). torch calls the global
+# module-registration hooks on every submodule assignment, so a hook sees exactly that moment and switches
+# the class of that one `PeftModel` instance to our subclass, which keeps every peft behaviour and adds ours
+# (atomic saves, our model card and its push). Subclasses of `PeftModel` built on purpose are left alone.
+# tests/test_peft_flows.py checks every way of building the model, so a peft change that breaks this fails
+# the suite instead of silently pushing peft's generic card.
+_owner_hook = None
+
+
+def _watch_for_the_owning_peft_model() -> None:
+    """Install (once per process) the hook that upgrades the ``PeftModel`` that takes a CLIP-Adapter tuner."""
+    global _owner_hook
+    if _owner_hook is None:
+        _owner_hook = register_module_module_registration_hook(_upgrade_owning_peft_model)
+
+
+def _upgrade_owning_peft_model(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    if name == "base_model" and isinstance(submodule, CLIPAdapterModel) and type(module) is PeftModel:
+        # Looked up now, not at import: a reloaded peft_model module then provides the class.
+        from peft_clip_adapter.peft_model import CLIPAdapterPeftModel
+
+        module.__class__ = CLIPAdapterPeftModel
+
+
+def _matches(target_modules: list[str] | str, name: str) -> bool:
+    """peft's matching rule: a regex matches the full name; a list entry is the name or a dotted suffix of it."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def _onto_this_models_towers(
+    model: nn.Module, config: CLIPAdapterConfig, state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Rename a checkpoint's modules to this model's modules of the same branch.
+
+    An adapter saved from ``SiglipModel`` holds ``vision_model.head`` keys, which ``SiglipVisionModel``
+    calls ``head``: the table tells each saved module's branch, and this model's layer of that branch
+    takes its weights. Checkpoints that already fit are returned as they are.
+    """
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, CLIPAdapterLayer)}
+    saved = {key.rpartition("." + PREFIX)[0] for key in state_dict if "." + PREFIX in key}
+    if saved <= set(layers):
+        return state_dict
+    layer_of_branch = {layer.branch: name for name, layer in layers.items()}
+    candidates = BRANCHES if config.adapt in (None, "both") else (config.adapt,)
+    renames = {}
+    for path in saved - set(layers):
+        branch = branch_of_module_path(path, candidates)
+        if branch in layer_of_branch and layer_of_branch[branch] not in saved:
+            renames[path] = layer_of_branch[branch]
+    renamed = {}
+    for key, value in state_dict.items():
+        path, separator, rest = key.rpartition("." + PREFIX)
+        renamed[f"{renames[path]}{separator}{rest}" if path in renames else key] = value
+    return renamed
+
+
+def _refuse_wrapped_model(model: nn.Module) -> None:
+    """Wrapping again would re-initialise the adapters already there (peft only warns), so refuse it."""
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            f"The model is already a PeftModel (adapters {sorted(model.peft_config)}); wrapping it again would nest "
+            "two PeftModels. Add another adapter with model.add_adapter(name, config) or model.load_adapter(path, "
+            "name), or call model.unload() to get the plain base model back first."
+        )
+    wrapped = {
+        name for module in model.modules() if isinstance(module, CLIPAdapterLayer) for name in module.clip_adapter_down
     }
+    if wrapped:
+        raise ValueError(
+            f"{type(model).__name__} already holds CLIP-Adapter layers (adapters {sorted(wrapped)}): it was wrapped "
+            "by get_peft_model or PeftModel.from_pretrained before (a load that failed leaves them too), and wrapping "
+            "it again would re-initialise their weights. Use that PeftModel (add_adapter / load_adapter / "
+            "set_adapter), call its unload() first, or start from a freshly loaded base model."
+        )
+
+
+def _adapter_keys(model: nn.Module, adapter_name: str) -> dict[str, torch.Size]:
+    """``{state-dict key: shape}`` of the adapter ``adapter_name``'s weights in ``model``."""
+    names = set(CLIPAdapterLayer.adapter_layer_names)
+    found = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        # ``<module>.<adapter layer>.<adapter name>.weight``: matched by position, not by substring, so that an
+        # adapter named like a part of the prefix ("clip", "adapter") selects only its own weights.
+        if len(parts) >= 3 and parts[-3] in names and parts[-2] == adapter_name:
+            found[key] = value.shape
+    return found
+
+
+def _check_saved_weights_fit(model: nn.Module, towers: dict[str, Tower], config: CLIPAdapterConfig) -> None:
+    """Compare the weights ``CLIPAdapterConfig.from_pretrained`` checked (kept on the config) with the towers
+    this config adapts in ``model``, before anything is injected.
+
+    Only a checkpoint saved from this model's own module names is compared here; one saved from another class
+    of the family (``vision_model.head`` loaded into ``SiglipVisionModel``'s ``head``) is renamed and checked
+    as its weights are loaded.
+    """
+    saved: dict[str, tuple[int, ...]] = getattr(config, "_saved_weight_shapes", None) or {}
+    source = getattr(config, "_saved_weights_source", None)
+    down_name = CLIPAdapterLayer.adapter_layer_names[0]
+    modules = {key.removeprefix("base_model.model.").rpartition(f".{down_name}.")[0]: key for key in saved}
+    modules.pop("", None)  # an up weight: paired with its down weight by check_adapter_tensors
+    every_tower = find_towers(model)
+    if not modules or not set(modules) <= set(every_tower):
+        return
+    if set(modules) != set(towers):
+        raise ValueError(
+            f"{source} does not fit its config in this model: the config adapts {sorted(towers)}, but the file "
+            f"holds adapter weights for {sorted(modules)}. The config and the weights come from different saves: "
+            "save the adapter again."
+        )
+    for module, key in modules.items():
+        width = every_tower[module].width
+        hidden = width // config.reduction
+        _check_shapes({key: (hidden, width)}, {key: saved[key]}, source)
+
+
+def _check_loaded_keys(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint that does not hold exactly this adapter's weights, with the shapes the model needs."""
+    expected = _adapter_keys(model, adapter_name)
+    # Weights of towers this model lacks are ignored, as peft does (a single tower loads its own adapter from
+    # one trained on the full model); a key of the model's own weights would overwrite them.
+    overwriting = sorted(key for key in state_dict if key not in expected and key in model.state_dict())
+    if overwriting:
+        raise ValueError(
+            f"{current_source()} holds {overwriting[0]!r}, which is the base model's own weight; loading it would "
+            "change the model beyond the adapter, so nothing was loaded. Save the adapter with save_pretrained, "
+            "which writes only its weights."
+        )
     missing = sorted(key for key in expected if key not in state_dict)
     if missing:
         raise ValueError(
-            f"The checkpoint has no weights for {missing}: it was saved for other projection layers "
+            f"The checkpoint has no weights for {missing}: it was saved for other towers or modules "
             "(check `adapt` in its adapter_config.json)."
         )
+    _check_shapes({key: tuple(shape) for key, shape in expected.items()}, state_dict, source=None)
+
+
+def _check_shapes(expected: dict[str, tuple[int, ...]], loaded: dict[str, Any], source: Optional[str]) -> None:
+    """Name an embedding-width mismatch as such, and a bottleneck-width mismatch as a ``reduction`` mismatch."""
+    down_name = CLIPAdapterLayer.adapter_layer_names[0]
     for key, shape in expected.items():
-        loaded = state_dict[key].shape
-        if loaded == shape:
+        actual = tuple(getattr(loaded[key], "shape", loaded[key]))
+        if actual == shape:
             continue
-        width = shape[1] if ".clip_adapter_down." in key else shape[0]
-        loaded_width = loaded[1] if ".clip_adapter_down." in key and len(loaded) == 2 else loaded[0]
+        is_down = f".{down_name}." in key
+        width, loaded_width = (shape[1], actual[1]) if is_down else (shape[0], actual[0])
+        if len(actual) == 2 and loaded_width == width:
+            hidden, loaded_hidden = (shape[0], actual[0]) if is_down else (shape[1], actual[1])
+            raise ValueError(
+                f"{source or current_source()} does not fit this adapter at '{key}': its bottleneck has width "
+                f"{loaded_hidden}, but this adapter's reduction gives {hidden} (d={width}). The adapter was trained "
+                "with another `reduction`: load it with its own adapter_config.json (or that reduction)."
+            )
         raise ValueError(
-            f"The adapter checkpoint does not fit this model at '{key}': it was trained for a projection "
-            f"width d={loaded_width} (tensor shape {tuple(loaded)}), but this model's projection width is "
-            f"d={width} (expected shape {tuple(shape)}). Load it into the CLIP variant it was trained on, "
-            "and with the same `reduction`."
+            f"{source or current_source()} does not fit this model at '{key}': it was trained for an embedding "
+            f"width d={loaded_width} (tensor shape {actual}), but this model's embedding width is d={width} "
+            f"(expected shape {shape}). Load it into the model variant it was trained on."
         )

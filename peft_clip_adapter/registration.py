@@ -8,34 +8,15 @@ builds a tuner, reads an ``adapter_config.json`` or strips key prefixes. The dic
 
 from __future__ import annotations
 
-import enum
-
 from peft import mapping as peft_mapping
 
+# This module depends on the method's modules, never the other way round: the names peft needs (the
+# type, the config, the tuner, the key prefix) live beside what they describe.
+from peft_clip_adapter import checkpoint, config, layer, model, peft_model
+from peft_clip_adapter.config import PEFT_TYPE, CLIPAdapterPeftType
+from peft_clip_adapter.layer import PREFIX
 
-class CLIPAdapterPeftType(str, enum.Enum):
-    """The ``peft_type`` written to ``adapter_config.json``.
-
-    A ``str`` enum compares and hashes like its value, so the string ``"CLIP_ADAPTER"`` read back from
-    JSON finds the same registry entries as the member itself.
-
-    Raises:
-        ValueError: from ``enum`` when looked up with any other value.
-
-    Example:
-        >>> from peft_clip_adapter.registration import CLIPAdapterPeftType
-        >>> CLIPAdapterPeftType("CLIP_ADAPTER") == "CLIP_ADAPTER", str(CLIPAdapterPeftType.CLIP_ADAPTER)
-        (True, 'CLIP_ADAPTER')
-    """
-
-    CLIP_ADAPTER = "CLIP_ADAPTER"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-PEFT_TYPE = CLIPAdapterPeftType.CLIP_ADAPTER
-PREFIX = "clip_adapter_"
+__all__ = ["PEFT_TYPE", "PREFIX", "CLIPAdapterPeftType", "register"]
 
 
 def register() -> None:
@@ -45,7 +26,8 @@ def register() -> None:
     nothing of its own.
 
     Returns:
-        None; peft's config, tuner and prefix registries gain (or refresh) the ``CLIP_ADAPTER`` entry.
+        None; peft's config, tuner and prefix registries gain (or refresh) the ``CLIP_ADAPTER`` entry, and
+        transformers' zero-shot image pipeline accepts the adapted ``PeftModel``.
 
     Example:
         >>> import peft
@@ -54,12 +36,11 @@ def register() -> None:
         >>> peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING["CLIP_ADAPTER"]
         'clip_adapter_'
     """
-    # Imported here so that importing this module stays cheap and free of cycles.
-    from peft_clip_adapter.config import CLIPAdapterConfig
-    from peft_clip_adapter.model import CLIPAdapterModel
-
-    # Assigning (rather than "insert if absent") makes a reload of our modules point peft at the fresh
-    # classes instead of the stale ones from the first import.
-    peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = CLIPAdapterConfig
-    peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = CLIPAdapterModel
-    peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = PREFIX
+    # Assigning (rather than "insert if absent"), and reading the classes from their modules at call
+    # time, makes a reload of our modules point peft at the fresh classes instead of the stale ones.
+    peft_mapping.PEFT_TYPE_TO_CONFIG_MAPPING[config.PEFT_TYPE] = config.CLIPAdapterConfig
+    peft_mapping.PEFT_TYPE_TO_TUNER_MAPPING[config.PEFT_TYPE] = model.CLIPAdapterModel
+    peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[config.PEFT_TYPE] = layer.PREFIX
+    peft_model._allow_in_zero_shot_pipeline()
+    # peft reads adapter_config.json before any of our code runs; make that read explain a broken file.
+    checkpoint.install_config_file_checks()

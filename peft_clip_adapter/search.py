@@ -99,7 +99,8 @@ class SearchResult:
         """One line for logs and model cards: the grid's scores and the choice.
 
         Returns:
-            E.g. ``"4-fold cross-validation on 16 shots: ratio 0.2 0.812, ratio 0.4 0.844 -> ratio 0.4"``.
+            E.g. ``"4-fold cross-validation on 16 shots per class: ratio 0.2 0.812, ratio 0.4 0.844; chose ratio
+            0.4, learning rate 0.002"`` (each candidate's pooled held-out accuracy).
 
         Example:
             >>> SearchResult(0.2, 2e-3, "the paper's values (1 shot per class)", 0).summary()
@@ -112,7 +113,7 @@ class SearchResult:
             f"{_candidate_name(c, self.ratio_grid, self.learning_rate_grid)} {c['validation_accuracy']:.3f}"
             for c in self.candidates
         )
-        return f"{self.strategy}: {scores} -> {chosen}"
+        return f"{self.strategy}: {scores}; chose {chosen}"
 
 
 def _candidate_name(candidate: dict[str, Any], ratios: Sequence[float], learning_rates: Sequence[float]) -> str:

@@ -7,6 +7,7 @@ fails at once instead of hanging.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -72,3 +73,26 @@ def micro_clip_path(offline_cache_dir) -> str:
 @pytest.fixture
 def pixel_values() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls ``Path.touch(marker)``: any code could run in its place."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = Path(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def hostile_pickle(tmp_path):
+    """``write(path)`` saves a torch pickle whose unpickling creates a marker file, and returns that marker's
+    path: a loader that never unpickles it leaves the marker absent."""
+
+    def write(path: Path, key: str = "weights") -> Path:
+        marker = tmp_path / f"code-ran-{Path(path).name}"
+        torch.save({key: _RunsCodeWhenUnpickled(marker)}, path)
+        return marker
+
+    return write

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -72,3 +72,39 @@ def trainer_args(model: str, train_dir: str, run_dir: Path, **flags: object) -> 
     for name, value in flags.items():
         argv += [f"--{name}", str(value)]
     return argv
+
+
+@pytest.fixture
+def online_hub(monkeypatch):
+    """The Hub as the trainer sees it when online and logged in as ``me``, without any network.
+
+    ``HfApi.whoami`` / ``create_repo`` / ``upload_folder`` are fakes (uploads are recorded with their files'
+    bytes), and downloads find nothing (no card in the repository, no base model card).
+    """
+    import huggingface_hub
+    from huggingface_hub import RepoUrl, constants
+    from huggingface_hub.errors import EntryNotFoundError
+
+    import peft_clip_adapter.peft_model
+
+    record = SimpleNamespace(created=[], uploads=[])
+
+    def create_repo(self, repo_id, **kwargs):
+        record.created.append(repo_id)
+        return RepoUrl(f"https://huggingface.co/{repo_id if '/' in repo_id else 'me/' + repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        folder = Path(folder_path)
+        files = {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+        record.uploads.append(SimpleNamespace(repo_id=repo_id, files=files, kwargs=kwargs))
+
+    def download(repo_id, filename, **kwargs):
+        raise EntryNotFoundError(f"{repo_id} has no {filename} (test)")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "whoami", lambda self, *args, **kwargs: {"name": "me"})
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(peft_clip_adapter.peft_model, "hf_hub_download", download)
+    return record

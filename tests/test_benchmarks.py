@@ -403,6 +403,19 @@ def test_reproduce_rejects_a_malformed_dataset_hub():
         reproduce.parse_args(["--model_name_or_path", "m", "--datasets", "dtd", "--dataset_hub", "dtd"])
 
 
+@pytest.mark.slow
+def test_cache_key_benchmark_reports_the_digest_against_an_extraction(tmp_path):
+    import cache_key
+
+    data = cache_key.main(["--images", "8", "--arch", "tiny", "--repeats", "1", "--output_dir", str(tmp_path)])
+    [row] = data["rows"]
+    assert row["digest_mb_per_s"] == round(data["image_bytes"] / 1e6 / row["digest_s"], 1)
+    assert row["digest_share_of_first_run"] == benchlib.ratio(row["digest_s"], row["digest_s"] + row["extraction_s"])
+    assert json.loads((tmp_path / "cache_key_cpu.json").read_text())["command"].startswith(
+        "python benchmarks/cache_key.py --images 8"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------
 # search_cost.py
 

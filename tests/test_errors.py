@@ -15,7 +15,7 @@ from transformers import BertConfig, BertModel, CLIPModel, CLIPTextModelWithProj
 from peft_clip_adapter import CLIPAdapterConfig
 from peft_clip_adapter.offline import build_tiny_clip
 
-FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+FILES = ["README.md", "adapter_config.json", "adapter_manifest.json", "adapter_model.safetensors"]
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_reduction_not_a_whole_number(reduction, kind):
 
 
 def test_reduction_larger_than_the_projection_width_names_both(tiny_clip):
-    with pytest.raises(ValueError, match=r"reduction=33 is larger than the projection width d=32.*\[1, 32\]"):
+    with pytest.raises(ValueError, match=r"reduction=33 is larger than the embedding width d=32.*\[1, 32\]"):
         get_peft_model(tiny_clip, CLIPAdapterConfig(reduction=33))
     # d itself is the largest allowed reduction: a bottleneck of width 1
     get_peft_model(tiny_clip, CLIPAdapterConfig(reduction=32))
@@ -76,12 +76,12 @@ def test_unsupported_task_type():
 
 
 def test_unknown_branch():
-    with pytest.raises(ValueError, match=r"adapt must be one of \['both', 'text', 'vision'\].*got 'image'"):
+    with pytest.raises(ValueError, match=r"adapt must be one of \['audio', 'both', 'text', 'vision'\].*got 'image'"):
         CLIPAdapterConfig(adapt="image")
 
 
-def test_adapt_and_target_modules_that_disagree():
-    with pytest.raises(ValueError, match=r"adapt='text' targets \['text_projection'\].*Pass only one"):
+def test_adapt_and_target_modules_together():
+    with pytest.raises(ValueError, match=r"Pass either adapt='text' or target_modules=\['visual_projection'\], not"):
         CLIPAdapterConfig(adapt="text", target_modules=["visual_projection"])
 
 
@@ -99,7 +99,7 @@ def test_all_linear_is_refused():
 # --- targets on a model -------------------------------------------------------------------------------
 
 
-def test_target_matching_nothing_lists_the_projection_modules(tiny_clip):
+def test_target_matching_nothing_lists_the_pooled_embedding_modules(tiny_clip):
     with pytest.raises(
         ValueError,
         match=r"\['image_projection'\] matches no module of CLIPModel.*\['text_projection', 'visual_projection'\]",
@@ -109,13 +109,33 @@ def test_target_matching_nothing_lists_the_projection_modules(tiny_clip):
 
 def test_branch_missing_from_a_single_tower_model(tiny_clip_path):
     text_model = CLIPTextModelWithProjection.from_pretrained(tiny_clip_path)
-    with pytest.raises(ValueError, match=r"matches no module of CLIPTextModelWithProjection.*\['text_projection'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"CLIPTextModelWithProjection has no vision tower .*; it has text \('text_projection'\)\..*"
+        r"Use adapt='text' / 'both'",
+    ):
         get_peft_model(text_model, CLIPAdapterConfig(adapt="vision"))
 
 
-@pytest.mark.parametrize("targets", [["q_proj"], r".*self_attn\.(q|k|v)_proj", ["visual_projection", "fc1"]])
-def test_attention_and_mlp_layers_are_refused(tiny_clip, targets):
-    with pytest.raises(ValueError, match=r"matches '.*(proj|fc1)' \(Linear\), which is not a pooled projection"):
+def test_an_audio_branch_asked_of_an_image_model(tiny_clip):
+    with pytest.raises(
+        ValueError,
+        match=r"CLIPModel has no audio tower .*; it has vision \('visual_projection'\) and text \('text_projection'\)",
+    ):
+        get_peft_model(tiny_clip, CLIPAdapterConfig(adapt="audio"))
+    assert not any("clip_adapter" in name for name, _ in tiny_clip.named_modules())
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [["q_proj"], r".*self_attn\.(q|k|v)_proj", ["visual_projection", "fc1"], "vision_model.post_layernorm"],
+)
+def test_per_token_and_inner_layers_are_refused(tiny_clip, targets):
+    with pytest.raises(
+        ValueError,
+        match=r"matches '.*(proj|fc1|layernorm)' \((Linear|LayerNorm)\), which does not output a tower's final pooled "
+        r"embedding.*CLIPModel's pooled-embedding modules: vision \('visual_projection'\)",
+    ):
         get_peft_model(tiny_clip, CLIPAdapterConfig(target_modules=targets))
     assert not any("clip_adapter" in name for name, _ in tiny_clip.named_modules())  # nothing was injected
 
@@ -127,9 +147,13 @@ def tiny_bert() -> BertModel:
 
 
 @pytest.mark.parametrize("make_model", [tiny_bert, "clip_vision"], ids=["BertModel", "CLIPVisionModel"])
-def test_model_without_projection_layers(make_model, tiny_clip_path):
+def test_model_without_a_known_pooled_embedding_module(make_model, tiny_clip_path):
     model = CLIPVisionModel.from_pretrained(tiny_clip_path) if make_model == "clip_vision" else make_model()
-    with pytest.raises(ValueError, match=rf"{type(model).__name__} has no text_projection / visual_projection layer"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{type(model).__name__} has no vision tower with a pooled embedding known to CLIP-Adapter; it has no "
+        "pooled-embedding module of a supported dual encoder. Supported model classes",
+    ):
         get_peft_model(model, CLIPAdapterConfig())
 
 
@@ -139,7 +163,7 @@ def test_model_without_projection_layers(make_model, tiny_clip_path):
 def test_loading_into_a_model_of_another_width_names_both_widths(saved, tmp_path):
     narrow = CLIPModel.from_pretrained(build_tiny_clip(tmp_path / "d24", projection_dim=24))
     with pytest.raises(
-        ValueError, match=r"trained for a projection width d=32 .* this model's projection width is d=24"
+        ValueError, match=r"trained for an embedding width d=32 .* this model's embedding width is d=24"
     ):
         PeftModel.from_pretrained(narrow, saved)
 
@@ -194,7 +218,9 @@ def test_damaged_weights_from_the_hub_cache(saved, tiny_clip_path, tmp_path):
     (repo / "snapshots").mkdir()
     os.rename(saved, repo / "snapshots" / ("0" * 40))
     damage(repo / "snapshots" / ("0" * 40) / "adapter_model.safetensors", "half")
-    with pytest.raises(ValueError, match=r"weights of 'me/broken' are truncated or corrupted .*force_download=True"):
+    with pytest.raises(
+        ValueError, match=r"me--broken.*adapter_model\.safetensors is truncated or corrupted.*download it"
+    ):
         PeftModel.from_pretrained(
             CLIPModel.from_pretrained(tiny_clip_path), "me/broken", cache_dir=str(tmp_path / "cache")
         )
@@ -219,12 +245,18 @@ def test_config_file_with_wrong_values(saved, tiny_clip_path, changes, match):
         PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_path), saved)
 
 
-@pytest.mark.parametrize("peft_type", ["FOO", "LORA", None])
-def test_config_file_of_another_method(saved, peft_type):
+@pytest.mark.parametrize(
+    ("peft_type", "match"),
+    [
+        ("FOO", r"has peft_type='FOO', which is not a registered PEFT method\. Fix the spelling"),
+        ("clip_adapter", r"has peft_type='clip_adapter', .* \(did you mean 'CLIP_ADAPTER'\?\)"),
+        ("LORA", r"has peft_type='LORA'; a CLIP-Adapter config has peft_type='CLIP_ADAPTER'"),
+        (None, r'has no "peft_type".*add "peft_type": "CLIP_ADAPTER"'),
+    ],
+)
+def test_config_file_of_another_method(saved, peft_type, match):
     edit_config(saved, peft_type=peft_type)
-    with pytest.raises(
-        ValueError, match=rf"has peft_type={peft_type!r}; a CLIP-Adapter config has peft_type='CLIP_ADAPTER'"
-    ):
+    with pytest.raises(ValueError, match=match):
         CLIPAdapterConfig.from_pretrained(saved)
 
 
@@ -234,11 +266,10 @@ def test_config_file_that_is_not_json(saved):
         CLIPAdapterConfig.from_pretrained(saved)
 
 
-def test_unregistered_peft_type_fails_inside_peft(saved, tiny_clip_path):
-    # peft resolves peft_type itself before any of our code runs, so an unknown type (like a missing
-    # `import peft_clip_adapter`) surfaces as peft's bare KeyError; the model card shows the import.
+def test_unregistered_peft_type_is_named_by_peft_model_from_pretrained(saved, tiny_clip_path):
+    # peft resolves peft_type itself, before any method code runs; its reader now explains the value.
     edit_config(saved, peft_type="FOO")
-    with pytest.raises(KeyError, match="FOO"):
+    with pytest.raises(ValueError, match=r"has peft_type='FOO', which is not a registered PEFT method"):
         PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_path), saved)
 
 
@@ -277,3 +308,57 @@ def test_save_into_a_file(tiny_clip, tmp_path):
     (tmp_path / "taken").write_text("x")
     with pytest.raises(ValueError, match=r"save_directory=.*taken' is a file; pass a folder"):
         get_peft_model(tiny_clip, CLIPAdapterConfig()).save_pretrained(tmp_path / "taken")
+
+
+def test_a_tower_built_without_its_pooling_head_names_where_it_would_be():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    headless = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+            patch_size=8, vision_use_head=False,
+        )
+    )  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"SiglipVisionModel has no vision tower .* \(a SiglipVisionModel pools it in 'head', which this model "
+        r"lacks\); it has no pooled-embedding module",
+    ):
+        get_peft_model(headless, CLIPAdapterConfig())
+
+
+def test_two_dual_encoders_in_one_model_make_a_branch_ambiguous(tiny_clip_path):
+    from torch import nn
+
+    pair = nn.ModuleDict(
+        {"a": CLIPModel.from_pretrained(tiny_clip_path), "b": CLIPModel.from_pretrained(tiny_clip_path)}
+    )
+    with pytest.raises(ValueError, match=r"ModuleDict holds two vision towers \('a.visual_projection' and 'b.vis"):
+        get_peft_model(pair, CLIPAdapterConfig())
+    # target_modules chooses among the pooled-embedding modules
+    model = get_peft_model(pair, CLIPAdapterConfig(target_modules=["b.visual_projection"]))
+    assert [name for name, _ in model.named_modules() if name.endswith("clip_adapter_down")] == [
+        "base_model.model.b.visual_projection.clip_adapter_down"
+    ]
+
+
+def test_a_single_tower_adapter_saved_with_both_cannot_tell_its_tower(tiny_clip_path, tmp_path):
+    from transformers import SiglipConfig, SiglipModel, SiglipVisionModel
+
+    tower = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = SiglipConfig(
+        text_config={**tower, "vocab_size": 64, "max_position_embeddings": 16},
+        vision_config={**tower, "image_size": 16},
+    )
+    SiglipModel(config).save_pretrained(tmp_path / "model")
+    vision = SiglipVisionModel.from_pretrained(tmp_path / "model")
+    get_peft_model(vision, CLIPAdapterConfig(adapt="both")).save_pretrained(tmp_path / "both")
+    with pytest.raises(ValueError, match=r"The checkpoint has no weights for .*vision_model\.head.*other towers"):
+        PeftModel.from_pretrained(SiglipModel.from_pretrained(tmp_path / "model"), tmp_path / "both")
+    # Saved with its branch named, the same adapter moves to the full model.
+    vision = SiglipVisionModel.from_pretrained(tmp_path / "model")
+    get_peft_model(vision, CLIPAdapterConfig(adapt="vision")).save_pretrained(tmp_path / "vision")
+    loaded = PeftModel.from_pretrained(SiglipModel.from_pretrained(tmp_path / "model"), tmp_path / "vision")
+    assert [name for name, _ in loaded.named_modules() if name.endswith("clip_adapter_down")] == [
+        "base_model.model.vision_model.head.clip_adapter_down"
+    ]

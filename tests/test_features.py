@@ -179,7 +179,7 @@ def test_extraction_rejects_bad_data_and_models(tiny_clip, tiny_clip_path, shape
     with pytest.raises(ValueError, match=r"class indices >= 0, found '\d'.*class_encode_column\('label'\)"):
         extract_image_features(tiny_clip, named, ViewTransform())
     text_only = CLIPTextModelWithProjection.from_pretrained(tiny_clip_path)
-    with pytest.raises(ValueError, match="no `visual_projection` layer"):
+    with pytest.raises(ValueError, match="CLIPTextModelWithProjection has no vision tower"):
         extract_image_features(text_only, shapes, ViewTransform())
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load
 
 # pytest runs with --import-mode=importlib, so tests/ is not on sys.path: load the helpers by path.
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
-fewshot, fresh_accelerate_state = helpers.fewshot, helpers.fresh_accelerate_state  # fixtures
+fewshot, fresh_accelerate_state, online_hub = helpers.fewshot, helpers.fresh_accelerate_state, helpers.online_hub
 RESULT_KEYS = {
     "zero_shot_accuracy",
     "eval_accuracy",
@@ -57,8 +57,10 @@ def test_short_run_writes_adapter_results_and_plot(fewshot, tiny_clip_path, shap
     assert sorted(path.name for path in out.iterdir()) == [
         "README.md",
         "adapter_config.json",
+        "adapter_manifest.json",
         "adapter_model.safetensors",
         "all_results.json",
+        "class_prompts.json",
         "training_curves.png",
     ]
     saved = json.loads((out / "all_results.json").read_text())
@@ -140,33 +142,26 @@ def test_tensorboard_tracking_and_overwrite(fewshot, tiny_clip_path, shapes_dir,
     assert sorted(path.name for path in out.glob("epoch_*")) == ["epoch_1", "epoch_2", "epoch_3"]
 
 
-def test_push_to_hub_uploads_the_adapter_with_results(fewshot, tiny_clip_path, shapes_dir, tmp_path, monkeypatch):
-    from huggingface_hub import HfApi, RepoUrl
-
-    calls = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        calls["create_repo"] = repo_id
-        return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        calls["upload_folder"] = repo_id
-        calls["files"] = {
-            path.name: path.read_text() for path in Path(folder_path).iterdir() if path.suffix != ".safetensors"
-        }
-        calls["files"]["adapter_model.safetensors"] = load_file(Path(folder_path) / "adapter_model.safetensors")
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    results = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--push_to_hub", "--hub_model_id", "me/shapes"))
-    assert calls["create_repo"] == calls["upload_folder"] == "me/shapes"
-    card = calls["files"]["README.md"]
+def test_push_to_hub_uploads_the_adapter_with_results(fewshot, tiny_clip_path, shapes_dir, tmp_path, online_hub):
+    results = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--push_to_hub", "--hub_model_id", "shapes"))
+    assert online_hub.created == ["shapes", "me/shapes"]  # checked before training, then pushed
+    [upload] = online_hub.uploads
+    assert upload.repo_id == "me/shapes"
+    assert sorted(upload.files) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_manifest.json",
+        "adapter_model.safetensors",
+        "class_prompts.json",
+    ]
+    card = upload.files["README.md"].decode()
     assert "| shots | 4 |" in card and "| ratio | 0.2 |" in card
     assert f"| accuracy | {results['eval_accuracy']:.4g} |" in card
     assert f"| zero_shot_accuracy | {results['zero_shot_accuracy']:.4g} |" in card
-    assert f"| base_model | {tiny_clip_path} |" in card
-    pushed, saved = calls["files"]["adapter_model.safetensors"], helpers.adapter_tensors(tmp_path / "out")
-    assert all(torch.equal(pushed[key], saved[key]) for key in saved)
+    assert f"| base_model | {Path(tiny_clip_path).name} (local folder) |" in card and tiny_clip_path not in card
+    assert 'FewShotClassifier.from_pretrained("me/shapes", base_model="<base model id>")' in card
+    pushed, saved = load(upload.files["adapter_model.safetensors"]), helpers.adapter_tensors(tmp_path / "out")
+    assert pushed.keys() == saved.keys() and all(torch.equal(pushed[key], saved[key]) for key in saved)
 
 
 # -----------------------------------------------------------------------------
@@ -275,14 +270,16 @@ def test_output_dir_with_another_runs_files(fewshot, tiny_clip_path, shapes_dir,
         fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--output_dir", str(tmp_path / "file")))
 
 
-def test_model_without_projection_layers(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+def test_model_without_image_and_text_towers(fewshot, tiny_clip_path, shapes_dir, tmp_path):
     from transformers import AutoProcessor, CLIPModel, CLIPVisionModel
 
     folder = tmp_path / "vision-only"
     CLIPVisionModel(CLIPModel.from_pretrained(tiny_clip_path).config.vision_config).save_pretrained(folder)
     AutoProcessor.from_pretrained(tiny_clip_path).save_pretrained(folder)
     argv = _args(tiny_clip_path, shapes_dir, tmp_path, "--model_name_or_path", str(folder))
-    with pytest.raises(ValueError, match=r"CLIPVisionModel .* has no text_projection / visual_projection layer"):
+    with pytest.raises(
+        ValueError, match=r"CLIPVisionModel from .* has no vision / text tower with a pooled embedding \(it has no "
+    ):
         fewshot.main(argv)
 
 

@@ -48,7 +48,7 @@ def test_ratio_auto_records_the_search_and_trains_the_winner(fewshot, tiny_clip_
     assert json.loads((out / "all_results.json").read_text())["hyperparameter_search"] == search
     assert json.loads((out / "adapter_config.json").read_text())["ratio"] == search["ratio"]
     card = (out / "README.md").read_text()
-    assert f"| hyperparameter_search | {search['summary']} |" in card and "-> ratio" in search["summary"]
+    assert f"| hyperparameter_search | {search['summary']} |" in card and "; chose ratio" in search["summary"]
 
     # The final fit is an ordinary run with the winning values: the same adapter, bit for bit.
     fixed = fewshot.main(

@@ -56,7 +56,12 @@ def test_push_uploads_exactly_the_adapter_files_in_one_commit(hub, model, tmp_pa
     assert hub.created == [(REPO_ID, {"private": True, "exist_ok": True})]
     [upload] = hub.uploads
     assert upload.repo_id == REPO_ID and upload.kwargs["commit_message"] == "first adapter"
-    assert sorted(upload.files) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(upload.files) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_manifest.json",
+        "adapter_model.safetensors",
+    ]
 
     model.save_pretrained(tmp_path)  # the uploaded weights are the model's adapter weights
     uploaded = load(upload.files["adapter_model.safetensors"])
@@ -86,7 +91,8 @@ def test_a_local_base_model_and_dataset_stay_out_of_the_card_metadata(hub, tiny_
     card = ModelCard(hub.uploads[0].files["README.md"].decode())
     assert card.data.base_model is None and card.data.datasets is None
     assert sorted(card.data.tags) == ["clip-adapter", "peft", "transformers"]
-    assert f'CLIPModel.from_pretrained("{tiny_clip_path}")' in card.text  # still named in the text
+    # Nor in the snippet: a path means nothing elsewhere. The card says what to pass instead.
+    assert str(tiny_clip_path) not in card.text and 'CLIPModel.from_pretrained("<base model id>")' in card.text
     assert f"| dataset | {shapes_dir} |" in card.text
 
 
@@ -97,6 +103,7 @@ def test_training_results_appear_in_the_card(hub, model, tmp_path):
     assert card.data.datasets == ["shapes"]
     for row in ("| dataset | shapes |", "| shots | 4 |", "| accuracy | 0.875 |"):
         assert row in card.text
-    model.save_pretrained(tmp_path)  # a local save writes the same results, with the folder in the snippet
+    model.save_pretrained(tmp_path)  # a local save writes the same results; its folder is no Hub id
     local = (tmp_path / "README.md").read_text()
-    assert "| accuracy | 0.875 |" in local and f'PeftModel.from_pretrained(base, "{tmp_path}")' in local
+    assert "| accuracy | 0.875 |" in local and str(tmp_path) not in local
+    assert 'PeftModel.from_pretrained(base, "<this adapter\'s Hub id, or its folder>")' in local

@@ -58,6 +58,10 @@ def test_pretraining_is_recorded_and_deterministic(micro_clip_path, tmp_path):
     assert all(torch.equal(first[key], second[key]) for key in first)
 
 
+def test_the_trainers_offline_tasks_are_the_packages(fewshot):
+    assert tuple(sorted(SCENE_TASKS)) == fewshot.OFFLINE_TASKS  # named in the script, so --help imports nothing
+
+
 @pytest.mark.parametrize("task_name", sorted(SCENE_TASKS))
 def test_zero_shot_is_at_least_twice_chance(micro_clip_path, task_name):
     from transformers import AutoProcessor, CLIPModel

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -154,3 +155,86 @@ def test_merging_is_refused_with_the_reason(two_adapters, pixel_values, method):
     with pytest.raises(ValueError, match=r"cannot be merged.*ReLU.*unload\(\)"):
         getattr(two_adapters, method)()
     assert_same(embeddings(two_adapters, pixel_values), before)  # nothing changed
+
+
+# -----------------------------------------------------------------------------
+# peft's own tools and transformers' pipeline see the method as one of theirs
+
+
+def test_model_status_names_the_method(two_adapters):
+    assert two_adapters.get_model_status().peft_types == {"default": "CLIP_ADAPTER", "second": "CLIP_ADAPTER"}
+    assert {status.module_type for status in two_adapters.get_layer_status()} == {"clip_adapter.CLIPAdapterLayer"}
+
+
+def test_zero_shot_pipeline_takes_the_peft_model_without_an_error(two_adapters, tiny_processor, caplog):
+    import numpy as np
+    import transformers
+    from PIL import Image
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    labels = ["red circle", "green square"]
+    parts = {"tokenizer": tiny_processor.tokenizer, "image_processor": tiny_processor.image_processor}
+    transformers.utils.logging.enable_propagation()  # transformers' own handler bypasses caplog otherwise
+    try:
+        with caplog.at_level("WARNING"):
+            classify = transformers.pipeline("zero-shot-image-classification", model=two_adapters, **parts)
+            predictions = classify(image, candidate_labels=labels)
+    finally:
+        transformers.utils.logging.disable_propagation()
+    assert [record.getMessage() for record in caplog.records if record.levelname == "ERROR"] == []
+    inner = transformers.pipeline("zero-shot-image-classification", model=two_adapters.get_base_model(), **parts)
+    assert predictions == inner(image, candidate_labels=labels)
+
+
+@pytest.mark.parametrize("name", ["adapter", "clip", "clip_adapter", "down", "up"])
+def test_adapter_names_inside_the_parameter_prefix_load_exactly(tiny_clip, tiny_clip_path, tmp_path, name):
+    model = get_peft_model(tiny_clip, CLIPAdapterConfig(adapt="both"))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_()
+    model.save_pretrained(tmp_path)
+    expected = {
+        key.replace(".default.", "."): value for key, value in model.state_dict().items() if ".default." in key
+    }
+
+    loaded = PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_path), tmp_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=f"Adapter name '{name}' should not be contained in the prefix")
+        result = loaded.load_adapter(tmp_path, name)
+    # peft matched keys by substring: "down" is inside "clip_adapter_down", so every adapter was "missing".
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    own = {key.replace(f".{name}.", "."): value for key, value in loaded.state_dict().items() if f".{name}." in key}
+    assert own.keys() == expected.keys() and all(torch.equal(own[key], expected[key]) for key in expected)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_path), tmp_path, adapter_name=name)
+    assert not [str(w.message) for w in caught if "Found missing adapter keys" in str(w.message)]
+
+
+def test_every_way_of_building_the_model_gives_our_peft_model(tiny_clip_path, tmp_path):
+    from peft import AutoPeftModel, LoraConfig
+
+    from peft_clip_adapter import CLIPAdapterPeftModel
+
+    def fresh() -> CLIPModel:
+        return CLIPModel.from_pretrained(tiny_clip_path)
+
+    built = get_peft_model(fresh(), CLIPAdapterConfig())
+    built.save_pretrained(tmp_path)
+    models = {
+        "get_peft_model": built,
+        "PeftModel(...)": PeftModel(fresh(), CLIPAdapterConfig()),
+        "PeftModel.from_pretrained": PeftModel.from_pretrained(fresh(), tmp_path),
+        "low_cpu_mem_usage": PeftModel.from_pretrained(fresh(), tmp_path, low_cpu_mem_usage=True),
+        "AutoPeftModel.from_pretrained": AutoPeftModel.from_pretrained(tmp_path),
+    }
+    # torch's module-registration hook upgrades the PeftModel that takes our tuner as its base_model (see
+    # model.py). If a peft release stops assigning it that way, this fails, instead of our model card and
+    # atomic saves silently disappearing.
+    assert {name: type(model).__name__ for name, model in models.items()} == dict.fromkeys(
+        models, CLIPAdapterPeftModel.__name__
+    )
+    lora = get_peft_model(fresh(), LoraConfig(target_modules=["q_proj"]))
+    assert type(lora) is PeftModel  # other methods are left alone

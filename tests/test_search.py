@@ -138,7 +138,7 @@ def test_search_scores_every_candidate_and_picks_the_best(tiny_clip):
     )  # 3 held-out images per fold: pooled = mean of the folds
     assert high["validation_accuracy"] > zero["validation_accuracy"] and result.ratio == 0.8
     assert result.learning_rate == 0.1 and result.seconds > 0
-    assert "ratio 0 " in result.summary() and result.summary().endswith("-> ratio 0.8, learning rate 0.1")
+    assert "ratio 0 " in result.summary() and result.summary().endswith("; chose ratio 0.8, learning rate 0.1")
     # The head itself is untouched: the search trains copies.
     assert adapter_layers_ratio(head) == 0.2
 
