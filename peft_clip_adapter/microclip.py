@@ -55,7 +55,7 @@ class PretrainingConfig:
         steps: Optimizer steps.
         batch_size: Image-caption pairs per step (the contrastive loss's negatives).
         pool_size: Captioned scenes rendered up front; the steps go through them in shuffled passes (drawing
-            and tokenizing once costs less than once per step).
+            and tokenizing once costs less than once per step). A short run renders no more than it uses.
         learning_rate: AdamW's peak rate, reached after ``warmup_steps`` and decayed on a cosine.
         warmup_steps: Linear warm-up steps.
         weight_decay: AdamW weight decay (not applied to the logit scale).
@@ -154,7 +154,8 @@ def _pretrain(model, processor, config: PretrainingConfig) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(config.seed)
     mean = torch.tensor(processor.image_processor.image_mean)[:, None, None] * 255
     std = torch.tensor(processor.image_processor.image_std)[:, None, None] * 255
-    scenes = sample_scenes(config.pool_size, generator, exclude_pairs=HELD_OUT_PAIRS)
+    pool = min(config.pool_size, config.steps * config.batch_size)
+    scenes = sample_scenes(pool, generator, exclude_pairs=HELD_OUT_PAIRS)
     images = render_scenes(scenes, generator, image_size=config.image_size)  # [P, 3, H, W] uint8
     tokens = processor.tokenizer(caption_scenes(scenes, generator), padding=True, return_tensors="pt")
     weights = [parameter for name, parameter in model.named_parameters() if name != "logit_scale"]
@@ -166,7 +167,7 @@ def _pretrain(model, processor, config: PretrainingConfig) -> dict[str, Any]:
         lr=config.learning_rate,
     )
     targets = torch.arange(config.batch_size)
-    batches_per_pass = config.pool_size // config.batch_size
+    batches_per_pass = pool // config.batch_size
     model.train()
     losses = []
     for step in range(config.steps):
@@ -175,7 +176,7 @@ def _pretrain(model, processor, config: PretrainingConfig) -> dict[str, Any]:
         for group in optimizer.param_groups:
             group["lr"] = rate * group["multiplier"]
         if step % batches_per_pass == 0:
-            order = torch.randperm(config.pool_size, generator=generator)
+            order = torch.randperm(pool, generator=generator)
         rows = order[(step % batches_per_pass) * config.batch_size :][: config.batch_size]
         pixels = (images[rows].float() - mean) / std  # [B, 3, H, W]
         batch = {name: values[rows] for name, values in tokens.items()}
