@@ -14,11 +14,11 @@ split and ``--hub_test_split``), then read the same way. The test split is only 
 for the final accuracy. The ratio (alpha) is chosen without it, by ``--hparams``:
 
 - ``fixed`` (default): the paper's default, ``--ratio`` (0.2), for every dataset.
-- ``search``: a validation split carved from the training shots themselves. Of the ``k`` shots of each
-  class, ``max(1, k // 4)`` are held out; the adapter is trained on the rest with each ratio of
-  ``--search_ratios``, the ratio with the best held-out accuracy wins (ties: the earlier in the list),
-  and the final adapter trains on all ``k`` shots with it. With 1 shot there is nothing to hold out, so
-  the fixed ratio is used (recorded per cell).
+- ``search``: the trainer's ``--ratio auto`` over ``--search_ratios``: k-fold cross-validation on the
+  training shots themselves (``peft_clip_adapter.search``: every candidate and fold trained at once on the
+  cached features), then the final adapter trains on all ``k`` shots with the winner. With 1 shot there
+  is nothing to hold out, so the trainer falls back to the paper's ratio, 0.2. Each cell records the
+  strategy and every candidate's held-out accuracy.
 
 Outputs in ``--output_dir``: ``reproduce.md`` (ours as mean +- std over seeds, the paper's in brackets,
 zero-shot beside), ``reproduce.json`` (every cell), ``reproduce.png`` (accuracy vs shots per dataset) and
@@ -37,7 +37,6 @@ import importlib.util
 import json
 import logging
 import math
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -191,53 +190,31 @@ def run_trainer(trainer: ModuleType, argv: list[str], output_dir: Path, rerun: b
     return json.loads(results_file.read_text())
 
 
-def carve_validation(train_dir: Path, test_dir: Path, shots: int, seed: int, out: Path) -> tuple[Path, Path, int]:
-    """Split the ``shots`` training images the trainer samples with ``seed`` into fit / held-out folders.
+def hparams_argv(args: argparse.Namespace) -> list[str]:
+    """The trainer's flags that choose the ratio as ``--hparams`` says (the search is the trainer's own).
 
-    The sample is drawn exactly as the trainer draws it (same loader, ``sample_few_shot``, seed), then
-    the last ``max(1, shots // 4)`` images of each class (the sample's order is already seeded) are held
-    out. Files are copied into ``out/fit/<class>/`` and ``out/held_out/<class>/``.
-
-    Returns:
-        ``(fit folder, held-out folder, shots per class left to fit on)``.
+    Example:
+        >>> hparams_argv(argparse.Namespace(hparams="search", ratio=0.2, search_ratios=[0.2, 0.6]))
+        ['--ratio', 'auto', '--ratio_grid', '0.2', '0.6']
     """
-    import datasets
-
-    from peft_clip_adapter.data import class_names, load_image_classification_data, sample_few_shot
-
-    shutil.rmtree(out, ignore_errors=True)  # never mix in files of an earlier split
-    splits = load_image_classification_data(train_dir=train_dir, validation_dir=test_dir, seed=seed)
-    sample = sample_few_shot(splits["train"], shots, seed=seed)
-    names = class_names(sample)
-    held_out_per_class = max(1, shots // 4)
-    files = sample.cast_column("image", datasets.Image(decode=False))
-    seen: dict[int, int] = {}
-    for image, label in zip(files["image"], files["label"], strict=True):
-        seen[label] = seen.get(label, 0) + 1
-        part = "held_out" if seen[label] > shots - held_out_per_class else "fit"
-        target = out / part / names[label] / Path(image["path"]).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(image["path"], target)
-    return out / "fit", out / "held_out", shots - held_out_per_class
+    if args.hparams == "fixed":
+        return ["--ratio", str(args.ratio)]
+    return ["--ratio", "auto", "--ratio_grid", *(str(ratio) for ratio in args.search_ratios)]
 
 
-def choose_ratio(trainer, base_argv, entry, folder, shots, seed, args, workdir) -> dict[str, Any]:
-    """The ratio for one cell, chosen as ``--hparams`` says, with what was tried."""
-    if args.hparams == "fixed" or shots < 2:
-        reason = "fixed" if args.hparams == "fixed" else "fixed (1 shot: nothing to hold out)"
-        return {"ratio": args.ratio, "strategy": reason}
-    fit, held_out, fit_shots = carve_validation(folder / "train", folder / "test", shots, seed, workdir / "split")
-    scores = {}
-    for ratio in args.search_ratios:
-        argv = [*base_argv, "--train_dir", str(fit), "--validation_dir", str(held_out)]
-        argv += ["--shots", str(fit_shots), "--seed", str(seed), "--ratio", str(ratio)]
-        scores[ratio] = run_trainer(trainer, argv, workdir / f"ratio-{ratio}", args.rerun)["eval_accuracy"]
-    best = max(args.search_ratios, key=lambda ratio: (scores[ratio], -args.search_ratios.index(ratio)))
-    return {
-        "ratio": best,
-        "strategy": f"search on {fit_shots} + {shots - fit_shots} shots",
-        "held_out_accuracy": {str(ratio): score for ratio, score in scores.items()},  # JSON keys are strings
-    }
+def ratio_choice(results: dict[str, Any]) -> dict[str, Any]:
+    """How a cell's ratio was chosen, from the trainer's results: the ratio, the strategy and the scores.
+
+    Example:
+        >>> ratio_choice({"ratio": 0.2, "hyperparameter_search": None})
+        {'ratio': 0.2, 'strategy': 'fixed'}
+    """
+    search = results.get("hyperparameter_search")
+    choice = {"ratio": results["ratio"], "strategy": search["strategy"] if search else "fixed"}
+    if search and search["candidates"]:
+        # JSON keys are strings.
+        choice["held_out_accuracy"] = {str(c["ratio"]): c["validation_accuracy"] for c in search["candidates"]}
+    return choice
 
 
 def run_cells(args: argparse.Namespace, trainer_args: list[str]) -> list[dict[str, Any]]:
@@ -259,9 +236,8 @@ def run_cells(args: argparse.Namespace, trainer_args: list[str]) -> list[dict[st
         for shots in args.shots:
             for seed in args.seeds:
                 workdir = runs / entry.key / f"{shots}-shot" / f"seed-{seed}"
-                choice = choose_ratio(trainer, base_argv, entry, folder, shots, seed, args, workdir / "search")
                 argv = [*base_argv, "--train_dir", str(folder / "train"), "--validation_dir", str(folder / "test")]
-                argv += ["--shots", str(shots), "--seed", str(seed), "--ratio", str(choice["ratio"])]
+                argv += ["--shots", str(shots), "--seed", str(seed), *hparams_argv(args)]
                 results = run_trainer(trainer, argv, workdir / "final", args.rerun)
                 cells.append(
                     {
@@ -270,7 +246,7 @@ def run_cells(args: argparse.Namespace, trainer_args: list[str]) -> list[dict[st
                         "seed": seed,
                         "accuracy": 100.0 * results["eval_accuracy"],
                         "zero_shot_accuracy": 100.0 * results["zero_shot_accuracy"],
-                        **choice,
+                        **ratio_choice(results),
                     }
                 )
     return cells

@@ -25,6 +25,7 @@ from peft_clip_adapter.layer import CLIPAdapterLayer
 from peft_clip_adapter.model import CLIPAdapterModel, adapter_layers, projection_modules
 from peft_clip_adapter.peft_model import CLIPAdapterPeftModel
 from peft_clip_adapter.registration import PEFT_TYPE, CLIPAdapterPeftType, register
+from peft_clip_adapter.search import search_hyperparameters, set_ratio
 
 register()
 
@@ -51,4 +52,6 @@ __all__ = [
     "projection_modules",
     "register",
     "sample_few_shot",
+    "search_hyperparameters",
+    "set_ratio",
 ]

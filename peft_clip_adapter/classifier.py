@@ -360,3 +360,69 @@ def _model_logit_scale(model: nn.Module) -> Optional[torch.Tensor]:
     if isinstance(temperature, torch.Tensor):
         return -torch.log(temperature.detach())
     return None
+
+
+#: Prototypes closer than this cosine similarity are reported as nearly identical.
+NEAR_DUPLICATE_COSINE = 0.99
+# Float noise of encoding identical prompts in different batches stays far below this.
+_IDENTICAL_COSINE = 1.0 - 1e-6
+
+
+def check_class_prototypes(
+    class_embeddings: torch.Tensor,
+    classnames: Sequence[str],
+    *,
+    near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE,
+) -> list[tuple[str, str, float]]:
+    """Refuse classes whose prompts encode to the same prototype; return the pairs that nearly do.
+
+    Two classes with one prototype get the same logit for every image, so neither zero-shot nor a
+    trained adapter can tell them apart, and training sits at a constant loss. It happens when the
+    tokenizer maps the distinguishing words to the same tokens (e.g. words it does not know).
+
+    Args:
+        class_embeddings: ``[C, T, D]`` from ``encode_class_prompts``.
+        classnames: The ``C`` class names, in the same order.
+        near_duplicate_cosine: Pairs whose prototypes' cosine similarity exceeds this are returned.
+
+    Returns:
+        ``(name, name, cosine)`` for every pair above ``near_duplicate_cosine`` (most similar first);
+        empty when all classes are well apart. Callers decide whether to warn.
+
+    Raises:
+        ValueError: naming every pair of classes whose prototypes are identical, or for a
+            ``classnames`` whose length is not ``C``.
+
+    Example:
+        >>> prompts = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.0, 2.0]]])  # [C=3, T=1, D=2]
+        >>> check_class_prototypes(prompts[:2], ["cat", "dog"])
+        []
+        >>> check_class_prototypes(prompts, ["cat", "dog", "puppy"])
+        Traceback (most recent call last):
+        ...
+        ValueError: Classes 'dog' and 'puppy' have identical prompt embeddings, ...
+    """
+    classnames = list(classnames)
+    if class_embeddings.dim() != 3 or class_embeddings.shape[0] != len(classnames):
+        raise ValueError(
+            f"class_embeddings must be [C, T, D] with C = {len(classnames)} class names, got shape "
+            f"{tuple(class_embeddings.shape)}."
+        )
+    prototypes = F.normalize(F.normalize(class_embeddings.float(), dim=-1).mean(dim=1), dim=-1)  # [C, D]
+    similarity = prototypes @ prototypes.T  # [C, C]
+    first, second = torch.triu_indices(len(classnames), len(classnames), offset=1)
+    pairs = sorted(
+        (
+            (classnames[i], classnames[j], similarity[i, j].item())
+            for i, j in zip(first.tolist(), second.tolist(), strict=True)
+        ),
+        key=lambda pair: -pair[2],
+    )
+    identical = [f"{a!r} and {b!r}" for a, b, cosine in pairs if cosine >= _IDENTICAL_COSINE]
+    if identical:
+        raise ValueError(
+            f"Classes {'; '.join(identical)} have identical prompt embeddings, so no classifier can tell them "
+            "apart. The tokenizer likely does not know the words that differ (check the class names' spelling "
+            "and language), or the templates hide them; rename the classes or change --templates."
+        )
+    return [pair for pair in pairs if pair[2] > near_duplicate_cosine]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import enum
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from peft import PeftConfig
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 
 class CLIPAdapterPeftType(str, enum.Enum):
@@ -178,6 +178,12 @@ class CLIPAdapterConfig(PeftConfig):
     ) -> CLIPAdapterConfig:
         """Load a config saved by ``save_pretrained`` (a local folder or a Hub id), checking it first.
 
+        A local folder is checked as a whole before the config is built: its files against the record of
+        the save that wrote them (``adapter_manifest.json``), the config (see ``from_json_file``) and, when
+        present, ``adapter_model.safetensors``: complete, not a pickle, only adapter weights, floating point,
+        finite, and of the config's ``reduction``. ``PeftModel.from_pretrained`` calls this, so those
+        checks run before the base model is touched.
+
         Args:
             pretrained_model_name_or_path: A folder holding ``adapter_config.json``, or a Hub repository id.
             subfolder: Sub-folder of that folder or repository.
@@ -187,9 +193,9 @@ class CLIPAdapterConfig(PeftConfig):
             The ``CLIPAdapterConfig``.
 
         Raises:
-            ValueError: if ``adapter_config.json`` is not valid JSON, is not a CLIP-Adapter config, or
-                holds values of the wrong type; or if a local ``adapter_model.safetensors`` beside it is
-                truncated or corrupted.
+            ValueError: naming the file and the fix, if the folder mixes two saves, has no
+                ``adapter_config.json``, the config is not valid (see ``from_json_file``), or the weights
+                are damaged, a pickle, or do not fit the config.
 
         Example:
             >>> import tempfile, peft_clip_adapter
@@ -198,27 +204,50 @@ class CLIPAdapterConfig(PeftConfig):
             >>> peft_clip_adapter.CLIPAdapterConfig.from_pretrained(folder).ratio
             0.6
         """
-        from peft_clip_adapter.checkpoint import verify_adapter_weights
+        from peft_clip_adapter.checkpoint import check_adapter_folder, manifest_mismatch, verify_manifest
 
-        path = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        if os.path.isdir(path):
-            verify_adapter_weights(path)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        path = (
+            os.path.join(os.fspath(pretrained_model_name_or_path), subfolder)
+            if subfolder
+            else os.fspath(pretrained_model_name_or_path)
+        )
+        if not os.path.isdir(path):
+            return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        try:
+            if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+                raise ValueError(
+                    f"{path} has no {CONFIG_NAME}; it holds {sorted(os.listdir(path))[:8]}. Pass the folder that "
+                    "save_pretrained wrote (it holds adapter_config.json and adapter_model.safetensors)."
+                )
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+            shapes = check_adapter_folder(path, reduction=config.reduction)
+        except ValueError as error:
+            # A folder that mixes two saves explains whatever failed: say that first.
+            mismatch = manifest_mismatch(path)
+            if mismatch:
+                raise ValueError(f"{mismatch} Reading it failed with: {error}") from error
+            raise
+        verify_manifest(path)
+        # Kept for the tuner, which compares the weights' widths with the model's before injecting anything.
+        config._saved_weight_shapes = shapes
+        config._saved_weights_source = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
+        return config
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
-        """Read ``adapter_config.json``, refusing files that are not JSON or not a CLIP-Adapter config.
+        """Read ``adapter_config.json``, refusing anything that would not load as the adapter that was saved.
 
         Args:
             path_json_file: Path of the JSON file.
-            **kwargs: Passed to ``peft.PeftConfig.from_json_file``.
+            **kwargs: Accepted for ``peft.PeftConfig.from_json_file``'s signature; unused.
 
         Returns:
             The file's fields as a dict (``from_pretrained`` builds the config from it).
 
         Raises:
-            ValueError: if the file is not valid JSON, not a JSON object, or its ``peft_type`` is not
-                ``"CLIP_ADAPTER"``.
+            ValueError: if the file is not valid JSON or not a JSON object, its ``peft_type`` is not
+                ``"CLIP_ADAPTER"`` (with a did-you-mean), it misses ``ratio``, ``reduction`` or its targets
+                (which would silently load defaults), or has a field this version does not know.
 
         Example:
             >>> import json, tempfile
@@ -229,16 +258,12 @@ class CLIPAdapterConfig(PeftConfig):
             ...
             ValueError: ... has peft_type='LORA'; a CLIP-Adapter config has peft_type='CLIP_ADAPTER'. ...
         """
-        try:
-            loaded = super().from_json_file(path_json_file, **kwargs)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path_json_file} is not valid JSON ({error}).") from error
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path_json_file} must hold a JSON object, got {type(loaded).__name__}.")
-        peft_type = loaded.get("peft_type")
-        if peft_type != PEFT_TYPE.value:
+        from peft_clip_adapter.checkpoint import read_adapter_config
+
+        loaded = read_adapter_config(path_json_file)
+        if loaded["peft_type"] != PEFT_TYPE.value:
             raise ValueError(
-                f"{path_json_file} has peft_type={peft_type!r}; a CLIP-Adapter config has "
+                f"{path_json_file} has peft_type={loaded['peft_type']!r}; a CLIP-Adapter config has "
                 f"peft_type={PEFT_TYPE.value!r}. Load other methods with peft.PeftConfig.from_pretrained."
             )
         return loaded

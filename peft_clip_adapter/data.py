@@ -166,6 +166,14 @@ def _load_image_folder(folder: str | os.PathLike, argument: str, label_column: s
             f"{argument}={os.fspath(folder)!r} holds no image files; expected "
             "<folder>/<class name>/<image>.png|jpg|..."
         )
+    empty = _empty_class_folders(folder, extensions)
+    if empty:
+        # The imagefolder builder takes classes from the images' folders, so these would silently vanish.
+        raise ValueError(
+            f"{argument}={os.fspath(folder)!r} has class folders without images: {empty[:10]}"
+            f"{' ...' if len(empty) > 10 else ''}. Every class needs images (.png, .jpg, ...); add some or remove "
+            "the folder."
+        )
     # data_files (not data_dir) so that sub-folders named "train" or "val" are not taken for splits.
     with _no_download_bar():
         dataset = datasets.load_dataset("imagefolder", data_files={"train": os.path.join(folder, "**")}, split="train")
@@ -176,6 +184,18 @@ def _load_image_folder(folder: str | os.PathLike, argument: str, label_column: s
             "<folder>/<class name>/<image>, and classification needs at least 2 class sub-folders."
         )
     return dataset
+
+
+def _empty_class_folders(folder: str | os.PathLike, extensions: set[str]) -> list[str]:
+    """The class sub-folders of ``folder`` (hidden ones aside) that hold no image file at any depth."""
+    empty = []
+    for entry in sorted(os.scandir(folder), key=lambda entry: entry.name):
+        if not entry.is_dir() or entry.name.startswith("."):
+            continue
+        files = (name for _, _, names in os.walk(entry.path) for name in names)
+        if not any(os.path.splitext(name)[1].lower() in extensions for name in files):
+            empty.append(entry.name)
+    return empty
 
 
 def _relabel_like(dataset: datasets.Dataset, reference: datasets.Dataset, label_column: str) -> datasets.Dataset:

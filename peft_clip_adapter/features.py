@@ -44,8 +44,9 @@ from peft_clip_adapter.registration import PREFIX
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the file layout or the key recipe changes, so old cache files are never misread.
-#: 2: views resampled from boxes of the whole image, JPEG draft decoding, precision and view device in the key.
-CACHE_FORMAT_VERSION = 2
+#: 2: the image-content digest in the dataset fingerprint. 3: views resampled from boxes of the whole image,
+#: JPEG draft decoding, the view device, autocast and stored dtype in the key.
+CACHE_FORMAT_VERSION = 3
 
 # Config entries that name where a model came from rather than what it computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "_commit_hash", "transformers_version")
@@ -364,11 +365,14 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def dataset_fingerprint(dataset: datasets.Dataset, image_column: str = "image", label_column: str = "label") -> str:
-    """A hash of the exact rows of ``dataset``: its ``datasets`` fingerprint, labels and image sources.
+    """A hash of the exact rows of ``dataset``: its ``datasets`` fingerprint, its labels and its images' content.
 
-    The ``datasets`` fingerprint changes with the source files and every ``select`` / ``map`` /
-    ``shuffle``; the labels and the image file paths (or bytes, for embedded images) are hashed too, so
-    two samples of one split never share a key.
+    The ``datasets`` fingerprint changes with every ``select`` / ``map`` / ``shuffle``; the labels and the
+    bytes of every image are hashed too (the file's content for images stored as paths), so two samples of
+    one split never share a key, and an image replaced on disk under the same path, even with the same
+    modification time, gives a new key. Hashing reads every image once: SHA-256 runs at about 1 GB/s on
+    one core of a current CPU (``python benchmarks/cache_key.py`` measures it against an extraction on
+    your machine), a small fraction of decoding the same images.
 
     Args:
         dataset: A ``datasets.Dataset``.
@@ -382,20 +386,38 @@ def dataset_fingerprint(dataset: datasets.Dataset, image_column: str = "image", 
         ValueError: if a label is not a non-negative integer (as ``dataset_labels``).
 
     Example:
-        >>> data = datasets.Dataset.from_dict({"image": ["a.png", "b.png"], "label": [0, 1]})
+        >>> data = datasets.Dataset.from_dict({"image": [b"a", b"b"], "label": [0, 1]})
         >>> dataset_fingerprint(data) == dataset_fingerprint(data.select([1, 0]))
         False
     """
     digest = hashlib.sha256()
     digest.update(f"{dataset._fingerprint}|{len(dataset)}|".encode())
     digest.update(_tensor_bytes(dataset_labels(dataset, label_column)))
-    # Undecoded values are {"path", "bytes"}: the bytes are read only for images with no file path.
+    # Undecoded values are {"path", "bytes"}: embedded bytes are the image; otherwise its file is read.
     for value in _undecoded(dataset, image_column)[image_column]:
         if isinstance(value, dict):
-            value = value.get("path") or value.get("bytes") or b""
-        digest.update(value if isinstance(value, bytes) else repr(value).encode())
+            value = value.get("bytes") or value.get("path") or b""
+        if isinstance(value, (bytes, bytearray)):
+            digest.update(b"bytes:%d:" % len(value))
+            digest.update(value)
+        elif isinstance(value, (str, os.PathLike)):
+            _update_with_file(digest, value)
+        else:
+            digest.update(repr(value).encode())
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def _update_with_file(digest: Any, path: str | os.PathLike) -> None:
+    """Hash the content of the image file ``path``; a file that cannot be read is hashed by its path (its
+    extraction then fails and names it)."""
+    try:
+        with open(path, "rb") as handle:
+            digest.update(b"file:")
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        digest.update(f"unreadable:{os.fspath(path)}".encode())
 
 
 def _digest(feature_set: FeatureSet) -> str:

@@ -152,6 +152,7 @@ class FewShotClassifier:
         from transformers import AutoModel, AutoProcessor
 
         from peft_clip_adapter.card import is_hub_id
+        from peft_clip_adapter.checkpoint import from_pretrained_safetensors
         from peft_clip_adapter.config import CLIPAdapterConfig
 
         source = os.fspath(path_or_hub_id)
@@ -171,7 +172,7 @@ class FewShotClassifier:
             model, model_source = base_model, getattr(base_model, "name_or_path", None)
         else:
             model_source = os.fspath(base_model)
-            model = AutoModel.from_pretrained(model_source, **kwargs)
+            model = from_pretrained_safetensors(AutoModel, model_source, **kwargs)  # a pickle is never unpickled
         if processor is None:
             if not model_source:
                 raise ValueError(

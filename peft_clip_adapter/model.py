@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+from typing import Any, Optional
 
 import torch
 from peft import PeftModel
@@ -11,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
+from peft_clip_adapter.checkpoint import check_adapter_name, check_adapter_tensors, current_source
 from peft_clip_adapter.config import CLIPAdapterConfig
 from peft_clip_adapter.families import (
     BRANCHES,
@@ -136,6 +138,12 @@ class CLIPAdapterModel(BaseTuner):
         super().__init__(model, peft_config, adapter_name, **kwargs)
         _watch_for_the_owning_peft_model()
 
+    def _pre_injection_hook(self, model: nn.Module, config: CLIPAdapterConfig, adapter_name: str) -> None:
+        # Runs once, when get_peft_model or PeftModel.from_pretrained builds the tuner (add_adapter and
+        # load_adapter check their names in CLIPAdapterPeftModel).
+        check_adapter_name(adapter_name)
+        _refuse_wrapped_model(model)
+
     def _prepare_adapter_config(self, peft_config: CLIPAdapterConfig, model_config: dict) -> CLIPAdapterConfig:
         # Runs before anything is injected, for every adapter (get_peft_model, add_adapter, load_adapter).
         # The stored config keeps `adapt`; the copy used for injection names this model's exact modules,
@@ -143,6 +151,8 @@ class CLIPAdapterModel(BaseTuner):
         if not isinstance(peft_config, CLIPAdapterConfig):
             raise ValueError(f"Expected a CLIPAdapterConfig, got {type(peft_config).__name__}.")
         towers = self._towers_to_adapt(peft_config)
+        # Weights CLIPAdapterConfig.from_pretrained checked: refuse another branch or width before injecting.
+        _check_saved_weights_fit(self.model, towers, peft_config)
         prepared = copy.copy(peft_config)
         prepared.target_modules = "|".join(re.escape(name) for name in towers)  # matched in full by peft
         return prepared
@@ -230,9 +240,12 @@ class CLIPAdapterModel(BaseTuner):
         adapter_name: str,
         state_dict: dict[str, torch.Tensor],
     ) -> dict[str, torch.Tensor]:
+        # Every load path of peft ends here before the weights reach the model (PeftModel.from_pretrained,
+        # load_adapter, AutoPeftModel, set_peft_model_state_dict): refuse anything but this adapter's weights.
+        check_adapter_tensors(state_dict, reduction=config.reduction)
         state_dict = _onto_this_models_towers(model, config, state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        _check_loaded_shapes(model, adapter_name, remapped)
+        _check_loaded_keys(model, adapter_name, remapped)
         return remapped
 
 
@@ -298,28 +311,106 @@ def _onto_this_models_towers(
     return renamed
 
 
-def _check_loaded_shapes(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
-    """Refuse a checkpoint whose adapter does not fit the model, naming both embedding widths."""
-    expected = {
-        key: value.shape
-        for key, value in model.state_dict().items()
-        if PREFIX in key and key.endswith(f".{adapter_name}.weight")
+def _refuse_wrapped_model(model: nn.Module) -> None:
+    """Wrapping again would re-initialise the adapters already there (peft only warns), so refuse it."""
+    if isinstance(model, PeftModel):
+        raise ValueError(
+            f"The model is already a PeftModel (adapters {sorted(model.peft_config)}); wrapping it again would nest "
+            "two PeftModels. Add another adapter with model.add_adapter(name, config) or model.load_adapter(path, "
+            "name), or call model.unload() to get the plain base model back first."
+        )
+    wrapped = {
+        name for module in model.modules() if isinstance(module, CLIPAdapterLayer) for name in module.clip_adapter_down
     }
+    if wrapped:
+        raise ValueError(
+            f"{type(model).__name__} already holds CLIP-Adapter layers (adapters {sorted(wrapped)}): it was wrapped "
+            "by get_peft_model or PeftModel.from_pretrained before (a load that failed leaves them too), and wrapping "
+            "it again would re-initialise their weights. Use that PeftModel (add_adapter / load_adapter / "
+            "set_adapter), call its unload() first, or start from a freshly loaded base model."
+        )
+
+
+def _adapter_keys(model: nn.Module, adapter_name: str) -> dict[str, torch.Size]:
+    """``{state-dict key: shape}`` of the adapter ``adapter_name``'s weights in ``model``."""
+    names = set(CLIPAdapterLayer.adapter_layer_names)
+    found = {}
+    for key, value in model.state_dict().items():
+        parts = key.split(".")
+        # ``<module>.<adapter layer>.<adapter name>.weight``: matched by position, not by substring, so that an
+        # adapter named like a part of the prefix ("clip", "adapter") selects only its own weights.
+        if len(parts) >= 3 and parts[-3] in names and parts[-2] == adapter_name:
+            found[key] = value.shape
+    return found
+
+
+def _check_saved_weights_fit(model: nn.Module, towers: dict[str, Tower], config: CLIPAdapterConfig) -> None:
+    """Compare the weights ``CLIPAdapterConfig.from_pretrained`` checked (kept on the config) with the towers
+    this config adapts in ``model``, before anything is injected.
+
+    Only a checkpoint saved from this model's own module names is compared here; one saved from another class
+    of the family (``vision_model.head`` loaded into ``SiglipVisionModel``'s ``head``) is renamed and checked
+    as its weights are loaded.
+    """
+    saved: dict[str, tuple[int, ...]] = getattr(config, "_saved_weight_shapes", None) or {}
+    source = getattr(config, "_saved_weights_source", None)
+    down_name = CLIPAdapterLayer.adapter_layer_names[0]
+    modules = {key.removeprefix("base_model.model.").rpartition(f".{down_name}.")[0]: key for key in saved}
+    modules.pop("", None)  # an up weight: paired with its down weight by check_adapter_tensors
+    every_tower = find_towers(model)
+    if not modules or not set(modules) <= set(every_tower):
+        return
+    if set(modules) != set(towers):
+        raise ValueError(
+            f"{source} does not fit its config in this model: the config adapts {sorted(towers)}, but the file "
+            f"holds adapter weights for {sorted(modules)}. The config and the weights come from different saves: "
+            "save the adapter again."
+        )
+    for module, key in modules.items():
+        width = every_tower[module].width
+        hidden = width // config.reduction
+        _check_shapes({key: (hidden, width)}, {key: saved[key]}, source)
+
+
+def _check_loaded_keys(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint that does not hold exactly this adapter's weights, with the shapes the model needs."""
+    expected = _adapter_keys(model, adapter_name)
+    # Weights of towers this model lacks are ignored, as peft does (a single tower loads its own adapter from
+    # one trained on the full model); a key of the model's own weights would overwrite them.
+    overwriting = sorted(key for key in state_dict if key not in expected and key in model.state_dict())
+    if overwriting:
+        raise ValueError(
+            f"{current_source()} holds {overwriting[0]!r}, which is the base model's own weight; loading it would "
+            "change the model beyond the adapter, so nothing was loaded. Save the adapter with save_pretrained, "
+            "which writes only its weights."
+        )
     missing = sorted(key for key in expected if key not in state_dict)
     if missing:
         raise ValueError(
             f"The checkpoint has no weights for {missing}: it was saved for other towers or modules "
             "(check `adapt` in its adapter_config.json)."
         )
+    _check_shapes({key: tuple(shape) for key, shape in expected.items()}, state_dict, source=None)
+
+
+def _check_shapes(expected: dict[str, tuple[int, ...]], loaded: dict[str, Any], source: Optional[str]) -> None:
+    """Name an embedding-width mismatch as such, and a bottleneck-width mismatch as a ``reduction`` mismatch."""
+    down_name = CLIPAdapterLayer.adapter_layer_names[0]
     for key, shape in expected.items():
-        loaded = state_dict[key].shape
-        if loaded == shape:
+        actual = tuple(getattr(loaded[key], "shape", loaded[key]))
+        if actual == shape:
             continue
-        width = shape[1] if ".clip_adapter_down." in key else shape[0]
-        loaded_width = loaded[1] if ".clip_adapter_down." in key and len(loaded) == 2 else loaded[0]
+        is_down = f".{down_name}." in key
+        width, loaded_width = (shape[1], actual[1]) if is_down else (shape[0], actual[0])
+        if len(actual) == 2 and loaded_width == width:
+            hidden, loaded_hidden = (shape[0], actual[0]) if is_down else (shape[1], actual[1])
+            raise ValueError(
+                f"{source or current_source()} does not fit this adapter at '{key}': its bottleneck has width "
+                f"{loaded_hidden}, but this adapter's reduction gives {hidden} (d={width}). The adapter was trained "
+                "with another `reduction`: load it with its own adapter_config.json (or that reduction)."
+            )
         raise ValueError(
-            f"The adapter checkpoint does not fit this model at '{key}': it was trained for an embedding "
-            f"width d={loaded_width} (tensor shape {tuple(loaded)}), but this model's embedding width is "
-            f"d={width} (expected shape {tuple(shape)}). Load it into the model variant it was trained on, "
-            "and with the same `reduction`."
+            f"{source or current_source()} does not fit this model at '{key}': it was trained for an embedding "
+            f"width d={loaded_width} (tensor shape {actual}), but this model's embedding width is d={width} "
+            f"(expected shape {shape}). Load it into the model variant it was trained on."
         )

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny CLIP checkpoint and a small image folder, both built locally.
+"""Shared fixtures: a tiny CLIP checkpoint, a small image folder and the pretrained micro-CLIP, built locally.
 
 ``HF_HUB_OFFLINE=1`` is set before anything imports ``huggingface_hub``, so an accidental download
 fails at once instead of hanging.
@@ -7,6 +7,7 @@ fails at once instead of hanging.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -46,6 +47,52 @@ def shapes_dir(tmp_path_factory) -> str:
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), images_per_class=12)
 
 
+@pytest.fixture(scope="session")
+def offline_cache_dir(tmp_path_factory):
+    """A --cache_dir holding the trainer's offline default: the pretrained micro-CLIP (about a minute, once
+    per session) and the generated task's images, built by the trainer's own builder."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "fewshot_builder", Path(__file__).parents[1] / "examples" / "fewshot.py"
+    )
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    cache_dir = tmp_path_factory.mktemp("offline-cache")
+    trainer.build_offline_default(str(cache_dir), "dusk-pairs")
+    return cache_dir
+
+
+@pytest.fixture(scope="session")
+def micro_clip_path(offline_cache_dir) -> str:
+    """The pretrained micro-CLIP of the offline default (see ``offline_cache_dir``)."""
+    return str(next((offline_cache_dir / "offline-default").glob("micro-clip-*")))
+
+
 @pytest.fixture
 def pixel_values() -> torch.Tensor:
     return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls ``Path.touch(marker)``: any code could run in its place."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = Path(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def hostile_pickle(tmp_path):
+    """``write(path)`` saves a torch pickle whose unpickling creates a marker file, and returns that marker's
+    path: a loader that never unpickles it leaves the marker absent."""
+
+    def write(path: Path, key: str = "weights") -> Path:
+        marker = tmp_path / f"code-ran-{Path(path).name}"
+        torch.save({key: _RunsCodeWhenUnpickled(marker)}, path)
+        return marker
+
+    return write

@@ -38,14 +38,27 @@ def fewshot() -> ModuleType:
     return load_module(EXAMPLE, "fewshot_example")
 
 
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide singletons, so that the next in-process run builds its own."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Each in-process run builds its own Accelerator; Accelerate keeps process-wide singletons."""
-    from accelerate.state import AcceleratorState, GradientState
-
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
+
+
+def run_trainer(module: ModuleType, argv: list[str]) -> dict:
+    """``module.main(argv)`` with a clean Accelerate state afterwards (for runs inside one fixture)."""
+    try:
+        return module.main(argv)
+    finally:
+        reset_accelerate_state()
 
 
 def trainer_args(model: str, train_dir: str, run_dir: Path, **flags: object) -> list[str]:

@@ -6,6 +6,7 @@ reports, the ratios recomputed from the reported times, the memory probe's accou
 
 from __future__ import annotations
 
+import argparse
 import doctest
 import json
 import sys
@@ -342,18 +343,20 @@ def test_table_puts_our_mean_and_std_beside_the_paper():
     assert f"| mean | 50.00 ± 0.00 (39.86) | 71.00 ± 1.41 ({paper_mean}) |" in markdown
 
 
-def test_carved_validation_splits_exactly_the_trainers_shots(shapes_dir, tmp_path):
-    from peft_clip_adapter.data import load_image_classification_data, sample_few_shot
-
-    fit, held_out, fit_shots = reproduce.carve_validation(Path(shapes_dir), Path(shapes_dir), 4, 3, tmp_path / "s")
-    assert fit_shots == 3
-    fit_files = {path.relative_to(fit) for path in fit.rglob("*.png")}
-    held_files = {path.relative_to(held_out) for path in held_out.rglob("*.png")}
-    assert len(fit_files) == 4 * 3 and len(held_files) == 4 * 1 and not fit_files & held_files
-    train = load_image_classification_data(train_dir=shapes_dir, validation_dir=shapes_dir, seed=3)["train"]
-    sample = sample_few_shot(train, 4, seed=3).cast_column("image", __import__("datasets").Image(decode=False))
-    expected = {Path(image["path"]).relative_to(shapes_dir) for image in sample["image"]}
-    assert fit_files | held_files == expected
+def test_search_cells_run_the_trainers_own_search():
+    """--hparams search is the trainer's --ratio auto, not a second implementation."""
+    args = argparse.Namespace(hparams="search", ratio=0.2, search_ratios=[0.2, 0.6])
+    assert reproduce.hparams_argv(args) == ["--ratio", "auto", "--ratio_grid", "0.2", "0.6"]
+    assert reproduce.hparams_argv(argparse.Namespace(hparams="fixed", ratio=0.4)) == ["--ratio", "0.4"]
+    search = {
+        "strategy": "2-fold cross-validation on 2 shots per class",
+        "candidates": [{"ratio": 0.2, "validation_accuracy": 0.5}, {"ratio": 0.6, "validation_accuracy": 0.75}],
+    }
+    assert reproduce.ratio_choice({"ratio": 0.6, "hyperparameter_search": search}) == {
+        "ratio": 0.6,
+        "strategy": "2-fold cross-validation on 2 shots per class",
+        "held_out_accuracy": {"0.2": 0.5, "0.6": 0.75},
+    }
 
 
 def test_prepare_from_coop_split_links_train_val_and_test(tmp_path):
@@ -403,8 +406,11 @@ def test_reproduce_smoke_runs_end_to_end_and_resumes(tmp_path):
     report = reproduce.main(argv)
     cells = report["cells"]
     assert [(cell["shots"], cell["seed"]) for cell in cells] == [(1, 0), (2, 0)]
-    assert cells[0]["strategy"] == "fixed (1 shot: nothing to hold out)" and cells[0]["ratio"] == 0.2
-    assert cells[1]["strategy"] == "search on 1 + 1 shots" and set(cells[1]["held_out_accuracy"]) == {"0.2", "0.6"}
+    assert "1 shot, nothing to hold out; fell back to the paper's values" in cells[0]["strategy"]
+    assert cells[0]["ratio"] == 0.2 and "held_out_accuracy" not in cells[0]
+    assert cells[1]["strategy"] == "2-fold cross-validation on 2 shots per class"
+    assert set(cells[1]["held_out_accuracy"]) == {"0.2", "0.6"}
+    assert cells[1]["ratio"] in (0.2, 0.6)
     assert all(0.0 <= cell["accuracy"] <= 100.0 for cell in cells)
     final = tmp_path / "runs" / "shapes" / "2-shot" / "seed-0" / "final" / "all_results.json"
     results = json.loads(final.read_text())
@@ -453,3 +459,46 @@ def test_hub_export_refuses_a_dataset_without_the_test_split(tmp_path):
 def test_reproduce_rejects_a_malformed_dataset_hub():
     with pytest.raises(ValueError, match=r"--dataset_hub must be KEY=ID\[:CONFIG\]"):
         reproduce.parse_args(["--model_name_or_path", "m", "--datasets", "dtd", "--dataset_hub", "dtd"])
+
+
+@pytest.mark.slow
+def test_cache_key_benchmark_reports_the_digest_against_an_extraction(tmp_path):
+    import cache_key
+
+    data = cache_key.main(["--images", "8", "--arch", "tiny", "--repeats", "1", "--output_dir", str(tmp_path)])
+    [row] = data["rows"]
+    assert row["digest_mb_per_s"] == round(data["image_bytes"] / 1e6 / row["digest_s"], 1)
+    assert row["digest_share_of_first_run"] == benchlib.ratio(row["digest_s"], row["digest_s"] + row["extraction_s"])
+    assert json.loads((tmp_path / "cache_key_cpu.json").read_text())["command"].startswith(
+        "python benchmarks/cache_key.py --images 8"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# search_cost.py
+
+import search_cost  # noqa: E402
+
+
+@pytest.mark.slow
+def test_search_cost_tiny_run_reports_ratios_of_its_own_timings(tmp_path, capsys):
+    report = search_cost.main(["--tiny", "--output_dir", str(tmp_path), "--work_dir", str(tmp_path / "work")])
+    summary = report["workloads"]["vit-b-width"]["summary"]
+    assert summary["shape"] == {"classes": 9, "train_images": 144, "views": 10, "epochs": 5}
+    fixed = summary["fixed_train_s"]
+    assert fixed == sorted(turn["train_s"] for turn in report["workloads"]["vit-b-width"]["times"]["fixed"])[0]
+    for name, adapters in (("ratio_auto", 16), ("ratio_and_lr_auto", 48)):  # 4 ratios (x 3 lrs) x 4 folds
+        assert summary[name]["adapters"] == adapters
+        assert summary[name]["search_over_fixed"] == round(summary[name]["search_s"] / fixed, 4)
+        assert summary[name]["total_over_fixed"] > summary[name]["search_over_fixed"]
+    written = json.loads((tmp_path / "search_cost_cpu_tiny.json").read_text())
+    assert written["command"].startswith("python benchmarks/search_cost.py --tiny")
+    markdown = (tmp_path / "search_cost_cpu_tiny.md").read_text()
+    assert "| vit-b-width | 512 | 9 x 16, 10 |" in markdown and markdown in capsys.readouterr().out
+
+
+def test_search_cost_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"--workloads must name micro-clip and/or vit-b-width, got \['bogus'\]"):
+        search_cost.parse_args(["--workloads", "bogus"])
+    with pytest.raises(ValueError, match=r"--repeats and --num_train_epochs must be >= 1, got 0, 200"):
+        search_cost.parse_args(["--repeats", "0"])

@@ -207,3 +207,27 @@ def test_classifier_rejects_bad_shapes(tiny_clip, tiny_clip_path):
     with pytest.raises(ValueError, match="has no `logit_scale`; pass logit_scale="):
         CLIPAdapterClassifier.from_model(vision, torch.randn(4, 1, 32))
     assert CLIPAdapterClassifier.from_model(vision, torch.randn(4, 1, 32), logit_scale=0.0).num_classes == 4
+
+
+def test_check_class_prototypes_refuses_identical_and_lists_near_duplicates():
+    from peft_clip_adapter.classifier import check_class_prototypes
+
+    base = torch.tensor([1.0, 0.0, 0.0])
+    near = torch.tensor([1.0, 0.05, 0.0])  # cosine 0.9988 with base
+    far = torch.tensor([0.0, 1.0, 0.0])
+    prompts = torch.stack([base, near, far])[:, None, :]  # [C=3, T=1, D=3]
+    assert check_class_prototypes(prompts, ["cat", "kitten", "car"]) == [
+        ("cat", "kitten", pytest.approx(0.99875, abs=1e-5))
+    ]
+    assert check_class_prototypes(prompts, ["cat", "kitten", "car"], near_duplicate_cosine=0.9999) == []
+    # Templates are averaged first: two classes that differ in one template only are still told apart.
+    two_templates = torch.stack([torch.stack([base, far]), torch.stack([base, base]), torch.stack([far, far])])
+    assert check_class_prototypes(two_templates, ["a", "b", "c"], near_duplicate_cosine=0.999) == []
+    with pytest.raises(
+        ValueError, match=r"Classes 'cat' and 'cat2'; 'dog' and 'dog2' have identical prompt embeddings"
+    ):
+        check_class_prototypes(torch.stack([base, 2 * base, far, far])[:, None, :], ["cat", "cat2", "dog", "dog2"])
+    with pytest.raises(
+        ValueError, match=r"class_embeddings must be \[C, T, D\] with C = 2 class names, got shape \(3, 1, 3\)"
+    ):
+        check_class_prototypes(prompts, ["cat", "dog"])

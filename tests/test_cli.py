@@ -58,7 +58,7 @@ def test_help_answers_before_the_heavy_imports_and_shows_every_default():
     finished = run_script("--help")
     assert finished.stdout.rstrip().endswith("IMPORTED [] CODE 0"), finished.stderr[-2000:]
     text = finished.stdout
-    for shown in ("(default: 200)", "(default: vision)", "Default: 16 (the paper's); 32 for the offline default."):
+    for shown in ("(default: 200)", "(default: vision)", "Default: 0.08 (the paper's); 1.0 for the offline default."):
         assert shown in " ".join(text.split())
     assert "how to launch:" in text and "accelerate launch --multi_gpu --num_processes 2" in text
     assert "eurosat" in text and "oxford_pets" in text  # the template sets, read without importing the package

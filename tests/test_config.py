@@ -42,10 +42,10 @@ def test_explicit_target_modules_are_sorted_and_deduplicated(targets):
     ],
 )
 def test_configs_saved_by_version_0_1_with_both_fields_mean_adapt(tmp_path, adapt, targets):
-    # Version 0.1.0 wrote CLIP's projection names beside `adapt`; such files must keep loading.
-    (tmp_path / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "CLIP_ADAPTER", "adapt": adapt, "target_modules": targets, "ratio": 0.3})
-    )
+    # Version 0.1.0 wrote CLIP's projection names beside `adapt`; such files must keep loading. (It wrote every
+    # field: one without `reduction` is refused, see tests/test_strict_loading.py.)
+    saved = {"peft_type": "CLIP_ADAPTER", "adapt": adapt, "target_modules": targets, "ratio": 0.3, "reduction": 4}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(saved))
     loaded = CLIPAdapterConfig.from_pretrained(tmp_path)
     assert (loaded.adapt, loaded.target_modules, loaded.ratio) == (adapt, None, 0.3)
 

@@ -251,6 +251,7 @@ def test_documented_commands_use_real_flags():
         "examples/fewshot.py": trainer,
         "benchmarks/reproduce.py": _script_flags("benchmarks/reproduce.py") | trainer,
         "benchmarks/speed.py": _script_flags("benchmarks/speed.py"),
+        "benchmarks/search_cost.py": _script_flags("benchmarks/search_cost.py"),
     }
     launch = _launch_flags()
     wrong, checked = [], 0

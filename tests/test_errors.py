@@ -15,7 +15,7 @@ from transformers import BertConfig, BertModel, CLIPModel, CLIPTextModelWithProj
 from peft_clip_adapter import CLIPAdapterConfig
 from peft_clip_adapter.offline import build_tiny_clip
 
-FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+FILES = ["README.md", "adapter_config.json", "adapter_manifest.json", "adapter_model.safetensors"]
 
 
 @pytest.fixture
@@ -218,7 +218,9 @@ def test_damaged_weights_from_the_hub_cache(saved, tiny_clip_path, tmp_path):
     (repo / "snapshots").mkdir()
     os.rename(saved, repo / "snapshots" / ("0" * 40))
     damage(repo / "snapshots" / ("0" * 40) / "adapter_model.safetensors", "half")
-    with pytest.raises(ValueError, match=r"weights of 'me/broken' are truncated or corrupted .*force_download=True"):
+    with pytest.raises(
+        ValueError, match=r"me--broken.*adapter_model\.safetensors is truncated or corrupted.*download it"
+    ):
         PeftModel.from_pretrained(
             CLIPModel.from_pretrained(tiny_clip_path), "me/broken", cache_dir=str(tmp_path / "cache")
         )
@@ -243,12 +245,18 @@ def test_config_file_with_wrong_values(saved, tiny_clip_path, changes, match):
         PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_path), saved)
 
 
-@pytest.mark.parametrize("peft_type", ["FOO", "LORA", None])
-def test_config_file_of_another_method(saved, peft_type):
+@pytest.mark.parametrize(
+    ("peft_type", "match"),
+    [
+        ("FOO", r"has peft_type='FOO', which is not a registered PEFT method\. Fix the spelling"),
+        ("clip_adapter", r"has peft_type='clip_adapter', .* \(did you mean 'CLIP_ADAPTER'\?\)"),
+        ("LORA", r"has peft_type='LORA'; a CLIP-Adapter config has peft_type='CLIP_ADAPTER'"),
+        (None, r'has no "peft_type".*add "peft_type": "CLIP_ADAPTER"'),
+    ],
+)
+def test_config_file_of_another_method(saved, peft_type, match):
     edit_config(saved, peft_type=peft_type)
-    with pytest.raises(
-        ValueError, match=rf"has peft_type={peft_type!r}; a CLIP-Adapter config has peft_type='CLIP_ADAPTER'"
-    ):
+    with pytest.raises(ValueError, match=match):
         CLIPAdapterConfig.from_pretrained(saved)
 
 
@@ -258,11 +266,10 @@ def test_config_file_that_is_not_json(saved):
         CLIPAdapterConfig.from_pretrained(saved)
 
 
-def test_unregistered_peft_type_fails_inside_peft(saved, tiny_clip_path):
-    # peft resolves peft_type itself before any of our code runs, so an unknown type (like a missing
-    # `import peft_clip_adapter`) surfaces as peft's bare KeyError; the model card shows the import.
+def test_unregistered_peft_type_is_named_by_peft_model_from_pretrained(saved, tiny_clip_path):
+    # peft resolves peft_type itself, before any method code runs; its reader now explains the value.
     edit_config(saved, peft_type="FOO")
-    with pytest.raises(KeyError, match="FOO"):
+    with pytest.raises(ValueError, match=r"has peft_type='FOO', which is not a registered PEFT method"):
         PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_path), saved)
 
 

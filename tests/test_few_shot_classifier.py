@@ -88,7 +88,13 @@ def test_the_adapter_changes_the_scores_and_ties_keep_the_class_order(classifier
 def test_round_trip_through_a_folder_keeps_the_predictions(classifier, tmp_path):
     classifier.save_pretrained(tmp_path / "saved")
     files = sorted(path.name for path in (tmp_path / "saved").iterdir())
-    assert files == ["README.md", "adapter_config.json", "adapter_model.safetensors", "class_prompts.json"]
+    assert files == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_manifest.json",
+        "adapter_model.safetensors",
+        "class_prompts.json",
+    ]
     loaded = FewShotClassifier.from_pretrained(tmp_path / "saved")
     image = Image.new("RGB", (50, 50), "blue")
     torch.testing.assert_close(loaded.logits([image]), classifier.logits([image]), rtol=0, atol=0)
@@ -101,7 +107,13 @@ def test_push_then_pull_by_hub_id_with_the_two_line_card(classifier, tiny_clip_p
         classifier.push_to_hub("me/shapes")
         assert hub.uploads[-1] == (
             "me/shapes",
-            ["README.md", "adapter_config.json", "adapter_model.safetensors", "class_prompts.json"],
+            [
+                "README.md",
+                "adapter_config.json",
+                "adapter_manifest.json",
+                "adapter_model.safetensors",
+                "class_prompts.json",
+            ],
         )
         pulled = FewShotClassifier.from_pretrained("me/shapes")  # base model from the adapter config
         image = Image.new("RGB", (50, 50), "yellow")

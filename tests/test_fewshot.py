@@ -2,7 +2,8 @@
 
 Short runs on the tiny CLIP fixture check the outputs, tracking, Hub upload and the cached vs end-to-end
 equivalence; each bad input must fail with a clear ``ValueError`` before training. The offline default
-(no arguments) must beat zero-shot by a clear margin on held-out images.
+(no arguments: the pretrained micro-CLIP, the paper's recipe) must beat zero-shot by 10 points on held-out
+images.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def test_short_run_writes_adapter_results_and_plot(fewshot, tiny_clip_path, shap
     assert sorted(path.name for path in out.iterdir()) == [
         "README.md",
         "adapter_config.json",
+        "adapter_manifest.json",
         "adapter_model.safetensors",
         "all_results.json",
         "class_prompts.json",
@@ -148,6 +150,7 @@ def test_push_to_hub_uploads_the_adapter_with_results(fewshot, tiny_clip_path, s
     assert sorted(upload.files) == [
         "README.md",
         "adapter_config.json",
+        "adapter_manifest.json",
         "adapter_model.safetensors",
         "class_prompts.json",
     ]
@@ -165,18 +168,32 @@ def test_push_to_hub_uploads_the_adapter_with_results(fewshot, tiny_clip_path, s
 # Bad input: each a clear error before training
 
 
-def test_integer_labels_without_names_train_with_a_warning(fewshot, tiny_clip_path, shapes_dir, tmp_path, caplog):
+def _integer_label_args(model: str, shapes_dir: str, tmp_path: Path) -> list[str]:
     import datasets
 
     saved = datasets.load_dataset("imagefolder", data_dir=shapes_dir, split="train")
     saved.cast_column("label", datasets.Value("int64")).save_to_disk(tmp_path / "saved")
-    argv = _args(tiny_clip_path, shapes_dir, tmp_path, "--dataset_name", str(tmp_path / "saved"))
+    argv = _args(model, shapes_dir, tmp_path, "--dataset_name", str(tmp_path / "saved"))
     argv.remove("--train_dir")
     argv.remove(str(shapes_dir))
+    return argv
+
+
+def test_integer_labels_without_names_train_with_a_warning(fewshot, shapes_dir, tmp_path, caplog):
+    from peft_clip_adapter.offline import build_tiny_clip
+
+    model = build_tiny_clip(tmp_path / "digits-clip", words=["0", "1", "2", "3"])  # a tokenizer that knows digits
     caplog.set_level("WARNING")
-    results = fewshot.main(argv)
+    results = fewshot.main(_integer_label_args(model, shapes_dir, tmp_path))
     assert "holds integer ids without class names, so the prompts name the classes ['0', '1', '2', '3']" in caplog.text
     assert list(results["per_class_accuracy"]) == ["0", "1", "2", "3"] and results["num_train_images"] == 16
+
+
+def test_classes_with_identical_prompts_are_refused_before_training(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+    """The tiny CLIP's tokenizer does not know '0'...'3': every prompt encodes to the same embedding."""
+    with pytest.raises(ValueError, match=r"Classes '0' and '1'; '0' and '2'; .* have identical prompt embeddings"):
+        fewshot.main(_integer_label_args(tiny_clip_path, shapes_dir, tmp_path))
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 def test_missing_column_lists_the_columns(fewshot, tiny_clip_path, shapes_dir, tmp_path):
@@ -303,20 +320,24 @@ def test_learning_rate_schedule_is_coops(fewshot):
 
 
 @pytest.mark.slow
-def test_offline_default_beats_zero_shot(fewshot, tmp_path, caplog):
-    """No model, no data: the tiny untrained CLIP and the generated shapes, with the offline settings."""
+def test_offline_default_beats_zero_shot(fewshot, offline_cache_dir, tmp_path, caplog):
+    """No model, no data: the pretrained micro-CLIP and the generated dusk-pairs task, with the paper's recipe."""
     caplog.set_level("WARNING")
-    results = fewshot.main(["--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")])
-    assert "untrained" in caplog.text
-    assert (results["shots"], results["ratio"], results["views"], results["num_classes"]) == (32, 0.6, 4, 4)
-    assert (results["num_train_images"], results["num_eval_images"]) == (128, 100)
-    assert len(results["train_loss_per_epoch"]) == 200
-    assert results["train_loss_per_epoch"][-1] < results["train_loss_per_epoch"][0] - 0.3
-    assert results["eval_accuracy"] >= results["zero_shot_accuracy"] + 0.2
+    results = fewshot.main(["--output_dir", str(tmp_path / "out"), "--cache_dir", str(offline_cache_dir)])
+    assert "a micro-CLIP pretrained on generated captioned scenes" in caplog.text
+    assert (results["shots"], results["ratio"], results["learning_rate"], results["views"]) == (16, 0.2, 2e-3, 10)
+    assert (results["num_classes"], results["num_train_images"], results["num_eval_images"]) == (9, 144, 450)
+    assert results["dataset"] == "offline-dusk-pairs" and len(results["train_loss_per_epoch"]) == 200
+    assert results["zero_shot_accuracy"] >= 2 / 9  # a real zero-shot baseline: twice chance or more
+    assert results["eval_accuracy"] >= results["zero_shot_accuracy"] + 0.10
+    assert "has not moved" not in caplog.text
 
 
-def test_same_seed_same_adapter_on_a_first_and_a_later_run(fewshot, tmp_path):
+def test_same_seed_same_adapter_on_a_first_and_a_later_run(fewshot, tmp_path, monkeypatch):
     """The first offline run builds its model and images (which reseeds torch); a later run reuses them."""
+    from peft_clip_adapter.microclip import PretrainingConfig
+
+    monkeypatch.setattr(fewshot, "MICRO_CLIP_CONFIG", PretrainingConfig(steps=2, batch_size=16, pool_size=64))
     argv = ["--cache_dir", str(tmp_path / "cache"), "--num_train_epochs", "3"]
     first = fewshot.main([*argv, "--output_dir", str(tmp_path / "first")])
     later = fewshot.main([*argv, "--output_dir", str(tmp_path / "later")])

@@ -35,11 +35,13 @@ def _free_port() -> int:
 def _args(tiny_clip_path: str, shapes_dir: str, run: Path, per_device_batch: int) -> list[str]:
     # 8 shots x 4 classes = 32 training images: two global batches of 16 per epoch, nothing dropped.
     # 8 held-out images in eval batches of 3 leave the processes uneven shares to gather. Each run has
-    # its own feature cache, so the 2-process run really extracts (rows split, then gathered).
-    return helpers.trainer_args(
+    # its own feature cache, so the 2-process run really extracts (rows split, then gathered). The ratio is
+    # searched on the main process and broadcast: both runs must choose the same.
+    argv = helpers.trainer_args(
         tiny_clip_path, shapes_dir, run, shots=8, views=2, num_train_epochs=6, learning_rate=0.05,
         per_device_train_batch_size=per_device_batch, per_device_eval_batch_size=3,
     )  # fmt: skip
+    return [*argv, "--ratio", "auto", "--ratio_grid", "0.2", "0.6"]
 
 
 def test_two_processes_match_one_process(fewshot, tiny_clip_path, shapes_dir, tmp_path):
@@ -60,6 +62,12 @@ def test_two_processes_match_one_process(fewshot, tiny_clip_path, shapes_dir, tm
     assert two["num_eval_images"] == one["num_eval_images"] == 8  # none duplicated, none dropped
     assert two["num_train_images"] == one["num_train_images"] == 32
     assert two["zero_shot_accuracy"] == one["zero_shot_accuracy"]
+    # The search ran on one process of each launch, on features equal to float tolerance: the same choice.
+    searched = [run["hyperparameter_search"] for run in (one, two)]
+    assert two["ratio"] == one["ratio"] == searched[0]["ratio"] == searched[1]["ratio"]
+    for alone, shared in zip(*(search["candidates"] for search in searched), strict=True):
+        assert alone["validation_accuracy"] == shared["validation_accuracy"]
+        assert alone["validation_loss"] == pytest.approx(shared["validation_loss"], rel=1e-5)
     assert two["eval_accuracy"] == one["eval_accuracy"]
     assert two["per_class_accuracy"] == one["per_class_accuracy"]
     assert two["train_loss_per_epoch"] == pytest.approx(one["train_loss_per_epoch"], rel=1e-5)

@@ -56,7 +56,12 @@ def test_push_uploads_exactly_the_adapter_files_in_one_commit(hub, model, tmp_pa
     assert hub.created == [(REPO_ID, {"private": True, "exist_ok": True})]
     [upload] = hub.uploads
     assert upload.repo_id == REPO_ID and upload.kwargs["commit_message"] == "first adapter"
-    assert sorted(upload.files) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(upload.files) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_manifest.json",
+        "adapter_model.safetensors",
+    ]
 
     model.save_pretrained(tmp_path)  # the uploaded weights are the model's adapter weights
     uploaded = load(upload.files["adapter_model.safetensors"])

@@ -42,7 +42,12 @@ def saved(tiny_clip, tmp_path) -> tuple[PeftModel, str]:
 def test_round_trip_into_a_fresh_model_is_bit_identical(tiny_clip, tiny_clip_path, pixel_values, adapt, tmp_path):
     model = get_peft_model(tiny_clip, CLIPAdapterConfig(adapt=adapt, ratio=0.6, reduction=2))
     model.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_manifest.json",
+        "adapter_model.safetensors",
+    ]
     loaded = PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_path).eval(), tmp_path)
     assert isinstance(loaded, CLIPAdapterPeftModel)
     config, loaded_config = model.peft_config["default"], loaded.peft_config["default"]
@@ -79,7 +84,11 @@ def test_several_adapters_save_and_load_together(saved, tiny_clip_path, pixel_va
     model = saved[0]
     model.add_adapter("text_only", CLIPAdapterConfig(adapt="text", ratio=0.3))
     model.save_pretrained(tmp_path / "both")
-    assert sorted(os.listdir(tmp_path / "both" / "text_only")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "both" / "text_only")) == [
+        "adapter_config.json",
+        "adapter_manifest.json",
+        "adapter_model.safetensors",
+    ]
     loaded = PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_path).eval(), tmp_path / "both")
     loaded.load_adapter(str(tmp_path / "both" / "text_only"), adapter_name="text_only")
     for name in ("default", "text_only"):
