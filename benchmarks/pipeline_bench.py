@@ -67,20 +67,14 @@ def _legacy_normalise(image: Image.Image, steps) -> torch.Tensor:
 def legacy_train_views(path: Path, transform, *, index: int, views: int) -> torch.Tensor:
     """The train views as extraction made them before: full decode, then crop, resize, flip, normalise each."""
     from peft_clip_adapter.data import load_image
-    from peft_clip_adapter.transforms import _random_resized_crop_box
 
     image = load_image(str(path))
     height, width = transform.size
     out = []
     for view in range(views):
-        rng = np.random.default_rng([transform.seed, index, view])
-        top, left, crop_height, crop_width = _random_resized_crop_box(
-            rng, image.height, image.width, transform.scale, transform.ratio
-        )
-        crop = image.crop((left, top, left + crop_width, top + crop_height)).resize(
-            (width, height), transform.resample
-        )
-        if rng.random() < transform.flip_probability:
+        box, flip = transform.augmentation.sample(image.width, image.height, index=index, view=view)  # the same crop
+        crop = image.crop(box).resize((width, height), transform.resample)
+        if flip:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         out.append(_legacy_normalise(crop, transform.steps))
     return torch.stack(out)  # [V, 3, H, W]

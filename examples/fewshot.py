@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--model_name_or_path",
         default=None,
-        help="A CLIP or SigLIP checkpoint (Hub id or folder). Default: the offline micro-CLIP.",
+        help="A CLIP, SigLIP or SigLIP 2 checkpoint (Hub id or folder). Default: the offline micro-CLIP.",
     )
     data.add_argument(
         "--torch_dtype",
@@ -499,6 +499,7 @@ from peft_clip_adapter.recipe import TrainingRecipe, scheduled_learning_rate  # 
 from peft_clip_adapter.scene_tasks import SCENE_TASKS, write_task_dataset  # noqa: E402
 from peft_clip_adapter.search import SearchResult, search_hyperparameters, set_ratio  # noqa: E402
 from peft_clip_adapter.templates import DATASET_TEMPLATES, templates_for  # noqa: E402
+from peft_clip_adapter.transforms import move_model_inputs, stack_model_inputs  # noqa: E402
 
 logger = get_logger(__name__)
 #: The offline default's micro-CLIP: the pretraining settings it is built with.
@@ -674,13 +675,6 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
             f"embedding (it has {describe_towers(model)}): the trainer classifies images by class-name prompts, so it "
             "needs an image and a text tower. Use a CLIP or SigLIP checkpoint such as openai/clip-vit-base-patch16."
         )
-    if towers["vision"].model_class.startswith("Siglip2"):
-        raise ValueError(
-            f"{type(model).__name__} from {args.model_name_or_path} is SigLIP 2 NaFlex, whose variable-resolution "
-            "inputs (patches, pixel_attention_mask, spatial_shapes) the trainer's image pipeline does not make yet. "
-            "Use a fixed-resolution checkpoint (a SiglipModel, e.g. google/siglip2-base-patch16-224), or train on "
-            "Siglip2Model in your own loop (docs: Your own training loop)."
-        )
     # With --ratio auto the search sets the ratio later (set_ratio); the initial weights do not depend on it.
     ratio = PAPER_DEFAULTS["ratio"] if args.ratio == "auto" else args.ratio
     config = peft_clip_adapter.CLIPAdapterConfig(ratio=ratio, reduction=args.reduction, adapt=args.adapt)
@@ -759,10 +753,11 @@ class EndToEndHead(nn.Module):
     """Logits from pixels through the full PEFT model: ``exp(logit_scale) * normalize(f') @ text_weights + bias``.
 
     ``f'`` comes out of the model's own adapted module (CLIP's ``visual_projection``, SigLIP's pooling
-    head, ...), so every step re-runs the frozen backbone. The PEFT model is deliberately kept out of
-    this module's children: the only trainable parameters are the adapters, which ``classifier`` already
-    registers, so DDP synchronises exactly those and checkpoints hold only the classifier (under a
-    ``classifier.`` prefix, so a checkpoint resumes in the mode that wrote it).
+    head, ...), so every step re-runs the frozen backbone on the transform's inputs (``pixel_values``;
+    SigLIP 2 NaFlex adds ``pixel_attention_mask`` and ``spatial_shapes``). The PEFT model is deliberately
+    kept out of this module's children: the only trainable parameters are the adapters, which
+    ``classifier`` already registers, so DDP synchronises exactly those and checkpoints hold only the
+    classifier (under a ``classifier.`` prefix, so a checkpoint resumes in the mode that wrote it).
     """
 
     def __init__(self, peft_model: nn.Module, classifier: CLIPAdapterClassifier) -> None:
@@ -770,9 +765,11 @@ class EndToEndHead(nn.Module):
         self.classifier = classifier
         self._peft_model = (peft_model,)  # a tuple: not registered as a submodule (see above)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
         backbone = self._peft_model[0]
-        output = backbone.get_image_features(pixel_values=pixel_values.to(backbone.dtype))  # a bf16 backbone too
+        # Floating-point inputs in the backbone's dtype (a bf16 backbone too); masks and shapes stay integers.
+        inputs = move_model_inputs({"pixel_values": pixel_values, **inputs}, pixel_values.device, backbone.dtype)
+        output = backbone.get_image_features(**inputs)
         features = output if isinstance(output, torch.Tensor) else output.pooler_output  # [B, D], adapted
         return self.classifier.logits_of_adapted(features)  # [B, C]
 
@@ -826,24 +823,25 @@ def make_batch_inputs(
     train_set: Optional[FeatureSet],
     train_dataset: datasets.Dataset,
     transform,
-) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """What the head takes for a batch of training rows in augmented view ``view``.
+) -> Callable[[torch.Tensor, int], dict[str, torch.Tensor]]:
+    """What the head takes for a batch of training rows in augmented view ``view``, by keyword.
 
     Cached raw pooled embeddings ``[B, D]``, or with --end_to_end the freshly transformed images
-    ``[B, 3, H, W]`` (the same view of the same rows, so both modes train the same adapter).
+    (``pixel_values`` ``[B, 3, H, W]``, or SigLIP 2 NaFlex's three inputs): the same view of the same rows,
+    so both modes train the same adapter.
     """
     if not args.end_to_end:
-        return lambda rows, view: train_set.features[view, rows.cpu()]  # [B, D]
+        return lambda rows, view: {"image_features": train_set.features[view, rows.cpu()]}  # [B, D]
     images = train_dataset.select_columns([args.image_column_name])
     if isinstance(images.features[args.image_column_name], datasets.Image):
         # Undecoded, so that the transform reads each file itself, decoding as the feature cache does.
         images = images.cast_column(args.image_column_name, datasets.Image(decode=False))
 
-    def pixels(rows: torch.Tensor, view: int) -> torch.Tensor:
+    def pixels(rows: torch.Tensor, view: int) -> dict[str, torch.Tensor]:
         indices = rows.tolist()
         pictures = images[indices][args.image_column_name]
         crops = [transform(image, index=row, view=view) for row, image in zip(indices, pictures, strict=True)]
-        return torch.stack(crops)  # [B, 3, H, W]
+        return stack_model_inputs(crops)  # pixel_values [B, 3, H, W] (NaFlex: [B, patches, 3*p*p], ...)
 
     return pixels
 
@@ -913,7 +911,7 @@ def train(
     optimizer: torch.optim.Optimizer,
     train_loader: DataLoader,
     *,
-    batch_inputs: Callable[[torch.Tensor, int], torch.Tensor],
+    batch_inputs: Callable[[torch.Tensor, int], dict[str, torch.Tensor]],
     train_labels: torch.Tensor,
     evaluate_now: Callable[[], float],
     schedule: dict[str, int],
@@ -953,7 +951,8 @@ def train(
         loss_sum = torch.tensor(state["epoch_loss_sum"], device=accelerator.device)
         for (rows,) in batches:
             with accelerator.accumulate(head):
-                logits = head(batch_inputs(rows, view).to(accelerator.device))  # [B, C]
+                inputs = {name: value.to(accelerator.device) for name, value in batch_inputs(rows, view).items()}
+                logits = head(**inputs)  # [B, C]
                 loss = F.cross_entropy(logits, train_labels[rows.cpu()].to(accelerator.device))
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate_at(

@@ -217,7 +217,8 @@ def extract_image_features(
             ``CLIPVisionModelWithProjection``, in any dtype (``from_pretrained(..., dtype=torch.bfloat16)``).
         dataset: A ``datasets.Dataset`` with an image column and an integer / ``ClassLabel`` label column.
         transform: An ``ImageTransform`` from ``peft_clip_adapter.data``: ``transform(image, index=,
-            view=) -> [3, H, W]``; it is called with the row number as ``index``.
+            view=) -> [3, H, W]`` (or a dict of model inputs, as SigLIP 2 NaFlex's); it is called with the
+            row number as ``index``.
         views: Augmented views per image (use 1 with a deterministic eval transform).
         image_column: Name of the image column.
         label_column: Name of the label column.
@@ -231,8 +232,9 @@ def extract_image_features(
             cores (its threads need the rest); one per 32 images at most either way (see
             ``peft_clip_adapter.pipeline.default_num_workers``).
         views_on_device: Make the views on the model's device from the decoded images, with the same boxes
-            as on the CPU (the library's transforms only). ``None`` (default): on a GPU yes, on the CPU no.
-            The two agree to one 8-bit level per pixel.
+            as on the CPU (the library's fixed-size transforms only; SigLIP 2 NaFlex views are made on the
+            CPU by its processor, with a warning when this is ``True``). ``None`` (default): on a GPU yes,
+            on the CPU no. The two agree to one 8-bit level per pixel.
         mixed_precision: ``"no"``, ``"bf16"``, ``"fp16"`` (or ``"fp8"``, autocast to bf16): run the backbone
             under ``torch.autocast``. ``None`` (default): the accelerator's setting, else ``"no"``.
         features_dtype: Dtype of the returned features: float32 (default), float16 or bfloat16.

@@ -7,7 +7,8 @@ therefore writes the class names and prompt templates beside it, in ``class_prom
 
 and ``FewShotClassifier.from_pretrained`` rebuilds the exact classifier the trainer evaluated: the base
 model named in the adapter config, the adapter, those prompts, and the trainer's eval preprocessing
-(``build_eval_transform``: the processor's resize and center crop).
+(``build_eval_transform``: the processor's resize and center crop; for SigLIP 2 NaFlex, the processor's
+own patches of the whole image).
 
 Example::
 
@@ -35,7 +36,7 @@ from peft_clip_adapter.images import load_image
 from peft_clip_adapter.logs import quiet_peft_wrapping
 from peft_clip_adapter.peft_model import CLIPAdapterPeftModel
 from peft_clip_adapter.templates import DEFAULT_TEMPLATE, fill_template
-from peft_clip_adapter.transforms import build_eval_transform
+from peft_clip_adapter.transforms import build_eval_transform, move_model_inputs, stack_model_inputs
 
 #: Keyword arguments of ``from_pretrained`` that also apply to downloading the adapter's own files.
 _HUB_KWARGS = ("token", "cache_dir", "force_download", "local_files_only")
@@ -241,10 +242,9 @@ class FewShotClassifier:
         dtype = next((p.dtype for p in unwrap_model(self.model).parameters() if p.is_floating_point()), torch.float32)
         chunks = [torch.empty(0, len(self.class_names), device=device)]
         for start in range(0, len(images), self.batch_size):
-            pixels = torch.stack(
-                [self._transform(load_image(image)) for image in images[start : start + self.batch_size]]
-            )
-            features = frozen_image_embeddings(self.model, pixels.to(device=device, dtype=dtype)).float()  # [B, D]
+            batch = [self._transform(load_image(image)) for image in images[start : start + self.batch_size]]
+            inputs = move_model_inputs(stack_model_inputs(batch), device, dtype)  # pixel_values [B, 3, H, W], ...
+            features = frozen_image_embeddings(self.model, **inputs).float()  # [B, D]
             chunks.append(self.head(features))  # [B, C]
         return torch.cat(chunks)  # [N, C]
 

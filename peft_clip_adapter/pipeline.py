@@ -18,8 +18,10 @@ them in the main process, between forward passes, leaves a GPU idle most of the 
 - The backbone runs under ``torch.autocast`` when mixed precision is asked for (Accelerate's
   ``--mixed_precision``); the features are stored as ``features_dtype`` (float32 by default).
 - What the backbone receives is a dict of keyword arguments, stacked per name across a batch: the
-  library's transforms give ``pixel_values``; a transform of your own may return a dict (a processor's
-  ``pixel_values``, ``pixel_attention_mask`` and ``spatial_shapes``, say) and it travels the same way.
+  fixed-size transforms give ``pixel_values``; the SigLIP 2 NaFlex transform
+  (:class:`~peft_clip_adapter.transforms.NaFlexTransform`) returns its processor's ``pixel_values``,
+  ``pixel_attention_mask`` and ``spatial_shapes``, and a transform of your own may return such a dict too:
+  it travels the same way. NaFlex views are always made on the CPU, by the processor, in the workers.
 
 A worker's error reaches the caller as the same ``ValueError`` the main process would raise (naming the
 unreadable file), not as a worker traceback; a worker that dies is reported as such, and nothing is
@@ -45,7 +47,12 @@ from peft_clip_adapter.embeddings import frozen_image_embeddings, unwrap_model
 from peft_clip_adapter.images import load_image
 from peft_clip_adapter.logs import progress as progress_bar
 from peft_clip_adapter.resample import ViewBatch, render_views, supports_filter
-from peft_clip_adapter.transforms import ResizedCropTransform
+from peft_clip_adapter.transforms import (
+    NaFlexTransform,
+    ResizedCropTransform,
+    move_model_inputs,
+    stack_model_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +269,8 @@ def resolve_extraction(
         device: Where the backbone runs.
         num_workers: DataLoader workers; ``None``: :func:`default_num_workers` for the device.
         views_on_device: ``None``: on the device when it is an accelerator and the transform allows it.
+            ``True`` with a SigLIP 2 NaFlex transform: on the CPU, with a warning (only its processor
+            makes those views).
         mixed_precision: ``None``: the accelerator's ``mixed_precision``, else ``"no"``.
         features_dtype: float32 (default), float16 or bfloat16.
         accelerator: An ``accelerate.Accelerator``, or ``None``.
@@ -291,6 +300,15 @@ def resolve_extraction(
             "stores float32 unless asked for half the size."
         )
     possible = device_views_possible(transform)
+    if views_on_device and isinstance(transform, NaFlexTransform):
+        # A NaFlex view is the processor's own output for a crop, at a patch grid that depends on the crop;
+        # the device path resamples boxes to one fixed size in our own arithmetic, so it cannot make them.
+        # The CPU path gives the same features (and the same cache key) as if views_on_device were False.
+        logger.warning(
+            "views_on_device=True: SigLIP 2 NaFlex views are made by the model's image processor, on the CPU "
+            "(in the DataLoader workers); the device path needs a fixed output size. Making them on the CPU."
+        )
+        views_on_device = False
     if views_on_device and not possible:
         raise ValueError(
             f"views_on_device=True needs a transform whose views the device can make: {transform!r} is not one. "
@@ -360,10 +378,8 @@ class _Rows(Dataset):
             if isinstance(transform, ResizedCropTransform):
                 return row, {"pixel_values": transform.crops(value, index=row, views=self.views)}  # [V, 3, H, W] uint8
             image = load_image(value)
-            outputs = [transform(image, index=row, view=view) for view in self.views]
-            if isinstance(outputs[0], dict):  # model inputs by name (e.g. a processor's several tensors)
-                return row, {key: torch.stack([output[key] for output in outputs]) for key in outputs[0]}
-            return row, {"pixel_values": torch.stack(outputs)}  # [V, 3, H, W]
+            # [V, ...] per model input: pixel_values [V, 3, H, W], or a NaFlex processor's three inputs.
+            return row, stack_model_inputs([transform(image, index=row, view=view) for view in self.views])
         except ValueError as error:
             return _Failure(str(error))
 
@@ -489,10 +505,7 @@ def encode_views(
                     # bus) and are normalised one view of one batch at a time, where the backbone runs.
                     if view_inputs["pixel_values"].dtype == torch.uint8:
                         view_inputs["pixel_values"] = transform.normalise(view_inputs["pixel_values"])
-                    view_inputs = {
-                        key: value.to(model_dtype) if value.is_floating_point() else value
-                        for key, value in view_inputs.items()
-                    }
+                    view_inputs = move_model_inputs(view_inputs, device, model_dtype)
                     with torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext():
                         embeddings = frozen_image_embeddings(model, **view_inputs)  # [B, D]
                     features[view, done : done + filled] = embeddings.to(settings.features_dtype)

@@ -1,4 +1,4 @@
-"""Image transforms for CLIP: a PIL image -> a normalised ``[3, H, W]`` float32 tensor.
+"""Image transforms: a PIL image -> the vision tower's input (a normalised ``[3, H, W]`` float32 tensor).
 
 Both transforms use the model's own image processor settings (sizes, resample filter, rescale factor,
 mean and std), read from it, never hard-coded, and need only PIL and torch:
@@ -8,29 +8,44 @@ mean and std), read from it, never hard-coded, and need only PIL and torch:
   processor's rescale and normalisation. View ``v`` of image ``i`` is a pure function of
   ``(seed, i, v)``, on any process, so augmented views can be cached as frozen features.
 
-Both are a :class:`ResizedCropTransform`: every view is one box of the source image resampled to the
-output size (plus, for eval, a center window of it), then flipped or not, then normalised. That split
-lets feature extraction decode an image once for all its views, decode a large JPEG at the reduced scale
-the smallest box allows (:func:`~peft_clip_adapter.images.load_image_draft`), and make the views on the
-accelerator with the same boxes (:mod:`peft_clip_adapter.resample`).
+For a fixed-size processor (CLIP, SigLIP) both are a :class:`ResizedCropTransform`: every view is one box
+of the source image resampled to the output size (plus, for eval, a center window of it), then flipped or
+not, then normalised. That split lets feature extraction decode an image once for all its views, decode a
+large JPEG at the reduced scale the smallest box allows (:func:`~peft_clip_adapter.images.load_image_draft`),
+and make the views on the accelerator with the same boxes (:mod:`peft_clip_adapter.resample`).
+
+For SigLIP 2 NaFlex, whose processor sizes each image's patch grid from the image itself, both are a
+:class:`NaFlexTransform`: the same random box and flip, then the processor itself, which returns the
+model's inputs by name (``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``).
 """
 
 from __future__ import annotations
 
 import abc
 import functools
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 
-from peft_clip_adapter.images import DecodedImage, load_image_draft
+from peft_clip_adapter.images import DecodedImage, load_image, load_image_draft, to_rgb
 
-__all__ = ["ImageTransform", "ResizedCropTransform", "ViewBox", "build_eval_transform", "build_train_transform"]
+__all__ = [
+    "ImageTransform",
+    "NaFlexTransform",
+    "ResizedCropTransform",
+    "ViewBox",
+    "build_eval_transform",
+    "build_train_transform",
+    "is_naflex_processor",
+    "move_model_inputs",
+    "stack_model_inputs",
+]
 
 
 def check_index(name: str, value: Any) -> None:
@@ -186,7 +201,7 @@ def _per_channel(values: float | Sequence[float]) -> tuple[float, ...]:
 
 
 class ImageTransform(abc.ABC):
-    """An image -> ``[3, H, W]`` float32 tensor transform, ready for CLIP's vision tower.
+    """An image -> ``[3, H, W]`` float32 tensor transform (or -> the model's inputs by name), for the vision tower.
 
     ``transform(image, index=i, view=v)`` takes anything :func:`load_image` reads. ``index`` (the image's
     row) and ``view`` (the augmentation number) pick the random augmentation of a train transform; an eval
@@ -194,7 +209,8 @@ class ImageTransform(abc.ABC):
     ``build_train_transform`` and ``build_eval_transform`` return instances; a subclass of your own needs a
     stable ``description`` and ``__call__``. Feature extraction decodes each image once (with
     :func:`load_image`) and calls ``__call__`` with the decoded PIL image for every view. ``__call__`` may
-    also return a dict of tensors: they are then passed to the model as keyword arguments.
+    also return a dict of tensors (as :class:`NaFlexTransform` does): they are then stacked per name and
+    passed to the model as keyword arguments (:func:`stack_model_inputs`).
 
     Example:
         >>> class Gray(ImageTransform):
@@ -208,11 +224,59 @@ class ImageTransform(abc.ABC):
     description: str
 
     @abc.abstractmethod
-    def __call__(self, image: Any, *, index: int = 0, view: int = 0) -> torch.Tensor:
-        """The processed image ``[3, H, W]`` float32."""
+    def __call__(self, image: Any, *, index: int = 0, view: int = 0) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The processed image ``[3, H, W]`` float32, or the model's inputs by name."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.description})"
+
+
+def stack_model_inputs(outputs: Sequence[torch.Tensor | dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack what a transform returned for several images (or views) into the model's keyword inputs.
+
+    A tensor is ``pixel_values``; a dict (a NaFlex processor's ``pixel_values``, ``pixel_attention_mask``
+    and ``spatial_shapes``) is stacked name by name.
+
+    Args:
+        outputs: One transform output per image, all of the same kind (at least one).
+
+    Returns:
+        ``{name: [len(outputs), ...]}``.
+
+    Example:
+        >>> stack_model_inputs([torch.zeros(3, 8, 8)] * 2)["pixel_values"].shape
+        torch.Size([2, 3, 8, 8])
+        >>> view = {"pixel_values": torch.zeros(16, 192), "spatial_shapes": torch.tensor([2, 8])}
+        >>> {name: tuple(value.shape) for name, value in stack_model_inputs([view] * 3).items()}
+        {'pixel_values': (3, 16, 192), 'spatial_shapes': (3, 2)}
+    """
+    if isinstance(outputs[0], dict):
+        return {name: torch.stack([output[name] for output in outputs]) for name in outputs[0]}
+    return {"pixel_values": torch.stack(list(outputs))}
+
+
+def move_model_inputs(
+    inputs: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The model's inputs on ``device``, floating-point ones in the model's ``dtype`` (masks and shapes stay integers).
+
+    Args:
+        inputs: From :func:`stack_model_inputs`.
+        device: The model's device.
+        dtype: The model's floating-point dtype.
+
+    Returns:
+        The moved inputs, by the same names.
+
+    Example:
+        >>> inputs = {"pixel_values": torch.zeros(1, 4), "spatial_shapes": torch.tensor([[2, 2]])}
+        >>> {name: value.dtype for name, value in move_model_inputs(inputs, "cpu", torch.bfloat16).items()}
+        {'pixel_values': torch.bfloat16, 'spatial_shapes': torch.int64}
+    """
+    return {
+        name: value.to(device, dtype=dtype if value.is_floating_point() else value.dtype)
+        for name, value in inputs.items()
+    }
 
 
 class ViewBox(NamedTuple):
@@ -457,45 +521,59 @@ class _EvalTransform(ResizedCropTransform):
         return min(width / resized_width, height / resized_height)
 
 
-class _TrainTransform(ResizedCropTransform):
-    def __init__(
-        self,
-        steps: _ProcessorSteps,
-        *,
-        seed: int,
-        scale: tuple[float, float],
-        ratio: tuple[float, float],
-        flip_probability: float,
-        resample: int,
-        draft: bool,
-    ) -> None:
-        super().__init__(steps, resample=resample, draft=draft)
-        self.seed, self.scale, self.ratio, self.flip_probability = seed, scale, ratio, flip_probability
-        self.size = steps.output_size  # (height, width) of every crop
-        # "box-resample": the crop box is resampled from the whole image (one PIL resize with a box), so the
-        # filter reads real pixels past the box's edges; cache files of the earlier crop-then-resize differ.
-        self.description = (
-            f"train random-resized-crop size={self.size} scale={scale} ratio={ratio} resample={self.resample} "
-            f"flip={flip_probability} seed={seed} box-resample draft={self.draft} then "
-            f"rescale={steps.rescale_factor!r} mean={steps.mean} std={steps.std}"
-        )
+@dataclass(frozen=True)
+class _Augmentation:
+    """The paper's random crop and flip, by torchvision's ``RandomResizedCrop`` rule, seeded per view.
 
-    def view_box(self, width: int, height: int, *, index: int, view: int) -> ViewBox:
+    The train transforms of fixed-size and of NaFlex processors share it, so view ``v`` of image ``i``
+    takes the same box and flip with either, on any process.
+    """
+
+    seed: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    flip_probability: float
+
+    def sample(self, width: int, height: int, *, index: int, view: int) -> tuple[tuple[int, int, int, int], bool]:
+        """``((left, top, right, bottom), flip)`` of view ``view`` of image ``index`` of ``width x height`` pixels."""
         rng = np.random.default_rng([self.seed, int(index), int(view)])  # this image's view, on any process
         top, left, crop_height, crop_width = _random_resized_crop_box(rng, height, width, self.scale, self.ratio)
         flip = bool(rng.random() < self.flip_probability)
-        return ViewBox(
-            (float(left), float(top), float(left + crop_width), float(top + crop_height)), self.size, (0, 0), flip
-        )
+        return (left, top, left + crop_width, top + crop_height), flip
 
-    def max_scale(self, width: int, height: int) -> float:
+    def max_scale(self, width: int, height: int, output_size: tuple[int, int]) -> float:
+        """How many times larger than ``output_size`` (height, width) the smallest box can be."""
         # The narrowest and the flattest box _random_resized_crop_box can return (a sampled one, or its
         # fallback), less a pixel for its rounding; the view count does not enter, so view v of image i
         # is decoded alike whatever other views are made with it.
         area, (low_scale, _), (low_ratio, high_ratio) = width * height, self.scale, self.ratio
         narrowest = min(width, math.sqrt(low_scale * area * low_ratio), height * high_ratio) - 1
         flattest = min(height, math.sqrt(low_scale * area / high_ratio), width / low_ratio) - 1
-        return min(narrowest / self.size[1], flattest / self.size[0])
+        return min(narrowest / output_size[1], flattest / output_size[0])
+
+    def describe(self) -> str:
+        return f"scale={self.scale} ratio={self.ratio} flip={self.flip_probability} seed={self.seed}"
+
+
+class _TrainTransform(ResizedCropTransform):
+    def __init__(self, steps: _ProcessorSteps, *, augmentation: _Augmentation, resample: int, draft: bool) -> None:
+        super().__init__(steps, resample=resample, draft=draft)
+        self.augmentation = augmentation
+        self.size = steps.output_size  # (height, width) of every crop
+        # "box-resample": the crop box is resampled from the whole image (one PIL resize with a box), so the
+        # filter reads real pixels past the box's edges; cache files of the earlier crop-then-resize differ.
+        self.description = (
+            f"train random-resized-crop size={self.size} scale={augmentation.scale} ratio={augmentation.ratio} "
+            f"resample={self.resample} flip={augmentation.flip_probability} seed={augmentation.seed} box-resample "
+            f"draft={self.draft} then rescale={steps.rescale_factor!r} mean={steps.mean} std={steps.std}"
+        )
+
+    def view_box(self, width: int, height: int, *, index: int, view: int) -> ViewBox:
+        box, flip = self.augmentation.sample(width, height, index=index, view=view)
+        return ViewBox(tuple(float(value) for value in box), self.size, (0, 0), flip)
+
+    def max_scale(self, width: int, height: int) -> float:
+        return self.augmentation.max_scale(width, height, self.size)
 
 
 def _random_resized_crop_box(
@@ -523,22 +601,147 @@ def _random_resized_crop_box(
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
-def build_eval_transform(image_processor: Any, *, draft: bool = True) -> ResizedCropTransform:
+def is_naflex_processor(processor: Any) -> bool:
+    """Whether ``processor`` makes SigLIP 2 NaFlex inputs, whose size depends on the image.
+
+    A NaFlex image processor (``Siglip2ImageProcessor``) resizes each image to the largest grid of
+    ``patch_size`` pixels that keeps its aspect ratio within ``max_num_patches`` patches, and returns
+    ``pixel_values`` ``[N, max_num_patches, 3 * p * p]``, ``pixel_attention_mask`` and ``spatial_shapes``.
+    :func:`build_train_transform` and :func:`build_eval_transform` return a :class:`NaFlexTransform` for it.
+
+    Args:
+        processor: An image processor, or a processor holding one (``.image_processor``).
+
+    Returns:
+        ``True`` when it has ``patch_size`` and ``max_num_patches`` and makes ``spatial_shapes``.
+
+    Example:
+        >>> from transformers import CLIPImageProcessor, Siglip2ImageProcessorPil
+        >>> is_naflex_processor(Siglip2ImageProcessorPil()), is_naflex_processor(CLIPImageProcessor())
+        (True, False)
+    """
+    image_processor = getattr(processor, "image_processor", processor)
+    return (
+        "spatial_shapes" in (getattr(image_processor, "model_input_names", None) or ())
+        and getattr(image_processor, "patch_size", None) is not None
+        and getattr(image_processor, "max_num_patches", None) is not None
+    )
+
+
+class NaFlexTransform(ImageTransform):
+    """SigLIP 2 NaFlex views: the paper's random crop and flip (train views), then the model's own processor.
+
+    A NaFlex processor sizes its output from the image it is given (see :func:`is_naflex_processor`), so
+    there is no fixed size to crop to. A train view is therefore a box of the source image, the same
+    random box and flip that :func:`build_train_transform` takes for a fixed-size processor with the same
+    seed (view ``v`` of image ``i`` is a pure function of ``(seed, i, v)``), cut out at full resolution
+    and flipped; the processor then makes the model's inputs from it, resizing it with ``resample``. The
+    crop keeps its aspect ratio on the patch grid instead of being stretched to a square. An eval view is
+    the processor's output for the whole image. Either way the inputs are the processor's own, computed
+    by the processor object itself, so a torchvision-backed processor gives what it gives everywhere.
+
+    Calling the transform returns the model's inputs by name, which feature extraction stacks and passes
+    to ``get_image_features``: ``pixel_values`` ``[max_num_patches, 3 * p * p]`` float32,
+    ``pixel_attention_mask`` ``[max_num_patches]`` int32 (1 on the image's patches) and ``spatial_shapes``
+    ``[2]`` int64 (rows and columns of patches).
+
+    The views are made on the CPU (in the DataLoader workers): the device path of feature extraction
+    resamples boxes to one fixed size, which NaFlex does not have. The source is decoded in full (JPEG
+    draft decoding does not apply), since the processor picks the output's size from the pixels it gets.
+
+    Args:
+        image_processor: A NaFlex image processor, or a processor holding one (``.image_processor``).
+        augmentation: The train views' random crop and flip (as :func:`build_train_transform` makes it);
+            ``None`` for eval views.
+        resample: PIL filter of the processor's resize of a train view; ``None``: the processor's own.
+
+    Raises:
+        ValueError: for a processor that does not make NaFlex inputs.
+
+    Example:
+        >>> from PIL import Image
+        >>> from transformers import Siglip2ImageProcessorPil
+        >>> processor = Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16)
+        >>> inputs = build_train_transform(processor, seed=0)(Image.new("RGB", (64, 32)), index=0, view=1)
+        >>> {name: tuple(value.shape) for name, value in inputs.items()}
+        {'pixel_values': (16, 192), 'pixel_attention_mask': (16,), 'spatial_shapes': (2,)}
+    """
+
+    def __init__(
+        self, image_processor: Any, *, augmentation: Optional[_Augmentation] = None, resample: Optional[int] = None
+    ) -> None:
+        image_processor = getattr(image_processor, "image_processor", image_processor)
+        if not is_naflex_processor(image_processor):
+            raise ValueError(
+                f"{type(image_processor).__name__} does not make NaFlex inputs (patch_size, max_num_patches, "
+                "spatial_shapes); build_train_transform / build_eval_transform pick the right transform for it."
+            )
+        self.image_processor, self.augmentation = image_processor, augmentation
+        self.resample = None if augmentation is None or resample is None else int(resample)
+        # Every setting of the processor changes the inputs (patch_size, max_num_patches, resample, mean, ...),
+        # and its class says which backend (PIL or torchvision) resizes: all of it goes into the cache key.
+        settings = json.dumps(image_processor.to_dict(), sort_keys=True, default=str)
+        views = "eval" if augmentation is None else f"train crop {augmentation.describe()} resample={self.resample}"
+        self.description = f"naflex {views} full-decode then {type(image_processor).__name__} {settings}"
+
+    def view_crop(self, width: int, height: int, *, index: int, view: int) -> tuple[tuple[int, int, int, int], bool]:
+        """The box of the source that view ``view`` of image ``index`` shows, and whether it is flipped.
+
+        Args:
+            width: Source width.
+            height: Source height.
+            index: The image's row.
+            view: The augmentation number.
+
+        Returns:
+            ``((left, top, right, bottom), flip)`` in source pixels; the whole image unflipped for eval views.
+
+        Raises:
+            ValueError: for a negative or non-integer index or view.
+
+        Example:
+            >>> from transformers import Siglip2ImageProcessorPil
+            >>> build_eval_transform(Siglip2ImageProcessorPil()).view_crop(64, 32, index=3, view=1)
+            ((0, 0, 64, 32), False)
+        """
+        check_index("index", index)
+        check_index("view", view)
+        if self.augmentation is None:
+            return (0, 0, int(width), int(height)), False
+        return self.augmentation.sample(width, height, index=int(index), view=int(view))
+
+    def __call__(self, image: Any, *, index: int = 0, view: int = 0) -> dict[str, torch.Tensor]:
+        """The processor's inputs for the view: ``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``."""
+        image = to_rgb(image) if isinstance(image, Image.Image) else load_image(image)
+        box, flip = self.view_crop(*image.size, index=index, view=view)
+        if box != (0, 0, *image.size):
+            image = image.crop(box)  # whole pixels: the processor resizes the crop as it would a photo
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        options = {} if self.resample is None else {"resample": self.resample}
+        inputs = self.image_processor(images=image, return_tensors="pt", **options)
+        return {name: value[0] for name, value in inputs.items()}  # one image: drop the batch dimension
+
+
+def build_eval_transform(image_processor: Any, *, draft: bool = True) -> ImageTransform:
     """The processor's own resize and center crop, then its rescale and normalisation.
 
     The result equals ``image_processor(images=image).pixel_values[0]`` (to float rounding), written with
     PIL and torch only. A JPEG at least twice the resized size is decoded at reduced scale (``draft``):
     a 12 MP photo for a 224 px model is decoded at 1/8, where the processor would decode all 12 MP and
     resize them; the result differs from the processor's by the difference of the two antialiased
-    reductions.
+    reductions. For a SigLIP 2 NaFlex processor (:func:`is_naflex_processor`) the transform is the
+    processor itself: a :class:`NaFlexTransform` returning its three inputs for the whole image.
 
     Args:
-        image_processor: The model's image processor (``CLIPImageProcessor``), or a processor holding one.
+        image_processor: The model's image processor (``CLIPImageProcessor``, ``SiglipImageProcessor``,
+            ``Siglip2ImageProcessor``, ...), or a processor holding one.
         draft: Decode large JPEGs at 1/2, 1/4 or 1/8 scale, never below the resized size. ``False``
-            decodes every image in full.
+            decodes every image in full. (Fixed-size processors only: NaFlex decodes in full.)
 
     Returns:
-        A :class:`ResizedCropTransform` that ignores ``index`` and ``view``.
+        A :class:`ResizedCropTransform` (a :class:`NaFlexTransform` for NaFlex) that ignores ``index`` and
+        ``view``.
 
     Raises:
         ValueError: for an object that is not an image processor, or a resize rule other than
@@ -552,6 +755,8 @@ def build_eval_transform(image_processor: Any, *, draft: bool = True) -> Resized
         >>> pixels.shape, pixels.dtype
         (torch.Size([3, 32, 32]), torch.float32)
     """
+    if is_naflex_processor(image_processor):
+        return NaFlexTransform(image_processor)
     return _EvalTransform(_ProcessorSteps.from_processor(image_processor), draft=draft)
 
 
@@ -564,7 +769,7 @@ def build_train_transform(
     flip_probability: float = 0.5,
     resample: int = Image.Resampling.BICUBIC,
     draft: bool = True,
-) -> ResizedCropTransform:
+) -> ImageTransform:
     """The paper's train augmentation: random-resized-crop and horizontal flip, then the processor's scaling.
 
     The crop covers a random ``scale`` share of the image with a random aspect ratio in ``ratio`` (the
@@ -575,6 +780,10 @@ def build_train_transform(
     ``scale`` and ``ratio`` allow holds twice the output's pixels is decoded at reduced scale (a 12 MP
     photo at 1/2 for 224 px and ``scale[0] = 0.08``).
 
+    For a SigLIP 2 NaFlex processor (:func:`is_naflex_processor`), which has no fixed size to resample the
+    crop to, the same box is cut out and flipped, and the processor then makes its three inputs from it,
+    resizing with ``resample`` (a :class:`NaFlexTransform`).
+
     Args:
         image_processor: The model's image processor, or a processor holding one.
         seed: Seed of the augmentations (integer >= 0).
@@ -583,10 +792,12 @@ def build_train_transform(
         flip_probability: Probability of a horizontal flip, in [0, 1].
         resample: PIL filter of the crop's resize (bicubic, as in the paper).
         draft: Decode large JPEGs at 1/2, 1/4 or 1/8 scale, never below the resolution the smallest crop
-            needs. ``False`` decodes every image in full.
+            needs. ``False`` decodes every image in full. (Fixed-size processors only: NaFlex decodes in
+            full.)
 
     Returns:
-        A :class:`ResizedCropTransform`, deterministic in ``(seed, index, view)``.
+        A :class:`ResizedCropTransform` (a :class:`NaFlexTransform` for NaFlex), deterministic in
+        ``(seed, index, view)``.
 
     Raises:
         ValueError: for a bad seed, scale, ratio or flip probability, or a processor without a fixed output
@@ -611,12 +822,13 @@ def build_train_transform(
         raise ValueError(f"ratio must be (low, high) with 0 < low <= high, got {ratio!r}.")
     if not 0.0 <= flip_probability <= 1.0:
         raise ValueError(f"flip_probability must be in [0, 1], got {flip_probability!r}.")
-    return _TrainTransform(
-        _ProcessorSteps.from_processor(image_processor),
+    augmentation = _Augmentation(
         seed=int(seed),
         scale=(float(scale[0]), float(scale[1])),
         ratio=(float(ratio[0]), float(ratio[1])),
         flip_probability=float(flip_probability),
-        resample=int(resample),
-        draft=draft,
     )
+    if is_naflex_processor(image_processor):
+        return NaFlexTransform(image_processor, augmentation=augmentation, resample=int(resample))
+    steps = _ProcessorSteps.from_processor(image_processor)
+    return _TrainTransform(steps, augmentation=augmentation, resample=int(resample), draft=draft)

@@ -42,6 +42,14 @@ def tiny_processor(tiny_clip_path):
 
 
 @pytest.fixture(scope="session")
+def siglip2_path(tmp_path_factory) -> str:
+    """A saved tiny SigLIP 2 NaFlex ``Siglip2Model`` + ``Siglip2Processor`` (patches of 16 px, at most 256)."""
+    from peft_clip_adapter.offline import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-siglip2"), family="siglip2")
+
+
+@pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> str:
     """An image folder with the four shape classes, 12 images each."""
     return write_shapes_dataset(tmp_path_factory.mktemp("shapes"), images_per_class=12)

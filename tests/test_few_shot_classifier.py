@@ -40,16 +40,20 @@ def classifier(tiny_clip, tiny_processor) -> FewShotClassifier:
     return FewShotClassifier(model, tiny_processor, CLASSES, ["a photo of a {}.", "itap of a {}."])
 
 
-def test_predictions_equal_the_trainers_eval_predictions(fewshot, tiny_clip_path, shapes_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("model_path", ["tiny_clip_path", "siglip2_path"])  # SigLIP 2 NaFlex: its processor's inputs
+def test_predictions_equal_the_trainers_eval_predictions(
+    fewshot, model_path, shapes_dir, tmp_path, monkeypatch, request
+):
     evaluations = []
     evaluate = fewshot.evaluate
     monkeypatch.setattr(fewshot, "evaluate", lambda *args: evaluations.append(evaluate(*args)) or evaluations[-1])
     flags = dict(shots=4, views=2, num_train_epochs=3, per_device_train_batch_size=8, learning_rate=0.05)
-    argv = [*helpers.trainer_args(tiny_clip_path, shapes_dir, tmp_path, **flags), "--adapt", "both"]
+    argv = helpers.trainer_args(request.getfixturevalue(model_path), shapes_dir, tmp_path, **flags, adapt="both")
     results = fewshot.main([*argv, "--templates", "ensemble"])
     trained = evaluations[-1]  # the final evaluation of the trained adapter
 
     classifier = FewShotClassifier.from_pretrained(tmp_path / "out")  # the base model named in its config
+    assert classifier.head.sigmoid_scores == (model_path == "siglip2_path")  # SigLIP's scores are sigmoids
     heldout = load_image_classification_data(train_dir=shapes_dir, seed=0)["validation"]
     predictions = classifier(list(heldout["image"]))
 

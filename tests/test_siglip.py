@@ -2,8 +2,8 @@
 
 SigLIP's text embedding is the LAST token's state, so prompts must be padded to the trained length (64),
 and its logits are ``exp(logit_scale) * cos + logit_bias`` with sigmoid scores. SigLIP 2 NaFlex
-(``Siglip2Model``) takes its processor's variable-resolution inputs; the few-shot trainer refuses it
-clearly until its pipeline runs the processor after the augmentation.
+(``Siglip2Model``) takes its processor's variable-resolution inputs; its few-shot pipeline and trainer
+are tested in ``test_naflex.py``.
 """
 
 from __future__ import annotations
@@ -38,11 +38,6 @@ IMAGES = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (24, 48), 
 @pytest.fixture(scope="module")
 def siglip_path(tmp_path_factory) -> str:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-siglip"), family="siglip")
-
-
-@pytest.fixture(scope="module")
-def siglip2_path(tmp_path_factory) -> str:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-siglip2"), family="siglip2")
 
 
 def perturbed(model_class, path: str, adapt: str = "both"):
@@ -191,15 +186,6 @@ def test_trainer_runs_end_to_end_on_siglip(fewshot, siglip_path, shapes_dir, tmp
     reloaded = PeftModel.from_pretrained(SiglipModel.from_pretrained(siglip_path).eval(), out)
     assert sorted(adapter_layers(reloaded)) == ["text", "vision"]
     assert os.path.getsize(out / "adapter_model.safetensors") < 20_000
-
-
-def test_trainer_refuses_siglip2_naflex_clearly(fewshot, siglip2_path, shapes_dir, tmp_path):
-    with pytest.raises(
-        ValueError,
-        match=r"Siglip2Model from .* is SigLIP 2 NaFlex, whose variable-resolution .* "
-        r"Use a fixed-resolution checkpoint \(a SiglipModel",
-    ):
-        fewshot.main(helpers.trainer_args(siglip2_path, shapes_dir, tmp_path, shots=2, num_train_epochs=1))
 
 
 def test_the_eval_transform_reproduces_siglips_image_processor(siglip_path):
