@@ -30,6 +30,8 @@ BEGIN_MARKER = "<!-- peft-clip-adapter: begin (rewritten on every save; edit out
 END_MARKER = "<!-- peft-clip-adapter: end -->"
 #: Our cards written before the markers existed start like this; such a text is ours entirely.
 _UNMARKED_CARD_START = "# CLIP-Adapter\n\nA [CLIP-Adapter](https://arxiv.org/abs/2110.04544)"
+#: The Hub task of an adapter, by what its base model classifies with prompts: images, or audio (CLAP).
+IMAGE_TASK, AUDIO_TASK = "zero-shot-image-classification", "zero-shot-audio-classification"
 #: Class names listed in the snippet's comment; longer lists are cut (``class_names`` holds them all).
 SNIPPET_CLASSES = 20
 #: What Markdown or HTML would read in a table cell or a line of text (underscores inside words are literal).
@@ -48,6 +50,7 @@ def render_model_card(
     templates: Optional[Sequence[str]] = None,
     license: Optional[str] = None,
     tags: Sequence[str] = (),
+    branches: Sequence[str] = (),
 ) -> ModelCard:
     """Build the model card of an adapter saved with ``config``, or update ``existing`` in place.
 
@@ -62,11 +65,14 @@ def render_model_card(
         results: Optional facts about training (dataset, shots, accuracy, ...), shown as a table.
         existing: A card already in the folder: its text outside our markers and its metadata are kept.
         class_names: The classes of the classifier saved beside the adapter; they give the card its
-            ``FewShotClassifier`` snippet and the zero-shot-image-classification widget.
+            ``FewShotClassifier`` snippet and the zero-shot widget.
         templates: The prompt templates of that classifier.
         license: The card's ``license`` (default: the existing card's, else the base model's when
             ``base_model_license`` finds it).
         tags: More tags, e.g. the base model's ``model_tags``.
+        branches: The towers the base model has (``"vision"``, ``"text"``, ``"audio"``): with an audio
+            tower and no vision tower (CLAP), or with ``adapt="audio"``, the card's ``pipeline_tag`` is
+            ``zero-shot-audio-classification``; otherwise ``zero-shot-image-classification``.
 
     Returns:
         A ``huggingface_hub.ModelCard``. Its text shows ``import peft_clip_adapter``, which must run before
@@ -95,7 +101,8 @@ def render_model_card(
         data.base_model = None
     data.tags = sorted(tags)
     data.library_name = "peft"
-    data.pipeline_tag = data.pipeline_tag or "zero-shot-image-classification"
+    if data.pipeline_tag in (None, "", IMAGE_TASK, AUDIO_TASK):  # ours to set; a user's other task is kept
+        data.pipeline_tag = pipeline_tag(config, branches)
     data.license = license or data.license or base_model_license(base_model)
     dataset = str((results or {}).get("dataset") or "")
     if is_hub_id(dataset):
@@ -118,6 +125,27 @@ def render_model_card(
     card = ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n{{ text }}\n")
     card.text = _merge_text(existing.text if existing is not None else "", section)
     return card
+
+
+def pipeline_tag(config: CLIPAdapterConfig, branches: Sequence[str] = ()) -> str:
+    """The Hub task of an adapter: what its base model classifies against class-name prompts.
+
+    Args:
+        config: The adapter's config (``adapt="audio"`` says audio by itself).
+        branches: The towers the base model has.
+
+    Returns:
+        ``"zero-shot-audio-classification"`` for an audio-text model (an audio tower and no vision tower,
+        as CLAP) or an audio adapter, else ``"zero-shot-image-classification"``.
+
+    Example:
+        >>> pipeline_tag(CLIPAdapterConfig(adapt="both"), ["audio", "text"])
+        'zero-shot-audio-classification'
+        >>> pipeline_tag(CLIPAdapterConfig(adapt="text"), ["vision", "text"])
+        'zero-shot-image-classification'
+    """
+    audio = config.adapt == "audio" or ("audio" in branches and "vision" not in branches)
+    return AUDIO_TASK if audio else IMAGE_TASK
 
 
 def load_card(path: str | os.PathLike) -> Optional[ModelCard]:
@@ -213,14 +241,15 @@ def _our_section(
     templates: Optional[Sequence[str]],
 ) -> str:
     adapter = adapter_id or "<this adapter's Hub id, or its folder>"
-    base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else "a CLIP model"
+    base_text = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else "a contrastive dual encoder"
     lines = [
         BEGIN_MARKER,
         "# CLIP-Adapter",
         "",
         f"A [CLIP-Adapter](https://arxiv.org/abs/2110.04544) for {base_text}: a residual bottleneck MLP "
-        "on CLIP's pooled, projected embedding, `f' = ratio * ReLU(W2 ReLU(W1 f)) + (1 - ratio) * f`, "
-        "trained with the class-name prompts as the classifier. Only the adapter is stored here.",
+        "on the final pooled embedding of each adapted tower (the vector the model's contrastive head "
+        "compares), `f' = ratio * ReLU(W2 ReLU(W1 f)) + (1 - ratio) * f`, trained with the class-name "
+        "prompts as the classifier. Only the adapter is stored here.",
         "",
         "## Usage",
         "",

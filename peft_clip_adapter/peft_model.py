@@ -32,6 +32,7 @@ from peft_clip_adapter.checkpoint import (
     write_manifest,
 )
 from peft_clip_adapter.config import CLIPAdapterConfig
+from peft_clip_adapter.families import find_towers
 from peft_clip_adapter.layer import PREFIX
 
 try:  # POSIX: saves into one folder take turns; elsewhere they are still atomic per file, as a set by the manifest.
@@ -295,6 +296,7 @@ class CLIPAdapterPeftModel(PeftModel):
             license=self.license,
             # As peft's own card: the base model's tags (ours among them) and "transformers".
             tags=[*(getattr(base, "model_tags", None) or []), *self._get_peft_specific_model_tags()],
+            branches=sorted({tower.branch for tower in find_towers(base).values()}),
         )
         card.save(path)
 

@@ -151,3 +151,30 @@ def test_a_card_written_before_the_markers_is_replaced_not_duplicated(model, tmp
     model.save_pretrained(tmp_path)
     text = (tmp_path / "README.md").read_text()
     assert text.count("# CLIP-Adapter\n") == 1 and text.count(BEGIN_MARKER) == 1
+
+
+def test_the_card_names_the_task_of_the_base_model_and_no_single_family(tiny_clip, tmp_path):
+    from transformers import ClapModel
+
+    from peft_clip_adapter.offline import build_tiny_model
+
+    clap = ClapModel.from_pretrained(build_tiny_model(tmp_path / "clap", family="clap"))
+    adapted = get_peft_model(clap, CLIPAdapterConfig(adapt="both"))
+    adapted.save_pretrained(tmp_path / "audio")
+    card = ModelCard.load(tmp_path / "audio" / "README.md")
+    assert card.data.pipeline_tag == "zero-shot-audio-classification"
+    assert "CLIP's" not in card.text and "final pooled embedding of each adapted tower" in card.text
+    assert "| adapted branch | both |" in card.text and "ClapModel.from_pretrained(" in card.text
+
+    # The image task an earlier version wrote for every adapter is corrected; a task the user chose is kept.
+    for written, expected in [
+        ("zero-shot-image-classification", "zero-shot-audio-classification"),
+        ("audio-classification", "audio-classification"),
+    ]:
+        card.data.pipeline_tag = written
+        card.save(tmp_path / "audio" / "README.md")
+        adapted.save_pretrained(tmp_path / "audio")
+        assert ModelCard.load(tmp_path / "audio" / "README.md").data.pipeline_tag == expected
+
+    get_peft_model(tiny_clip, CLIPAdapterConfig(adapt="text")).save_pretrained(tmp_path / "image")
+    assert ModelCard.load(tmp_path / "image" / "README.md").data.pipeline_tag == "zero-shot-image-classification"
