@@ -270,7 +270,8 @@ def test_a_pickle_renamed_to_safetensors_is_refused_unread(saved, tiny_clip_path
 
 
 def test_another_reduction_passed_at_load_time_is_named_as_such(saved, tiny_clip_path):
-    with pytest.raises(ValueError, match=r"hidden width 8 for d=32 \(reduction=4\), but its config says reduction=2"):
+    match = r"hidden width 8 for d=32 \(reduction=4\), but its config says reduction=2"
+    with pytest.raises(ValueError, match=match), pytest.warns(UserWarning, match="keeps its own config"):
         PeftModel.from_pretrained(
             CLIPModel.from_pretrained(tiny_clip_path), saved, config=CLIPAdapterConfig(reduction=2)
         )
@@ -343,6 +344,8 @@ BAD_NAMES = ["/tmp/outside", "../outside", "a.b", "", "x/y", "-flag", "name with
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)
+# peft warns about a name inside the prefix ('' is in every string) before our check refuses it.
+@pytest.mark.filterwarnings("ignore:Adapter name '' should not be contained in the prefix:UserWarning")
 def test_adapter_names_must_be_plain(tiny_clip_path, saved, tmp_path, name):
     match = rf"adapter_name={name!r} is not a plain name"
     with pytest.raises(ValueError, match=match):
@@ -367,6 +370,9 @@ def test_an_absolute_adapter_name_never_writes_outside(tiny_clip, tmp_path):
     assert not outside.exists() and not (tmp_path / "out").exists()
 
 
+# peft's own generic warnings come first; what matters is that our refusal follows and nothing changes.
+@pytest.mark.filterwarnings("ignore:You are trying to modify a model with PEFT for a second time:UserWarning")
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute in the model:UserWarning")
 def test_wrapping_a_peft_model_again_is_refused(tiny_clip):
     model = get_peft_model(tiny_clip, CLIPAdapterConfig())
     weights = {name: p.detach().clone() for name, p in model.named_parameters() if "clip_adapter_" in name}
