@@ -8,9 +8,10 @@ models are randomly initialised, so their zero-shot accuracy is near chance; the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,31 @@ def build_tiny_model(
     build = {"clip": _tiny_clip, "siglip": _tiny_siglip, "siglip2": _tiny_siglip2, "clap": _tiny_clap}[family]
     torch.manual_seed(seed)
     model, processor = build(vocabulary, projection_dim=projection_dim, hidden_size=hidden_size, image_size=image_size)
-    model.save_pretrained(save_directory)
-    processor.save_pretrained(save_directory)
+    with _quiet_transformers():
+        model.save_pretrained(save_directory)
+        processor.save_pretrained(save_directory)
     return str(save_directory)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide what transformers prints while saving a generated model, none of which a user can act on.
+
+    Saving builds a default config to compare against, and transformers' default ``SiglipTextConfig`` warns
+    that its own default token ids lie outside its own default vocabulary; each save also draws a progress bar.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 def build_tiny_clip(
