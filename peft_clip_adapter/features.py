@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from peft_clip_adapter.checkpoint import apply_default_permissions
 from peft_clip_adapter.data import check_columns
 from peft_clip_adapter.embeddings import model_device, unwrap_model
 from peft_clip_adapter.families import embedding_width
@@ -624,6 +625,7 @@ class FeatureCache:
         os.close(handle)
         try:
             save_file(tensors, temporary, metadata=metadata)
+            apply_default_permissions(temporary)  # mkstemp makes 0600; a shared cache is read by the team
             # Readers see either no file or a whole one, even if this process dies mid-write.
             os.replace(temporary, self.path(key))
         finally:

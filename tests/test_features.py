@@ -4,6 +4,7 @@ training the adapter on cached features gives the same adapter as training end t
 from __future__ import annotations
 
 import logging
+import os
 
 import datasets
 import numpy as np
@@ -219,6 +220,10 @@ def test_cache_reuses_features_without_running_the_backbone(tiny_clip_path, shap
     assert calls == []
     assert torch.equal(again.features, first.features) and torch.equal(again.labels, first.labels)
     assert [path.name for path in (tmp_path / "cache").iterdir()] == [cache.last_path.name]  # no temp files left
+    # Readable like any other file in a cache a team shares (the temporary file it was written to is 0600).
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert cache.last_path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_every_ingredient_of_the_key_changes_it(tiny_clip_path, shapes):
