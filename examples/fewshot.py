@@ -474,7 +474,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from transformers import AutoModel, AutoProcessor  # noqa: E402
 
 import peft_clip_adapter  # noqa: E402
-from peft_clip_adapter.checkpoint import apply_default_permissions, from_pretrained_safetensors  # noqa: E402
+from peft_clip_adapter.checkpoint import from_pretrained_safetensors  # noqa: E402
 from peft_clip_adapter.classifier import (  # noqa: E402
     NEAR_DUPLICATE_COSINE,
     CLIPAdapterClassifier,
@@ -494,6 +494,7 @@ from peft_clip_adapter.embeddings import frozen, unwrap_model  # noqa: E402
 from peft_clip_adapter.families import describe_towers, towers_by_branch  # noqa: E402
 from peft_clip_adapter.features import FeatureCache, FeatureSet, dataset_labels  # noqa: E402
 from peft_clip_adapter.logs import on_terminal, progress, quiet_peft_wrapping  # noqa: E402
+from peft_clip_adapter.manifest import apply_default_permissions  # noqa: E402
 from peft_clip_adapter.microclip import PretrainingConfig, build_micro_clip  # noqa: E402
 from peft_clip_adapter.recipe import TrainingRecipe, scheduled_learning_rate  # noqa: E402
 from peft_clip_adapter.scene_tasks import SCENE_TASKS, write_task_dataset  # noqa: E402

@@ -204,7 +204,8 @@ class CLIPAdapterConfig(PeftConfig):
             >>> peft_clip_adapter.CLIPAdapterConfig.from_pretrained(folder).ratio
             0.6
         """
-        from peft_clip_adapter.checkpoint import check_adapter_folder, manifest_mismatch, verify_manifest
+        from peft_clip_adapter.checkpoint import check_adapter_folder
+        from peft_clip_adapter.manifest import manifest_mismatch, verify_manifest
 
         path = (
             os.path.join(os.fspath(pretrained_model_name_or_path), subfolder)

@@ -29,10 +29,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from peft_clip_adapter.checkpoint import apply_default_permissions
 from peft_clip_adapter.data import check_columns
 from peft_clip_adapter.embeddings import model_device, unwrap_model
 from peft_clip_adapter.families import embedding_width
+from peft_clip_adapter.manifest import apply_default_permissions
 from peft_clip_adapter.pipeline import (
     ExtractionSettings,
     encode_views,

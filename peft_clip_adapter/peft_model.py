@@ -22,18 +22,11 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError
 
 from peft_clip_adapter.card import CLASS_PROMPTS_FILE, load_card, render_model_card
-from peft_clip_adapter.checkpoint import (
-    MANIFEST_NAME,
-    apply_default_permissions,
-    check_adapter_folder,
-    check_adapter_name,
-    check_weights_file,
-    loading_source,
-    write_manifest,
-)
+from peft_clip_adapter.checkpoint import check_adapter_folder, check_adapter_name, check_weights_file, loading_source
 from peft_clip_adapter.config import CLIPAdapterConfig
 from peft_clip_adapter.families import find_towers
 from peft_clip_adapter.layer import PREFIX
+from peft_clip_adapter.manifest import MANIFEST_NAME, apply_default_permissions, write_manifest
 
 try:  # POSIX: saves into one folder take turns; elsewhere they are still atomic per file, as a set by the manifest.
     import fcntl

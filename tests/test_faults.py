@@ -24,9 +24,9 @@ from transformers import AutoProcessor, CLIPModel
 
 import peft_clip_adapter.peft_model as our_peft_model
 from peft_clip_adapter import CLIPAdapterConfig, CLIPAdapterPeftModel
-from peft_clip_adapter.checkpoint import MANIFEST_NAME
 from peft_clip_adapter.data import build_eval_transform, load_image_classification_data
 from peft_clip_adapter.features import FeatureCache, dataset_fingerprint
+from peft_clip_adapter.manifest import MANIFEST_NAME
 from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset
 
 # pytest runs with --import-mode=importlib, so tests/ is not on sys.path: load the helpers by path.

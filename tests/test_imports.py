@@ -14,7 +14,9 @@ import peft_clip_adapter
 PACKAGE = Path(peft_clip_adapter.__file__).resolve().parent
 MODULES = sorted(path.stem for path in PACKAGE.glob("*.py"))
 #: The PEFT method: what peft needs to build, save and load an adapter. The rest is the few-shot toolkit.
-METHOD_MODULES = {"config", "layer", "families", "model", "registration", "peft_model", "card", "checkpoint"}
+METHOD_MODULES = {
+    "config", "layer", "families", "model", "registration", "peft_model", "card", "checkpoint", "manifest",
+}  # fmt: skip
 
 
 def imported_modules(module: str) -> set[str]:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPModel
 
 from peft_clip_adapter import CLIPAdapterConfig, CLIPAdapterLayer
-from peft_clip_adapter.checkpoint import MANIFEST_NAME
+from peft_clip_adapter.manifest import MANIFEST_NAME
 
 DOWN = "base_model.model.visual_projection.clip_adapter_down.weight"
 UP = "base_model.model.visual_projection.clip_adapter_up.weight"
