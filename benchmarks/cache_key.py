@@ -25,8 +25,8 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from peft_clip_adapter.data import build_eval_transform
-from peft_clip_adapter.features import dataset_fingerprint, extract_image_features
+from peft_clip_adapter.fewshot.data import build_eval_transform
+from peft_clip_adapter.fewshot.features import dataset_fingerprint, extract_image_features
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -64,7 +64,7 @@ def paths_only_key(dataset: datasets.Dataset) -> str:
 def model_and_processor(arch: str, folder: Path) -> tuple[Any, Any]:
     from transformers import AutoProcessor, CLIPImageProcessor
 
-    from peft_clip_adapter.offline import build_tiny_clip
+    from peft_clip_adapter.testing.tiny_models import build_tiny_clip
 
     if arch == "tiny":
         path = build_tiny_clip(folder / "tiny-clip")

@@ -36,7 +36,7 @@ class PaperDataset:
         key: Short name (the CoOp key, also the ``templates.DATASET_TEMPLATES`` key).
         name: Name in the paper's table.
         folder: Folder under ``--data_root`` (CoOp's folder name).
-        template: Key of the prompt template in ``peft_clip_adapter.templates``.
+        template: Key of the prompt template in ``peft_clip_adapter.fewshot.templates``.
         source: Where the images come from originally.
         zero_shot: Reported zero-shot CLIP accuracy (RN50, %); ``None`` for a dataset not in the paper.
         accuracy: Reported CLIP-Adapter accuracy at 1, 2, 4, 8, 16 shots (RN50, %), or ``None``.
@@ -93,7 +93,13 @@ DATASETS: dict[str, PaperDataset] = {
 
 #: The generated dataset of ``reproduce.py --smoke`` (not in the paper: no reported numbers).
 SMOKE_DATASET = PaperDataset(
-    "shapes", "Shapes (generated)", "shapes", "default", "peft_clip_adapter.offline.write_shapes_dataset", None, None
+    "shapes",
+    "Shapes (generated)",
+    "shapes",
+    "default",
+    "peft_clip_adapter.testing.tiny_models.write_shapes_dataset",
+    None,
+    None,
 )
 
 #: The paper's mean over the 11 datasets: zero-shot, then 1, 2, 4, 8, 16 shots.
@@ -193,7 +199,7 @@ def export_hub_dataset(
 
     Example:
         >>> import tempfile
-        >>> from peft_clip_adapter.offline import write_shapes_dataset
+        >>> from peft_clip_adapter.testing.tiny_models import write_shapes_dataset
         >>> root = tempfile.mkdtemp()
         >>> _ = write_shapes_dataset(f"{root}/src/train", images_per_class=2)
         >>> _ = write_shapes_dataset(f"{root}/src/test", images_per_class=1, seed=1)

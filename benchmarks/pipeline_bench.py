@@ -66,7 +66,7 @@ def _legacy_normalise(image: Image.Image, steps) -> torch.Tensor:
 
 def legacy_train_views(path: Path, transform, *, index: int, views: int) -> torch.Tensor:
     """The train views as extraction made them before: full decode, then crop, resize, flip, normalise each."""
-    from peft_clip_adapter.data import load_image
+    from peft_clip_adapter.fewshot.data import load_image
 
     image = load_image(str(path))
     height, width = transform.size
@@ -82,7 +82,7 @@ def legacy_train_views(path: Path, transform, *, index: int, views: int) -> torc
 
 def legacy_eval_image(path: Path, transform) -> torch.Tensor:
     """The eval image as extraction made it before: full decode, the processor's resize and crop, normalise."""
-    from peft_clip_adapter.data import load_image
+    from peft_clip_adapter.fewshot.data import load_image
 
     image = load_image(str(path))
     box = transform.view_box(image.width, image.height, index=0, view=0)
@@ -104,8 +104,8 @@ def _device_side_inputs(path: Path, transform, *, index: int, views: int):
 
 def measure_costs(paths: dict[str, list[Path]], args) -> dict[str, Any]:
     """CPU ms per training view and per eval image (one thread), before and now, per photo size."""
-    from peft_clip_adapter.images import load_image
-    from peft_clip_adapter.resample import ViewBatch, render_views
+    from peft_clip_adapter.fewshot.inputs.images import load_image
+    from peft_clip_adapter.fewshot.inputs.resample import ViewBatch, render_views
 
     train, evaluate = _transforms()
     views, repeats, device = args.views, args.pipeline_repeats, args.device
@@ -164,7 +164,7 @@ def measure_costs(paths: dict[str, list[Path]], args) -> dict[str, Any]:
 def _transforms():
     from transformers import CLIPImageProcessor
 
-    from peft_clip_adapter.data import build_eval_transform, build_train_transform
+    from peft_clip_adapter.fewshot.data import build_eval_transform, build_train_transform
 
     processor = CLIPImageProcessor()  # OpenAI CLIP's preprocessing: 224 px, bicubic, CLIP mean / std
     return build_train_transform(processor, seed=0), build_eval_transform(processor)
@@ -197,7 +197,7 @@ def measure_throughput(folder: Path, args) -> dict[str, Any]:
     """Images per second through ``load_or_extract`` (cold cache) at each worker count, views on CPU and device."""
     import datasets
 
-    from peft_clip_adapter.features import FeatureCache
+    from peft_clip_adapter.fewshot.features import FeatureCache
 
     train, _ = _transforms()
     dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train")

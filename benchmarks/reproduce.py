@@ -15,7 +15,7 @@ for the final accuracy. The ratio (alpha) is chosen without it, by ``--hparams``
 
 - ``fixed`` (default): the paper's default, ``--ratio`` (0.2), for every dataset.
 - ``search``: the trainer's ``--ratio auto`` over ``--search_ratios``: k-fold cross-validation on the
-  training shots themselves (``peft_clip_adapter.search``: every candidate and fold trained at once on the
+  training shots themselves (``peft_clip_adapter.fewshot.search``: every candidate and fold trained at once on the
   cached features), then the final adapter trains on all ``k`` shots with the winner. With 1 shot there
   is nothing to hold out, so the trainer falls back to the paper's ratio, 0.2. Each cell records the
   strategy and every candidate's held-out accuracy.
@@ -154,7 +154,7 @@ def _dataset_dirs(args: argparse.Namespace) -> dict[str, Path]:
 
 def _smoke_setup(args: argparse.Namespace, trainer_args: list[str]) -> list[str]:
     """Tiny CLIP and a generated train / test image folder under ``output_dir``; small trainer settings."""
-    from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset
+    from peft_clip_adapter.testing.tiny_models import build_tiny_clip, write_shapes_dataset
 
     root = Path(args.output_dir) / "smoke-data"
     if not (root / "tiny-clip").is_dir():

@@ -11,7 +11,7 @@ ratio ``search / fixed`` is the price of choosing the ratio without the test set
 run; every number is the median over ``--repeats`` turns.
 
 Workloads (200 epochs, the paper's recipe, 16 shots of the 9 colour-shape pairs of
-``peft_clip_adapter.scene_tasks``):
+``peft_clip_adapter.testing.scene_tasks``):
 
 - ``micro-clip``: the offline default's pretrained micro-CLIP (width d = 64).
 - ``vit-b-width``: the same images through a random tiny CLIP whose projection is ViT-B's width d = 512
@@ -81,9 +81,9 @@ def load_trainer():
 
 def prepare_workload(name: str, trainer, work_dir: Path) -> list[str]:
     """Model and data flags of a workload, building what it needs once under ``work_dir``."""
-    from peft_clip_adapter.offline import build_tiny_clip
-    from peft_clip_adapter.scene_tasks import SCENE_TASKS, write_task_dataset
-    from peft_clip_adapter.scenes import vocabulary
+    from peft_clip_adapter.testing.scene_tasks import SCENE_TASKS, write_task_dataset
+    from peft_clip_adapter.testing.scenes import vocabulary
+    from peft_clip_adapter.testing.tiny_models import build_tiny_clip
 
     if name == "micro-clip":
         model, train, validation = trainer.build_offline_default(str(work_dir / "cache"), "dusk-pairs")

@@ -257,7 +257,7 @@ def reference_recipe_step(model, dataset, transform, prompt_ids: torch.Tensor, o
     The reference code (CoOp's trainer) re-encodes all class prompts on every step, padded to 77 tokens,
     and runs the frozen image encoder on every augmented batch; only the adapter receives gradients.
     """
-    from peft_clip_adapter.data import load_image
+    from peft_clip_adapter.fewshot.data import load_image
 
     device = prompt_ids.device
     step = [0]
@@ -302,8 +302,8 @@ def measure_time_to_adapter(source: str, args: argparse.Namespace, workdir: Path
     """Reference recipe (extrapolated from a few steps) vs ours (in full) vs the floor (in full)."""
     from datasets import load_dataset
 
-    from peft_clip_adapter.data import build_train_transform
-    from peft_clip_adapter.features import FeatureCache
+    from peft_clip_adapter.fewshot.data import build_train_transform
+    from peft_clip_adapter.fewshot.features import FeatureCache
 
     device, batch, extraction_batch = args.device, args.batch_size, args.extraction_batch_size
     images = args.shots * args.classes
@@ -588,7 +588,7 @@ def run(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 
 def _tiny_clip(folder: Path) -> str:
-    from peft_clip_adapter.offline import build_tiny_clip
+    from peft_clip_adapter.testing.tiny_models import build_tiny_clip
 
     return build_tiny_clip(folder / "tiny-clip")
 

@@ -80,7 +80,7 @@ def cached_training_epoch(
     Returns:
         A callable running one epoch and returning its mean loss.
     """
-    from peft_clip_adapter.classifier import CLIPAdapterClassifier
+    from peft_clip_adapter.fewshot.classifier import CLIPAdapterClassifier
 
     head = CLIPAdapterClassifier.from_model(peft_model, class_embeddings)
     parameters = [parameter for parameter in head.parameters() if parameter.requires_grad]

@@ -75,7 +75,7 @@ PAPER_DEFAULTS = {"shots": 16, "ratio": 0.2, "learning_rate": 2e-3, "views": 10,
 #: micro-CLIP. Only the augmentation differs: in 32 px scenes a random crop cuts off the shape or changes
 #: its size, which the classes and prompts describe, so the views are whole images, randomly flipped.
 OFFLINE_DEFAULTS = {"shots": 16, "ratio": 0.2, "learning_rate": 2e-3, "views": 10, "min_crop_scale": 1.0}
-#: The offline default's generated tasks: the keys of peft_clip_adapter.scene_tasks.SCENE_TASKS (named here,
+#: The offline default's generated tasks: the keys of peft_clip_adapter.testing.scene_tasks.SCENE_TASKS (named here,
 #: so that --help needs no import of the package; a test keeps them equal).
 OFFLINE_TASKS = ("dusk-pairs", "held-out-pairs")
 #: The offline default's model folder (bump it when the pretraining changes) and its images per class.
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline_task",
         choices=OFFLINE_TASKS,
         default="dusk-pairs",
-        help="The offline default's generated few-shot task (peft_clip_adapter.scene_tasks).",
+        help="The offline default's generated few-shot task (peft_clip_adapter.testing.scene_tasks).",
     )
 
     method = parser.add_argument_group("CLIP-Adapter")
@@ -327,7 +327,7 @@ def _template_set_names() -> list[str]:
     ``import peft_clip_adapter`` imports torch, transformers and peft (seconds); --help must not wait for them.
     """
     package = importlib.util.find_spec("peft_clip_adapter")  # finds the package without importing it
-    path = os.path.join(package.submodule_search_locations[0], "templates.py")
+    path = os.path.join(package.submodule_search_locations[0], "fewshot", "templates.py")
     spec = importlib.util.spec_from_file_location("_peft_clip_adapter_templates", path)
     templates = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(templates)
@@ -474,14 +474,15 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 from transformers import AutoModel, AutoProcessor  # noqa: E402
 
 import peft_clip_adapter  # noqa: E402
-from peft_clip_adapter.checkpoint import from_pretrained_safetensors  # noqa: E402
-from peft_clip_adapter.classifier import (  # noqa: E402
+from peft_clip_adapter.adapter_checks import from_pretrained_safetensors  # noqa: E402
+from peft_clip_adapter.families import describe_towers, towers_by_branch  # noqa: E402
+from peft_clip_adapter.fewshot.classifier import (  # noqa: E402
     NEAR_DUPLICATE_COSINE,
     CLIPAdapterClassifier,
     check_class_prototypes,
     encode_class_prompts,
 )
-from peft_clip_adapter.data import (  # noqa: E402
+from peft_clip_adapter.fewshot.data import (  # noqa: E402
     build_eval_transform,
     build_train_transform,
     check_columns,
@@ -490,17 +491,16 @@ from peft_clip_adapter.data import (  # noqa: E402
     load_image_classification_data,
     sample_few_shot,
 )
-from peft_clip_adapter.embeddings import frozen, unwrap_model  # noqa: E402
-from peft_clip_adapter.families import describe_towers, towers_by_branch  # noqa: E402
-from peft_clip_adapter.features import FeatureCache, FeatureSet, dataset_labels  # noqa: E402
-from peft_clip_adapter.logs import on_terminal, progress, quiet_peft_wrapping  # noqa: E402
+from peft_clip_adapter.fewshot.embeddings import frozen, unwrap_model  # noqa: E402
+from peft_clip_adapter.fewshot.features import FeatureCache, FeatureSet, dataset_labels  # noqa: E402
+from peft_clip_adapter.fewshot.inputs.transforms import move_model_inputs, stack_model_inputs  # noqa: E402
+from peft_clip_adapter.fewshot.logs import on_terminal, progress, quiet_peft_wrapping  # noqa: E402
+from peft_clip_adapter.fewshot.recipe import TrainingRecipe, scheduled_learning_rate  # noqa: E402
+from peft_clip_adapter.fewshot.search import SearchResult, search_hyperparameters, set_ratio  # noqa: E402
+from peft_clip_adapter.fewshot.templates import DATASET_TEMPLATES, templates_for  # noqa: E402
 from peft_clip_adapter.manifest import apply_default_permissions  # noqa: E402
-from peft_clip_adapter.microclip import PretrainingConfig, build_micro_clip  # noqa: E402
-from peft_clip_adapter.recipe import TrainingRecipe, scheduled_learning_rate  # noqa: E402
-from peft_clip_adapter.scene_tasks import SCENE_TASKS, write_task_dataset  # noqa: E402
-from peft_clip_adapter.search import SearchResult, search_hyperparameters, set_ratio  # noqa: E402
-from peft_clip_adapter.templates import DATASET_TEMPLATES, templates_for  # noqa: E402
-from peft_clip_adapter.transforms import move_model_inputs, stack_model_inputs  # noqa: E402
+from peft_clip_adapter.testing.microclip import PretrainingConfig, build_micro_clip  # noqa: E402
+from peft_clip_adapter.testing.scene_tasks import SCENE_TASKS, write_task_dataset  # noqa: E402
 
 logger = get_logger(__name__)
 #: The offline default's micro-CLIP: the pretraining settings it is built with.
@@ -591,7 +591,7 @@ def check_hub_access(args: argparse.Namespace) -> str:
         ) from error
     logger.info("Will push to %s as %s", repo_id, user)
     if args.license is None and not os.path.exists(args.model_name_or_path or ""):
-        try:  # the base model's card, for its licence (see peft_clip_adapter.card.base_model_license)
+        try:  # the base model's card, for its licence (see peft_clip_adapter.model_card.base_model_license)
             hf_hub_download(args.model_name_or_path, "README.md", token=args.hub_token)
         except Exception:  # best effort: the card then has no licence, and says so
             logger.warning(
@@ -858,7 +858,7 @@ def choose_hyperparameters(
 ) -> SearchResult:
     """--ratio / --learning_rate auto: k-fold cross-validation on the training shots, then set the winners.
 
-    ``peft_clip_adapter.search`` trains every candidate x fold with this script's recipe, all at once. It
+    ``peft_clip_adapter.fewshot.search`` trains every candidate x fold with this script's recipe, all at once. It
     runs on the main process and its choice is broadcast, so every process trains with the same values.
     """
     recipe = TrainingRecipe(
@@ -1082,7 +1082,7 @@ def _check_checkpoint_files(folder: Path, accelerator: Accelerator, hint: str) -
     from accelerate.utils import load as weights_only_load
     from safetensors.torch import load_file
 
-    from peft_clip_adapter.checkpoint import refuse_pickles, verify_safetensors_file
+    from peft_clip_adapter.adapter_checks import refuse_pickles, verify_safetensors_file
 
     model = folder / "model.safetensors"
     if not model.is_file():  # Accelerate pickles the optimizer and random states itself: those are checked below

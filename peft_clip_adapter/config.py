@@ -204,7 +204,7 @@ class CLIPAdapterConfig(PeftConfig):
             >>> peft_clip_adapter.CLIPAdapterConfig.from_pretrained(folder).ratio
             0.6
         """
-        from peft_clip_adapter.checkpoint import check_adapter_folder
+        from peft_clip_adapter.adapter_checks import check_adapter_folder
         from peft_clip_adapter.manifest import manifest_mismatch, verify_manifest
 
         path = (
@@ -259,7 +259,7 @@ class CLIPAdapterConfig(PeftConfig):
             ...
             ValueError: ... has peft_type='LORA'; a CLIP-Adapter config has peft_type='CLIP_ADAPTER'. ...
         """
-        from peft_clip_adapter.checkpoint import read_adapter_config
+        from peft_clip_adapter.adapter_checks import read_adapter_config
 
         loaded = read_adapter_config(path_json_file)
         if loaded["peft_type"] != PEFT_TYPE.value:

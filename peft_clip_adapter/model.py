@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from torch.nn.modules.module import register_module_module_registration_hook
 
-from peft_clip_adapter.checkpoint import check_adapter_name, check_adapter_tensors, current_source
+from peft_clip_adapter.adapter_checks import check_adapter_name, check_adapter_tensors, current_source
 from peft_clip_adapter.config import CLIPAdapterConfig
 from peft_clip_adapter.families import (
     BRANCHES,
@@ -78,7 +78,7 @@ def adapter_layers(model: nn.Module) -> dict[str, CLIPAdapterLayer]:
         >>> from peft_clip_adapter import CLIPAdapterConfig
         >>> import tempfile
         >>> from transformers import CLIPModel
-        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
         >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
         >>> sorted(adapter_layers(get_peft_model(clip, CLIPAdapterConfig(adapt="both"))))
         ['text', 'vision']
@@ -122,7 +122,7 @@ class CLIPAdapterModel(BaseTuner):
         >>> from peft import get_peft_model
         >>> import tempfile
         >>> from transformers import CLIPModel
-        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
         >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
         >>> model = get_peft_model(clip, peft_clip_adapter.CLIPAdapterConfig(ratio=0.2))
         >>> type(model.base_model).__name__

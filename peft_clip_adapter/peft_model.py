@@ -21,12 +21,17 @@ from peft import PeftConfig, PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError
 
-from peft_clip_adapter.card import CLASS_PROMPTS_FILE, load_card, render_model_card
-from peft_clip_adapter.checkpoint import check_adapter_folder, check_adapter_name, check_weights_file, loading_source
+from peft_clip_adapter.adapter_checks import (
+    check_adapter_folder,
+    check_adapter_name,
+    check_weights_file,
+    loading_source,
+)
 from peft_clip_adapter.config import CLIPAdapterConfig
 from peft_clip_adapter.families import find_towers
 from peft_clip_adapter.layer import PREFIX
 from peft_clip_adapter.manifest import MANIFEST_NAME, apply_default_permissions, write_manifest
+from peft_clip_adapter.model_card import CLASS_PROMPTS_FILE, load_card, render_model_card
 
 try:  # POSIX: saves into one folder take turns; elsewhere they are still atomic per file, as a set by the manifest.
     import fcntl
@@ -60,7 +65,7 @@ class CLIPAdapterPeftModel(PeftModel):
         >>> import peft_clip_adapter
         >>> from peft import get_peft_model
         >>> from transformers import CLIPModel
-        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
         >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
         >>> model = get_peft_model(clip, peft_clip_adapter.CLIPAdapterConfig())
         >>> model.training_results = {"dataset": "shapes", "shots": 4, "accuracy": 0.9}
@@ -106,7 +111,7 @@ class CLIPAdapterPeftModel(PeftModel):
             >>> import peft_clip_adapter
             >>> from peft import get_peft_model
             >>> from transformers import CLIPModel
-            >>> from peft_clip_adapter.offline import build_tiny_clip
+            >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
             >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
             >>> model = get_peft_model(clip, peft_clip_adapter.CLIPAdapterConfig())
             >>> model.save_pretrained(f"{tempfile.mkdtemp()}/adapter")
@@ -169,7 +174,7 @@ class CLIPAdapterPeftModel(PeftModel):
             >>> import peft_clip_adapter
             >>> from peft import get_peft_model
             >>> from transformers import CLIPModel
-            >>> from peft_clip_adapter.offline import build_tiny_clip
+            >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
             >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
             >>> model = get_peft_model(clip, peft_clip_adapter.CLIPAdapterConfig())
             >>> model.add_adapter("/tmp/elsewhere", peft_clip_adapter.CLIPAdapterConfig())
@@ -207,7 +212,7 @@ class CLIPAdapterPeftModel(PeftModel):
             >>> import peft_clip_adapter
             >>> from peft import get_peft_model
             >>> from transformers import CLIPModel
-            >>> from peft_clip_adapter.offline import build_tiny_clip
+            >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
             >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
             >>> model = get_peft_model(clip, peft_clip_adapter.CLIPAdapterConfig())
             >>> folder = tempfile.mkdtemp()
@@ -263,7 +268,7 @@ class CLIPAdapterPeftModel(PeftModel):
             >>> import peft_clip_adapter
             >>> from peft import get_peft_model
             >>> from transformers import CLIPModel
-            >>> from peft_clip_adapter.offline import build_tiny_clip
+            >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
             >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
             >>> model = get_peft_model(clip, peft_clip_adapter.CLIPAdapterConfig())
             >>> folder = tempfile.mkdtemp()

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import peft_clip_adapter  # noqa: E402, F401  (registers the method)
-from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset  # noqa: E402
+from peft_clip_adapter.testing.tiny_models import build_tiny_clip, write_shapes_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +44,7 @@ def tiny_processor(tiny_clip_path):
 @pytest.fixture(scope="session")
 def siglip2_path(tmp_path_factory) -> str:
     """A saved tiny SigLIP 2 NaFlex ``Siglip2Model`` + ``Siglip2Processor`` (patches of 16 px, at most 256)."""
-    from peft_clip_adapter.offline import build_tiny_model
+    from peft_clip_adapter.testing.tiny_models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-siglip2"), family="siglip2")
 

@@ -6,7 +6,7 @@ make Hub-style code run with no network:
 
 - ``offline_hub`` fills a private Hugging Face cache (the layout ``huggingface_hub`` itself writes:
   ``models--<org>--<name>/snapshots/<revision>/`` plus ``refs/main``) with a tiny CLIP built by
-  ``peft_clip_adapter.offline.build_tiny_clip`` under the ids in ``TINY_MODEL_IDS``, and points
+  ``peft_clip_adapter.testing.tiny_models.build_tiny_clip`` under the ids in ``TINY_MODEL_IDS``, and points
   ``huggingface_hub.constants.HF_HUB_CACHE`` at it. With ``HF_HUB_OFFLINE=1`` (set by conftest),
   ``from_pretrained("openai/clip-vit-base-patch16")`` then resolves through the real loading code.
 - ``HfApi.create_repo`` and ``HfApi.upload_folder`` are replaced by fakes that write the uploaded folder

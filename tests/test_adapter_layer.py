@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from transformers import AutoProcessor, CLIPModel, pipeline
 
 from peft_clip_adapter import CLIPAdapterConfig, adapter_layers
-from peft_clip_adapter.offline import build_tiny_clip
+from peft_clip_adapter.testing.tiny_models import build_tiny_clip
 
 LABELS = ["red circle", "green square", "blue triangle", "yellow cross"]
 INPUT_IDS = torch.tensor([[0, 5, 9, 12, 1], [0, 7, 3, 1, 1], [0, 4, 1, 1, 1]])  # 3 prompts, eos (1) first

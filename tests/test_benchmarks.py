@@ -280,7 +280,7 @@ import reproduce  # noqa: E402
 
 
 def test_paper_mapping_covers_the_eleven_datasets_and_their_templates():
-    from peft_clip_adapter.templates import DATASET_TEMPLATES
+    from peft_clip_adapter.fewshot.templates import DATASET_TEMPLATES
 
     assert len(paper.DATASETS) == 11 and set(paper.DATASETS) == set(DATASET_TEMPLATES)
     assert all(entry.template in DATASET_TEMPLATES for entry in paper.DATASETS.values())
@@ -426,7 +426,7 @@ def test_reproduce_smoke_runs_end_to_end_and_resumes(tmp_path):
 
 
 def test_reproduce_reads_a_hub_dataset_through_an_export(tiny_clip_path, tmp_path):
-    from peft_clip_adapter.offline import SHAPE_CLASSES, write_shapes_dataset
+    from peft_clip_adapter.testing.tiny_models import SHAPE_CLASSES, write_shapes_dataset
 
     # A local folder with train/ and test/ stands in for a Hub id: load_dataset reads both the same way.
     source = tmp_path / "hub-dataset"
@@ -449,7 +449,7 @@ def test_paper_docstring_examples_run():
 
 
 def test_hub_export_refuses_a_dataset_without_the_test_split(tmp_path):
-    from peft_clip_adapter.offline import write_shapes_dataset
+    from peft_clip_adapter.testing.tiny_models import write_shapes_dataset
 
     write_shapes_dataset(tmp_path / "src" / "train", images_per_class=1)
     with pytest.raises(ValueError, match=r"has no \['test'\] split\(s\); its splits are \['train'\]"):

@@ -12,8 +12,8 @@ from torch.nn import functional as F
 from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
 from peft_clip_adapter import CLIPAdapterConfig, adapter_layers
-from peft_clip_adapter.classifier import CLIPAdapterClassifier, encode_class_prompts
-from peft_clip_adapter.offline import SHAPE_CLASSES
+from peft_clip_adapter.fewshot.classifier import CLIPAdapterClassifier, encode_class_prompts
+from peft_clip_adapter.testing.tiny_models import SHAPE_CLASSES
 
 TEMPLATES = ["a photo of a {}.", "itap of a {}.", lambda name: f"art of the {name}."]
 
@@ -210,7 +210,7 @@ def test_classifier_rejects_bad_shapes(tiny_clip, tiny_clip_path):
 
 
 def test_check_class_prototypes_refuses_identical_and_lists_near_duplicates():
-    from peft_clip_adapter.classifier import check_class_prototypes
+    from peft_clip_adapter.fewshot.classifier import check_class_prototypes
 
     base = torch.tensor([1.0, 0.0, 0.0])
     near = torch.tensor([1.0, 0.05, 0.0])  # cosine 0.9988 with base

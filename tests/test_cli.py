@@ -85,7 +85,7 @@ def test_a_bad_flag_is_one_error_line_before_the_heavy_imports():
 
 
 def test_the_template_sets_shown_are_the_packages(fewshot):
-    from peft_clip_adapter.templates import DATASET_TEMPLATES
+    from peft_clip_adapter.fewshot.templates import DATASET_TEMPLATES
 
     assert fewshot._template_set_names() == sorted(DATASET_TEMPLATES)
 

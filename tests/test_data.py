@@ -1,4 +1,4 @@
-"""Dataset loading, hold-out, k-shot sampling, image reading and transforms of peft_clip_adapter.data."""
+"""Dataset loading, hold-out, k-shot sampling, image reading and transforms of peft_clip_adapter.fewshot.data."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from peft_clip_adapter.data import (
+from peft_clip_adapter.fewshot.data import (
     build_eval_transform,
     build_train_transform,
     check_columns,
@@ -25,8 +25,8 @@ from peft_clip_adapter.data import (
     sample_few_shot,
     to_rgb,
 )
-from peft_clip_adapter.offline import SHAPE_CLASSES, write_shapes_dataset
-from peft_clip_adapter.transforms import _random_resized_crop_box
+from peft_clip_adapter.fewshot.inputs.transforms import _random_resized_crop_box
+from peft_clip_adapter.testing.tiny_models import SHAPE_CLASSES, write_shapes_dataset
 
 SHAPE_NAMES = sorted(SHAPE_CLASSES)  # imagefolder sorts the class folders
 

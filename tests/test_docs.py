@@ -226,7 +226,7 @@ def test_troubleshooting_quotes_every_error_message():
     page = " ".join((DOCS / "troubleshooting.md").read_text(encoding="utf-8").split())
     missing = [
         f"{path.name}:{line}: {fragment!r}"
-        for path in [*sorted((ROOT / "peft_clip_adapter").glob("*.py")), ROOT / "examples" / "fewshot.py"]
+        for path in [*sorted((ROOT / "peft_clip_adapter").rglob("*.py")), ROOT / "examples" / "fewshot.py"]
         for line, fragment in _message_fragments(path)
         if fragment.strip(" .,:;") and fragment.strip() not in page
     ]

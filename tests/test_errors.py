@@ -13,7 +13,7 @@ from peft import PeftModel, get_peft_model
 from transformers import BertConfig, BertModel, CLIPModel, CLIPTextModelWithProjection, CLIPVisionModel
 
 from peft_clip_adapter import CLIPAdapterConfig
-from peft_clip_adapter.offline import build_tiny_clip
+from peft_clip_adapter.testing.tiny_models import build_tiny_clip
 
 FILES = ["README.md", "adapter_config.json", "adapter_manifest.json", "adapter_model.safetensors"]
 

@@ -24,10 +24,10 @@ from transformers import AutoProcessor, CLIPModel
 
 import peft_clip_adapter.peft_model as our_peft_model
 from peft_clip_adapter import CLIPAdapterConfig, CLIPAdapterPeftModel
-from peft_clip_adapter.data import build_eval_transform, load_image_classification_data
-from peft_clip_adapter.features import FeatureCache, dataset_fingerprint
+from peft_clip_adapter.fewshot.data import build_eval_transform, load_image_classification_data
+from peft_clip_adapter.fewshot.features import FeatureCache, dataset_fingerprint
 from peft_clip_adapter.manifest import MANIFEST_NAME
-from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset
+from peft_clip_adapter.testing.tiny_models import build_tiny_clip, write_shapes_dataset
 
 # pytest runs with --import-mode=importlib, so tests/ is not on sys.path: load the helpers by path.
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
@@ -303,7 +303,7 @@ def test_a_full_disk_while_caching_leaves_no_partial_file(tiny_clip_path, image_
         disk_full()
 
     with monkeypatch.context() as patch:
-        patch.setattr("peft_clip_adapter.features.save_file", half_then_full)
+        patch.setattr("peft_clip_adapter.fewshot.features.save_file", half_then_full)
         with pytest.raises(OSError, match="No space left"):
             cache.load_or_extract(model, dataset, transform)
     assert list((tmp_path / "cache").iterdir()) == []

@@ -17,9 +17,9 @@ from torch.nn import functional as F
 from transformers import CLIPModel, CLIPTextModelWithProjection
 
 from peft_clip_adapter import CLIPAdapterConfig, adapter_layers
-from peft_clip_adapter.classifier import CLIPAdapterClassifier, encode_class_prompts
-from peft_clip_adapter.data import build_train_transform, load_image
-from peft_clip_adapter.features import FeatureCache, FeatureSet, dataset_labels, extract_image_features
+from peft_clip_adapter.fewshot.classifier import CLIPAdapterClassifier, encode_class_prompts
+from peft_clip_adapter.fewshot.data import build_train_transform, load_image
+from peft_clip_adapter.fewshot.features import FeatureCache, FeatureSet, dataset_labels, extract_image_features
 
 
 class ViewTransform:
@@ -40,7 +40,7 @@ class ViewTransform:
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> datasets.Dataset:
     """Ten images of the four shape classes (a few per class), as a real imagefolder dataset."""
-    from peft_clip_adapter.offline import write_shapes_dataset
+    from peft_clip_adapter.testing.tiny_models import write_shapes_dataset
 
     root = write_shapes_dataset(tmp_path_factory.mktemp("feature-shapes"), images_per_class=3)
     return datasets.load_dataset("imagefolder", data_dir=root, split="train").select(range(1, 11))
@@ -105,7 +105,7 @@ from accelerate import Accelerator
 from peft import get_peft_model
 from transformers import CLIPModel
 import peft_clip_adapter
-from peft_clip_adapter.features import FeatureCache
+from peft_clip_adapter.fewshot.features import FeatureCache
 sys.path.insert(0, sys.argv[1])
 from test_features import ViewTransform
 
@@ -131,7 +131,7 @@ def test_two_processes_each_get_all_features_in_order(tiny_clip_path, tmp_path):
     import subprocess
     import sys
 
-    from peft_clip_adapter.offline import write_shapes_dataset
+    from peft_clip_adapter.testing.tiny_models import write_shapes_dataset
 
     data_dir = write_shapes_dataset(tmp_path / "images", images_per_class=3)
     worker = tmp_path / "worker.py"
@@ -276,7 +276,7 @@ def test_damaged_cache_file_is_detected_and_recomputed(tiny_clip, shapes, tmp_pa
     data = cache.last_path.read_bytes()
     damaged = {"truncate": data[: len(data) // 2], "flip_byte": data[:-9] + bytes([data[-9] ^ 0xFF]) + data[-8:]}
     cache.last_path.write_bytes(damaged.get(damage, b""))
-    with caplog.at_level(logging.WARNING, logger="peft_clip_adapter.features"):
+    with caplog.at_level(logging.WARNING, logger="peft_clip_adapter.fewshot.features"):
         again = cache.load_or_extract(tiny_clip, shapes, transform)
     assert cache.last_hit is False and "is damaged" in caplog.text and cache.last_path.name in caplog.text
     assert torch.equal(again.features, first.features)

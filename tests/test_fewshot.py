@@ -97,9 +97,9 @@ def test_saved_adapter_reloads_with_the_reported_accuracy(fewshot, tiny_clip_pat
     from peft import PeftModel
     from transformers import AutoProcessor, CLIPModel
 
-    from peft_clip_adapter.classifier import CLIPAdapterClassifier, encode_class_prompts
-    from peft_clip_adapter.data import build_eval_transform, load_image_classification_data
-    from peft_clip_adapter.features import FeatureCache
+    from peft_clip_adapter.fewshot.classifier import CLIPAdapterClassifier, encode_class_prompts
+    from peft_clip_adapter.fewshot.data import build_eval_transform, load_image_classification_data
+    from peft_clip_adapter.fewshot.features import FeatureCache
 
     results = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--adapt", "both", "--templates", "ensemble"))
     model = PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_path), str(tmp_path / "out")).eval()
@@ -180,7 +180,7 @@ def _integer_label_args(model: str, shapes_dir: str, tmp_path: Path) -> list[str
 
 
 def test_integer_labels_without_names_train_with_a_warning(fewshot, shapes_dir, tmp_path, caplog):
-    from peft_clip_adapter.offline import build_tiny_clip
+    from peft_clip_adapter.testing.tiny_models import build_tiny_clip
 
     model = build_tiny_clip(tmp_path / "digits-clip", words=["0", "1", "2", "3"])  # a tokenizer that knows digits
     caplog.set_level("WARNING")
@@ -335,7 +335,7 @@ def test_offline_default_beats_zero_shot(fewshot, offline_cache_dir, tmp_path, c
 
 def test_same_seed_same_adapter_on_a_first_and_a_later_run(fewshot, tmp_path, monkeypatch):
     """The first offline run builds its model and images (which reseeds torch); a later run reuses them."""
-    from peft_clip_adapter.microclip import PretrainingConfig
+    from peft_clip_adapter.testing.microclip import PretrainingConfig
 
     monkeypatch.setattr(fewshot, "MICRO_CLIP_CONFIG", PretrainingConfig(steps=2, batch_size=16, pool_size=64))
     argv = ["--cache_dir", str(tmp_path / "cache"), "--num_train_epochs", "3"]

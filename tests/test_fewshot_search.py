@@ -67,9 +67,9 @@ def test_a_search_member_on_all_shots_is_the_trainers_adapter(fewshot, tiny_clip
     from transformers import AutoProcessor, CLIPModel
 
     from peft_clip_adapter import CLIPAdapterClassifier, CLIPAdapterConfig, FeatureCache, encode_class_prompts
-    from peft_clip_adapter.data import build_train_transform, load_image_classification_data, sample_few_shot
-    from peft_clip_adapter.recipe import TrainingRecipe
-    from peft_clip_adapter.search import BatchedAdapterHeads, train_batched
+    from peft_clip_adapter.fewshot.data import build_train_transform, load_image_classification_data, sample_few_shot
+    from peft_clip_adapter.fewshot.recipe import TrainingRecipe
+    from peft_clip_adapter.fewshot.search import BatchedAdapterHeads, train_batched
 
     results = {}
     for ratio in (0.3, 0.7):

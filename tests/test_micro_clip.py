@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_clip_adapter.scene_tasks import SCENE_TASKS, render_task_images
+from peft_clip_adapter.testing.scene_tasks import SCENE_TASKS, render_task_images
 
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
@@ -48,7 +48,7 @@ def test_pretraining_is_recorded_and_deterministic(micro_clip_path, tmp_path):
     """Same config and seed, same weights: a short run built twice (the full one takes a minute)."""
     from safetensors.torch import load_file
 
-    from peft_clip_adapter.microclip import PRETRAINING_FILE, PretrainingConfig, build_micro_clip
+    from peft_clip_adapter.testing.microclip import PRETRAINING_FILE, PretrainingConfig, build_micro_clip
 
     report = json.loads((Path(micro_clip_path) / PRETRAINING_FILE).read_text())
     assert report["config"] == PretrainingConfig().__dict__ and report["held_out_pairs"][0] == ["circle", "blue"]
@@ -120,8 +120,8 @@ def _test_accuracy_per_ratio(
         load_image_classification_data,
         sample_few_shot,
     )
-    from peft_clip_adapter.recipe import TrainingRecipe
-    from peft_clip_adapter.search import BatchedAdapterHeads, train_batched
+    from peft_clip_adapter.fewshot.recipe import TrainingRecipe
+    from peft_clip_adapter.fewshot.search import BatchedAdapterHeads, train_batched
 
     root = Path(cache_dir) / "offline-default"
     model_path = str(next(root.glob("micro-clip-*")))

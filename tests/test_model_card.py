@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from peft import get_peft_model
 
 from peft_clip_adapter import CLIPAdapterConfig, FewShotClassifier
-from peft_clip_adapter.card import BEGIN_MARKER, END_MARKER, render_model_card
+from peft_clip_adapter.model_card import BEGIN_MARKER, END_MARKER, render_model_card
 
 # pytest runs with --import-mode=importlib, so tests/ is not on sys.path: load the helpers by path.
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
@@ -156,7 +156,7 @@ def test_a_card_written_before_the_markers_is_replaced_not_duplicated(model, tmp
 def test_the_card_names_the_task_of_the_base_model_and_no_single_family(tiny_clip, tmp_path):
     from transformers import ClapModel
 
-    from peft_clip_adapter.offline import build_tiny_model
+    from peft_clip_adapter.testing.tiny_models import build_tiny_model
 
     clap = ClapModel.from_pretrained(build_tiny_model(tmp_path / "clap", family="clap"))
     adapted = get_peft_model(clap, CLIPAdapterConfig(adapt="both"))

@@ -39,7 +39,7 @@ from torch.nn import functional as F
 
 from peft_clip_adapter import CLIPAdapterConfig, adapter_layers
 from peft_clip_adapter.families import POOLED_EMBEDDINGS
-from peft_clip_adapter.offline import CLAP_SAMPLING_RATE, TINY_CLAP_AUDIO, TINY_CLAP_FEATURES
+from peft_clip_adapter.testing.tiny_models import CLAP_SAMPLING_RATE, TINY_CLAP_AUDIO, TINY_CLAP_FEATURES
 
 D = 16  # pooled-embedding width of every tiny model
 RATIO, REDUCTION = 0.3, 2  # a hidden width of 8: with 4, CLAP's random adapter happens to be all ReLU-dead here

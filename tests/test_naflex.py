@@ -22,10 +22,10 @@ from PIL import Image
 from transformers import AutoProcessor, Siglip2ImageProcessorPil, Siglip2Model
 
 from peft_clip_adapter import adapter_layers
-from peft_clip_adapter.data import build_eval_transform, build_train_transform, load_image
-from peft_clip_adapter.embeddings import frozen_image_embeddings
-from peft_clip_adapter.features import extract_image_features
-from peft_clip_adapter.transforms import NaFlexTransform, stack_model_inputs
+from peft_clip_adapter.fewshot.data import build_eval_transform, build_train_transform, load_image
+from peft_clip_adapter.fewshot.embeddings import frozen_image_embeddings
+from peft_clip_adapter.fewshot.features import extract_image_features
+from peft_clip_adapter.fewshot.inputs.transforms import NaFlexTransform, stack_model_inputs
 
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
@@ -119,7 +119,7 @@ def test_extraction_is_bitwise_alike_for_any_workers_and_device_views_fall_back(
     alone = frozen_image_embeddings(model, **stack_model_inputs([transform(images[row], index=row, view=view)]))
     torch.testing.assert_close(features[0].features[view, row], alone[0], rtol=1e-5, atol=1e-5)
 
-    with caplog.at_level(logging.WARNING, logger="peft_clip_adapter.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="peft_clip_adapter.fewshot.inputs.loader"):
         forced = extract_image_features(model, dataset, transform, num_workers=0, views_on_device=True, **run)
     assert torch.equal(forced.features, features[0].features)
     assert "views_on_device=True: SigLIP 2 NaFlex views are made by the model's image processor" in caplog.text

@@ -64,8 +64,8 @@ def test_reloading_the_package_is_harmless(tiny_clip_path, tmp_path):
         import peft_clip_adapter, peft_clip_adapter  # importing twice is a no-op
         from peft import PeftModel, get_peft_model, mapping
         from transformers import CLIPModel
-        from peft_clip_adapter import config, layer, model, peft_model, registration
-        for module in (registration, config, layer, model, peft_model, peft_clip_adapter):
+        from peft_clip_adapter import config, layer, model, peft_integration, peft_model
+        for module in (peft_integration, config, layer, model, peft_model, peft_clip_adapter):
             importlib.reload(module)
         peft_clip_adapter.register()
         assert mapping.PEFT_TYPE_TO_CONFIG_MAPPING["CLIP_ADAPTER"] is peft_clip_adapter.CLIPAdapterConfig

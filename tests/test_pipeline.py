@@ -23,12 +23,12 @@ from accelerate import Accelerator
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPModel
 
-from peft_clip_adapter import features as features_module
-from peft_clip_adapter.data import build_eval_transform, build_train_transform
-from peft_clip_adapter.features import FeatureCache, extract_image_features
-from peft_clip_adapter.images import load_image_draft
-from peft_clip_adapter.pipeline import default_num_workers
-from peft_clip_adapter.resample import ViewBatch, render_views
+from peft_clip_adapter.fewshot import features as features_module
+from peft_clip_adapter.fewshot.data import build_eval_transform, build_train_transform
+from peft_clip_adapter.fewshot.features import FeatureCache, extract_image_features
+from peft_clip_adapter.fewshot.inputs.images import load_image_draft
+from peft_clip_adapter.fewshot.inputs.loader import default_num_workers
+from peft_clip_adapter.fewshot.inputs.resample import ViewBatch, render_views
 
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)

@@ -8,8 +8,8 @@ from peft import get_peft_model
 from torch.nn import functional as F
 
 from peft_clip_adapter import CLIPAdapterClassifier, CLIPAdapterConfig, FeatureSet, adapter_layers
-from peft_clip_adapter.recipe import TrainingRecipe
-from peft_clip_adapter.search import (
+from peft_clip_adapter.fewshot.recipe import TrainingRecipe
+from peft_clip_adapter.fewshot.search import (
     BatchedAdapterHeads,
     search_hyperparameters,
     set_ratio,

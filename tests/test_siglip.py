@@ -22,9 +22,9 @@ from torch.nn import functional as F
 from transformers import AutoProcessor, Siglip2Model, SiglipModel, SiglipVisionModel, pipeline
 
 from peft_clip_adapter import CLIPAdapterClassifier, CLIPAdapterConfig, adapter_layers, encode_class_prompts
-from peft_clip_adapter.classifier import prompt_padding
-from peft_clip_adapter.embeddings import frozen_image_embeddings
-from peft_clip_adapter.offline import SHAPE_CLASSES, build_tiny_model
+from peft_clip_adapter.fewshot.classifier import prompt_padding
+from peft_clip_adapter.fewshot.embeddings import frozen_image_embeddings
+from peft_clip_adapter.testing.tiny_models import SHAPE_CLASSES, build_tiny_model
 
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
@@ -189,7 +189,7 @@ def test_trainer_runs_end_to_end_on_siglip(fewshot, siglip_path, shapes_dir, tmp
 
 
 def test_the_eval_transform_reproduces_siglips_image_processor(siglip_path):
-    from peft_clip_adapter.data import build_eval_transform
+    from peft_clip_adapter.fewshot.data import build_eval_transform
 
     processor = AutoProcessor.from_pretrained(siglip_path)
     image = Image.fromarray(torch.randint(0, 255, (75, 120, 3), dtype=torch.uint8).numpy())

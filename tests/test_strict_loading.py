@@ -278,7 +278,7 @@ def test_another_reduction_passed_at_load_time_is_named_as_such(saved, tiny_clip
 
 
 def test_another_width_is_refused_before_the_model_is_touched(saved, tmp_path):
-    from peft_clip_adapter.offline import build_tiny_clip
+    from peft_clip_adapter.testing.tiny_models import build_tiny_clip
 
     narrow = CLIPModel.from_pretrained(build_tiny_clip(tmp_path / "d24", projection_dim=24))
     with pytest.raises(ValueError, match=r"safetensors does not fit this model .*d=32 .* embedding width is d=24"):

@@ -21,10 +21,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peft_clip_adapter.embeddings import frozen_text_embeddings, model_device, unwrap_model
+from peft_clip_adapter.fewshot.embeddings import frozen_text_embeddings, model_device, unwrap_model
+from peft_clip_adapter.fewshot.templates import (
+    DEFAULT_TEMPLATE,
+    Template,
+    as_template_list,
+    clean_classname,
+    fill_template,
+)
 from peft_clip_adapter.layer import CLIPAdapterLayer
 from peft_clip_adapter.model import adapter_layers
-from peft_clip_adapter.templates import DEFAULT_TEMPLATE, Template, as_template_list, clean_classname, fill_template
 
 
 def encode_class_prompts(
@@ -62,7 +68,7 @@ def encode_class_prompts(
     Example:
         >>> import tempfile
         >>> from transformers import AutoProcessor, CLIPModel
-        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
         >>> path = build_tiny_clip(tempfile.mkdtemp())
         >>> clip, processor = CLIPModel.from_pretrained(path), AutoProcessor.from_pretrained(path)
         >>> prompts = encode_class_prompts(clip, processor, ["red circle", "green square"],
@@ -116,7 +122,7 @@ def prompt_padding(model: nn.Module, processor: Any) -> dict[str, Any]:
     Example:
         >>> import tempfile
         >>> from transformers import AutoProcessor, SiglipModel
-        >>> from peft_clip_adapter.offline import build_tiny_model
+        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_model
         >>> path = build_tiny_model(tempfile.mkdtemp(), family="siglip")
         >>> prompt_padding(SiglipModel.from_pretrained(path), AutoProcessor.from_pretrained(path))
         {'padding': 'max_length', 'max_length': 64, 'truncation': True}
@@ -166,7 +172,7 @@ class CLIPAdapterClassifier(nn.Module):
         >>> from peft import get_peft_model
         >>> from transformers import AutoProcessor, CLIPModel
         >>> from peft_clip_adapter import CLIPAdapterConfig
-        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
         >>> path = build_tiny_clip(tempfile.mkdtemp())
         >>> model = get_peft_model(CLIPModel.from_pretrained(path), CLIPAdapterConfig(adapt="both"))
         >>> prompts = encode_class_prompts(model, AutoProcessor.from_pretrained(path), ["red circle", "blue triangle"])

@@ -11,8 +11,8 @@ mean and std), read from it, never hard-coded, and need only PIL and torch:
 For a fixed-size processor (CLIP, SigLIP) both are a :class:`ResizedCropTransform`: every view is one box
 of the source image resampled to the output size (plus, for eval, a center window of it), then flipped or
 not, then normalised. That split lets feature extraction decode an image once for all its views, decode a
-large JPEG at the reduced scale the smallest box allows (:func:`~peft_clip_adapter.images.load_image_draft`),
-and make the views on the accelerator with the same boxes (:mod:`peft_clip_adapter.resample`).
+large JPEG at the reduced scale the smallest box allows (:func:`~.images.load_image_draft`),
+and make the views on the accelerator with the same boxes (:mod:`peft_clip_adapter.fewshot.inputs.resample`).
 
 For SigLIP 2 NaFlex, whose processor sizes each image's patch grid from the image itself, both are a
 :class:`NaFlexTransform`: the same random box and flip, then the processor itself, which returns the
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from peft_clip_adapter.images import DecodedImage, load_image, load_image_draft, to_rgb
+from peft_clip_adapter.fewshot.inputs.images import DecodedImage, load_image, load_image_draft, to_rgb
 
 __all__ = [
     "ImageTransform",
@@ -307,7 +307,7 @@ class ResizedCropTransform(ImageTransform):
     (:meth:`max_scale`); this class decodes (a large JPEG at the reduced scale the smallest box allows,
     if ``draft``), resamples with PIL's filter, windows, flips and normalises, all with the model's own
     image processor settings. Feature extraction decodes each image once for all its views, and can make
-    the views on the accelerator instead (:func:`peft_clip_adapter.resample.render_views`), with the same
+    the views on the accelerator instead (:func:`.resample.render_views`), with the same
     boxes.
 
     Args:
@@ -387,7 +387,7 @@ class ResizedCropTransform(ImageTransform):
             image: A PIL image, file path, encoded bytes or ``{"path", "bytes"}`` dict.
 
         Returns:
-            The :class:`~peft_clip_adapter.images.DecodedImage` (pixels, scale, full size).
+            The :class:`~peft_clip_adapter.fewshot.inputs.images.DecodedImage` (pixels, scale, full size).
 
         Raises:
             ValueError: for an unreadable image, naming the file.

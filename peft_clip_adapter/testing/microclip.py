@@ -1,13 +1,13 @@
 """A micro-CLIP, pretrained contrastively on generated captioned scenes, for offline demonstrations and tests.
 
-``build_tiny_clip`` (``peft_clip_adapter.offline``) makes a randomly initialised CLIP: its zero-shot
+``build_tiny_clip`` (``peft_clip_adapter.testing.tiny_models``) makes a randomly initialised CLIP: its zero-shot
 accuracy is chance, so it only shows the mechanics. ``build_micro_clip`` takes that same small
 architecture and pretrains it the way CLIP was pretrained, with the symmetric contrastive loss over
-image-caption pairs, on the scenes of ``peft_clip_adapter.scenes``: shapes with colours, sizes, textures
+image-caption pairs, on the scenes of ``peft_clip_adapter.testing.scenes``: shapes with colours, sizes, textures
 and positions, captioned by a small grammar. A few (shape, colour) pairs are never shown, so that
 few-shot tasks can ask for held-out combinations. The result is a real, if small, vision-language model:
 its zero-shot classifier works well above chance, and CLIP-Adapter with the paper's recipe improves it
-(``peft_clip_adapter.scene_tasks``).
+(``peft_clip_adapter.testing.scene_tasks``).
 
 It is built, not shipped: the build is deterministic (fixed seed and a fixed number of CPU threads, so
 the same torch build on the same machine gives the same weights) and takes about a minute on two CPU
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from peft_clip_adapter.offline import build_tiny_clip
-from peft_clip_adapter.scenes import caption_scenes, render_scenes, sample_scenes, vocabulary
+from peft_clip_adapter.testing.scenes import caption_scenes, render_scenes, sample_scenes, vocabulary
+from peft_clip_adapter.testing.tiny_models import build_tiny_clip
 
 #: (shape, colour) pairs that pretraining never shows: one per shape and one per colour.
 HELD_OUT_PAIRS: tuple[tuple[str, str], ...] = (

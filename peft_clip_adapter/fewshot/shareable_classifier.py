@@ -29,14 +29,14 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from peft_clip_adapter.card import CLASS_PROMPTS_FILE
-from peft_clip_adapter.classifier import CLIPAdapterClassifier, encode_class_prompts
-from peft_clip_adapter.embeddings import frozen_image_embeddings, model_device, unwrap_model
-from peft_clip_adapter.images import load_image
-from peft_clip_adapter.logs import quiet_peft_wrapping
+from peft_clip_adapter.fewshot.classifier import CLIPAdapterClassifier, encode_class_prompts
+from peft_clip_adapter.fewshot.embeddings import frozen_image_embeddings, model_device, unwrap_model
+from peft_clip_adapter.fewshot.inputs.images import load_image
+from peft_clip_adapter.fewshot.inputs.transforms import build_eval_transform, move_model_inputs, stack_model_inputs
+from peft_clip_adapter.fewshot.logs import quiet_peft_wrapping
+from peft_clip_adapter.fewshot.templates import DEFAULT_TEMPLATE, fill_template
+from peft_clip_adapter.model_card import CLASS_PROMPTS_FILE
 from peft_clip_adapter.peft_model import CLIPAdapterPeftModel
-from peft_clip_adapter.templates import DEFAULT_TEMPLATE, fill_template
-from peft_clip_adapter.transforms import build_eval_transform, move_model_inputs, stack_model_inputs
 
 #: Keyword arguments of ``from_pretrained`` that also apply to downloading the adapter's own files.
 _HUB_KWARGS = ("token", "cache_dir", "force_download", "local_files_only")
@@ -68,7 +68,7 @@ class FewShotClassifier:
         >>> from PIL import Image
         >>> from transformers import AutoProcessor, CLIPModel
         >>> from peft_clip_adapter import CLIPAdapterConfig
-        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
         >>> path = build_tiny_clip(tempfile.mkdtemp())
         >>> model = get_peft_model(CLIPModel.from_pretrained(path), CLIPAdapterConfig())
         >>> classifier = FewShotClassifier(model, AutoProcessor.from_pretrained(path), ["red circle", "blue cross"])
@@ -141,7 +141,7 @@ class FewShotClassifier:
             >>> from peft import get_peft_model
             >>> from transformers import AutoProcessor, CLIPModel
             >>> from peft_clip_adapter import CLIPAdapterConfig
-            >>> from peft_clip_adapter.offline import build_tiny_clip
+            >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
             >>> path = build_tiny_clip(tempfile.mkdtemp())
             >>> model = get_peft_model(CLIPModel.from_pretrained(path), CLIPAdapterConfig())
             >>> folder = tempfile.mkdtemp()
@@ -152,9 +152,9 @@ class FewShotClassifier:
         from peft import PeftModel
         from transformers import AutoModel, AutoProcessor
 
-        from peft_clip_adapter.card import is_hub_id
-        from peft_clip_adapter.checkpoint import from_pretrained_safetensors
+        from peft_clip_adapter.adapter_checks import from_pretrained_safetensors
         from peft_clip_adapter.config import CLIPAdapterConfig
+        from peft_clip_adapter.model_card import is_hub_id
 
         source = os.fspath(path_or_hub_id)
         hub = {name: kwargs[name] for name in _HUB_KWARGS if name in kwargs}

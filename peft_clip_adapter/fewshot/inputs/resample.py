@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from peft_clip_adapter.transforms import ViewBox
+from peft_clip_adapter.fewshot.inputs.transforms import ViewBox
 
 __all__ = ["ViewBatch", "axis_weights", "render_views", "supports_filter"]
 
@@ -184,7 +184,7 @@ class ViewBatch:
         flips: ``[k, V]`` bool.
 
     Example:
-        >>> from peft_clip_adapter.transforms import ViewBox
+        >>> from peft_clip_adapter.fewshot.inputs.transforms import ViewBox
         >>> image = torch.zeros(3, 4, 6, dtype=torch.uint8)
         >>> batch = ViewBatch.collate([image], [[ViewBox((0.0, 0.0, 6.0, 4.0), (2, 3), (0, 0), False)]])
         >>> tuple(batch.images.shape), batch.sizes.tolist(), tuple(batch.boxes.shape)
@@ -204,7 +204,7 @@ class ViewBatch:
 
         Args:
             images: One decoded image per row.
-            boxes: Per row, its views' :class:`~peft_clip_adapter.transforms.ViewBox` es (decoded pixels).
+            boxes: Per row, its views' ``ViewBox`` es (decoded pixels).
 
         Returns:
             The batch, on the CPU.
@@ -281,7 +281,7 @@ def render_views(batch: ViewBatch, *, output_size: tuple[int, int], resample: in
         ValueError: for a filter :func:`supports_filter` refuses.
 
     Example:
-        >>> from peft_clip_adapter.transforms import ViewBox
+        >>> from peft_clip_adapter.fewshot.inputs.transforms import ViewBox
         >>> image = torch.arange(16, dtype=torch.uint8).reshape(1, 4, 4).expand(3, 4, 4).contiguous()
         >>> views = [ViewBox((0.0, 0.0, 4.0, 4.0), (2, 2), (0, 0), False),
         ...          ViewBox((0.0, 0.0, 4.0, 4.0), (2, 2), (0, 0), True)]

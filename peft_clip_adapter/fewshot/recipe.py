@@ -2,7 +2,7 @@
 
 CLIP-Adapter trains with CoOp's RN50 configuration: SGD (momentum 0.9, weight decay 5e-4), a global batch
 of 32, 200 epochs, and a cosine schedule after one warm-up epoch at a constant 1e-5. The few-shot trainer
-(``examples/fewshot.py``) and the hyperparameter search (``peft_clip_adapter.search``) both follow this
+(``examples/fewshot.py``) and the hyperparameter search (``peft_clip_adapter.fewshot.search``) both follow this
 one description, so that a candidate trained by the search is the adapter the trainer would train.
 """
 

@@ -2,7 +2,7 @@
 
 The CLIP backbone never needs gradients in CLIP-Adapter, yet the reference trainer re-runs it on every
 step. Here ``extract_image_features`` runs it once per image and view (adapters disabled, so the result
-is the raw ``visual_projection`` output), fed by DataLoader workers (:mod:`peft_clip_adapter.pipeline`),
+is the raw ``visual_projection`` output), fed by DataLoader workers (:mod:`peft_clip_adapter.fewshot.inputs.loader`),
 and ``FeatureCache`` keeps the result on disk, so the next run with the same model, rows, transform,
 views and precision skips the backbone altogether::
 
@@ -29,18 +29,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from peft_clip_adapter.data import check_columns
-from peft_clip_adapter.embeddings import model_device, unwrap_model
 from peft_clip_adapter.families import embedding_width
-from peft_clip_adapter.manifest import apply_default_permissions
-from peft_clip_adapter.pipeline import (
+from peft_clip_adapter.fewshot.data import check_columns
+from peft_clip_adapter.fewshot.embeddings import model_device, unwrap_model
+from peft_clip_adapter.fewshot.inputs.loader import (
     ExtractionSettings,
     encode_views,
     resolve_extraction,
     row_batches,
     split_batches,
 )
-from peft_clip_adapter.registration import PREFIX
+from peft_clip_adapter.layer import PREFIX
+from peft_clip_adapter.manifest import apply_default_permissions
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def extract_image_features(
 
     Adapters are disabled while the backbone runs, so the features are CLIP's own ``visual_projection``
     output, to which ``CLIPAdapterClassifier`` applies the (trainable) vision adapter. DataLoader workers
-    decode each image once, with all its views, ahead of the backbone (see :mod:`peft_clip_adapter.pipeline`);
+    decode each image once, with all its views, ahead of the backbone (see :mod:`.inputs.loader`);
     the rows are cut into fixed batches by index and processes take whole batches, so the features are
     bitwise identical for any ``num_workers`` and number of processes.
 
@@ -217,7 +217,7 @@ def extract_image_features(
         model: A ``PeftModel`` around a CLIP model, or a plain ``CLIPModel`` /
             ``CLIPVisionModelWithProjection``, in any dtype (``from_pretrained(..., dtype=torch.bfloat16)``).
         dataset: A ``datasets.Dataset`` with an image column and an integer / ``ClassLabel`` label column.
-        transform: An ``ImageTransform`` from ``peft_clip_adapter.data``: ``transform(image, index=,
+        transform: An ``ImageTransform`` from ``peft_clip_adapter.fewshot.data``: ``transform(image, index=,
             view=) -> [3, H, W]`` (or a dict of model inputs, as SigLIP 2 NaFlex's); it is called with the
             row number as ``index``.
         views: Augmented views per image (use 1 with a deterministic eval transform).
@@ -231,7 +231,7 @@ def extract_image_features(
         num_workers: DataLoader worker processes per process; 0 decodes in the main process. ``None``
             (default): feeding a GPU, one per available core, up to 8; with the backbone on the CPU, one per 8
             cores (its threads need the rest); one per 32 images at most either way (see
-            ``peft_clip_adapter.pipeline.default_num_workers``).
+            ``peft_clip_adapter.fewshot.inputs.loader.default_num_workers``).
         views_on_device: Make the views on the model's device from the decoded images, with the same boxes
             as on the CPU (the library's fixed-size transforms only; SigLIP 2 NaFlex views are made on the
             CPU by its processor, with a warning when this is ``True``). ``None`` (default): on a GPU yes,
@@ -253,8 +253,8 @@ def extract_image_features(
     Example:
         >>> import tempfile
         >>> from transformers import AutoProcessor, CLIPModel
-        >>> from peft_clip_adapter.data import build_eval_transform
-        >>> from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset
+        >>> from peft_clip_adapter.fewshot.data import build_eval_transform
+        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip, write_shapes_dataset
         >>> path = build_tiny_clip(tempfile.mkdtemp())
         >>> root = write_shapes_dataset(tempfile.mkdtemp(), images_per_class=2)
         >>> dataset = datasets.load_dataset("imagefolder", data_dir=root, split="train")
@@ -454,8 +454,8 @@ class FeatureCache:
     Example:
         >>> import tempfile
         >>> from transformers import AutoProcessor, CLIPModel
-        >>> from peft_clip_adapter.data import build_eval_transform
-        >>> from peft_clip_adapter.offline import build_tiny_clip, write_shapes_dataset
+        >>> from peft_clip_adapter.fewshot.data import build_eval_transform
+        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip, write_shapes_dataset
         >>> path = build_tiny_clip(tempfile.mkdtemp())
         >>> root = write_shapes_dataset(tempfile.mkdtemp(), images_per_class=1)
         >>> dataset = datasets.load_dataset("imagefolder", data_dir=root, split="train")
@@ -495,7 +495,7 @@ class FeatureCache:
             views: Augmented views per image.
             image_column: Name of the image column.
             label_column: Name of the label column.
-            settings: How extraction runs (``peft_clip_adapter.pipeline.resolve_extraction``); ``None``: views
+            settings: How extraction runs (``inputs.loader.resolve_extraction``); ``None``: views
                 on the CPU, no autocast, float32 features.
 
         Returns:
@@ -517,7 +517,7 @@ class FeatureCache:
         if not isinstance(description, str) or not description:
             raise ValueError(
                 f"{type(transform).__name__} has no `description` string, so cached features could not be told "
-                "apart from another transform's. Use peft_clip_adapter.data.build_train_transform / "
+                "apart from another transform's. Use peft_clip_adapter.fewshot.data.build_train_transform / "
                 "build_eval_transform, or give your transform a stable `description`."
             )
         return {

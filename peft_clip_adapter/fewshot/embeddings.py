@@ -120,7 +120,7 @@ def frozen_embeddings(model: nn.Module, branch: str, **inputs: Any) -> torch.Ten
     Example:
         >>> import tempfile
         >>> from transformers import CLIPModel
-        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
         >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
         >>> frozen_embeddings(clip, "text", input_ids=torch.tensor([[0, 5, 1]])).shape
         torch.Size([1, 32])
@@ -151,7 +151,7 @@ def frozen_image_embeddings(model: nn.Module, pixel_values: torch.Tensor, **inpu
     Example:
         >>> import tempfile
         >>> from transformers import CLIPModel
-        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
         >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
         >>> frozen_image_embeddings(clip, torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 32])
@@ -179,7 +179,7 @@ def frozen_text_embeddings(
     Example:
         >>> import tempfile
         >>> from transformers import CLIPModel
-        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
         >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
         >>> frozen_text_embeddings(clip, torch.tensor([[0, 5, 1]])).shape
         torch.Size([1, 32])

@@ -10,16 +10,16 @@ them in the main process, between forward passes, leaves a GPU idle most of the 
 - A torch ``DataLoader`` with ``num_workers`` processes (default: :func:`default_num_workers`) reads
   chunks of a batch ahead of the backbone; a worker decodes an image once and returns all its views.
   On CUDA the chunks come in pinned memory and are copied without blocking.
-- With a :class:`~peft_clip_adapter.transforms.ResizedCropTransform` (the library's train and eval
+- With a :class:`~peft_clip_adapter.fewshot.inputs.transforms.ResizedCropTransform` (the library's train and eval
   transforms), the views can be made on the accelerator (``views_on_device``): the worker only decodes
-  (a large JPEG at reduced scale) and :func:`~peft_clip_adapter.resample.render_views` resamples the same
+  (a large JPEG at reduced scale) and :func:`~.resample.render_views` resamples the same
   boxes there. Otherwise workers make the 8-bit views with PIL. Either way the views are normalised by
   the same table look-up, on the device.
 - The backbone runs under ``torch.autocast`` when mixed precision is asked for (Accelerate's
   ``--mixed_precision``); the features are stored as ``features_dtype`` (float32 by default).
 - What the backbone receives is a dict of keyword arguments, stacked per name across a batch: the
   fixed-size transforms give ``pixel_values``; the SigLIP 2 NaFlex transform
-  (:class:`~peft_clip_adapter.transforms.NaFlexTransform`) returns its processor's ``pixel_values``,
+  (:class:`~peft_clip_adapter.fewshot.inputs.transforms.NaFlexTransform`) returns its processor's ``pixel_values``,
   ``pixel_attention_mask`` and ``spatial_shapes``, and a transform of your own may return such a dict too:
   it travels the same way. NaFlex views are always made on the CPU, by the processor, in the workers.
 
@@ -43,16 +43,16 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from peft_clip_adapter.embeddings import frozen_image_embeddings, unwrap_model
-from peft_clip_adapter.images import load_image
-from peft_clip_adapter.logs import progress as progress_bar
-from peft_clip_adapter.resample import ViewBatch, render_views, supports_filter
-from peft_clip_adapter.transforms import (
+from peft_clip_adapter.fewshot.embeddings import frozen_image_embeddings, unwrap_model
+from peft_clip_adapter.fewshot.inputs.images import load_image
+from peft_clip_adapter.fewshot.inputs.resample import ViewBatch, render_views, supports_filter
+from peft_clip_adapter.fewshot.inputs.transforms import (
     NaFlexTransform,
     ResizedCropTransform,
     move_model_inputs,
     stack_model_inputs,
 )
+from peft_clip_adapter.fewshot.logs import progress as progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -238,8 +238,8 @@ def device_views_possible(transform: Any) -> bool:
         transform: An image transform.
 
     Returns:
-        ``True`` for a :class:`~peft_clip_adapter.transforms.ResizedCropTransform` with a fixed output size
-        and a filter :func:`~peft_clip_adapter.resample.supports_filter` knows.
+        ``True`` for a :class:`~.transforms.ResizedCropTransform` with a fixed output size
+        and a filter :func:`~peft_clip_adapter.fewshot.inputs.resample.supports_filter` knows.
 
     Example:
         >>> device_views_possible(len)
@@ -454,7 +454,7 @@ def encode_views(
         RuntimeError: if a worker process died.
 
     Example:
-        See ``peft_clip_adapter.features.extract_image_features``, which calls it.
+        See ``peft_clip_adapter.fewshot.features.extract_image_features``, which calls it.
     """
     chunks = [
         list(batch[start : start + CHUNK_ROWS]) for batch in batches for start in range(0, len(batch), CHUNK_ROWS)

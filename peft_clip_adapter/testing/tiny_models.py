@@ -183,7 +183,7 @@ def build_tiny_clip(
 
 def _vocabulary(words: Sequence[str]) -> list[str]:
     """``words``, the dataset's class names and every word of the shipped prompt templates, sorted."""
-    from peft_clip_adapter.templates import DATASET_TEMPLATES, ENSEMBLE_TEMPLATES
+    from peft_clip_adapter.fewshot.templates import DATASET_TEMPLATES, ENSEMBLE_TEMPLATES
 
     vocabulary = set(words)
     for text in (*SHAPE_CLASSES, *DATASET_TEMPLATES.values(), *ENSEMBLE_TEMPLATES):

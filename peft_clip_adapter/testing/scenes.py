@@ -1,7 +1,7 @@
 """Generated captioned images: one shape per image, with a colour, size, texture and position, and a caption.
 
-A small world that a CLIP can learn from scratch in a minute on a CPU (``peft_clip_adapter.microclip``) and
-that few-shot tasks are drawn from (``peft_clip_adapter.scene_tasks``). Everything is a pure function of a
+A small world that a CLIP can learn from scratch in a minute on a CPU (``peft_clip_adapter.testing.microclip``) and
+that few-shot tasks are drawn from (``peft_clip_adapter.testing.scene_tasks``). Everything is a pure function of a
 ``torch.Generator``, so the same seed gives the same pixels and captions on every run::
 
     generator = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ integer) label column, so it serves the example trainer and a hand-written loop 
     transform = build_train_transform(processor.image_processor, seed=1)
     pixels = transform(load_image(train[0]["image"]), index=0, view=3)  # [3, 224, 224], always the same crop
 
-Image reading (:mod:`peft_clip_adapter.images`) and the transforms (:mod:`peft_clip_adapter.transforms`)
+Image reading (:mod:`.inputs.images`) and the transforms (:mod:`.inputs.transforms`)
 live in their own modules and are importable from here too. Randomness never comes from a global
 generator: the held-out split and the k-shot sample depend only on ``seed`` and the dataset (never on how
 many processes run), and augmented view ``v`` of image ``i`` is a pure function of ``(seed, i, v)``, which
@@ -27,8 +27,13 @@ import datasets
 import numpy as np
 
 # The image reading and transforms live in their own modules; they are part of this module's API too.
-from peft_clip_adapter.images import load_image, to_rgb
-from peft_clip_adapter.transforms import ImageTransform, build_eval_transform, build_train_transform, check_index
+from peft_clip_adapter.fewshot.inputs.images import load_image, to_rgb
+from peft_clip_adapter.fewshot.inputs.transforms import (
+    ImageTransform,
+    build_eval_transform,
+    build_train_transform,
+    check_index,
+)
 
 __all__ = [
     "ImageTransform",
@@ -96,7 +101,7 @@ def load_image_classification_data(
 
     Example:
         >>> import tempfile
-        >>> from peft_clip_adapter.offline import write_shapes_dataset
+        >>> from peft_clip_adapter.testing.tiny_models import write_shapes_dataset
         >>> root = write_shapes_dataset(tempfile.mkdtemp(), images_per_class=5)
         >>> splits = load_image_classification_data(train_dir=root, seed=0)
         >>> splits.num_rows

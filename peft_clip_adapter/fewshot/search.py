@@ -37,10 +37,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from peft_clip_adapter.classifier import CLIPAdapterClassifier
-from peft_clip_adapter.features import FeatureSet
+from peft_clip_adapter.fewshot.classifier import CLIPAdapterClassifier
+from peft_clip_adapter.fewshot.features import FeatureSet
+from peft_clip_adapter.fewshot.recipe import TrainingRecipe
 from peft_clip_adapter.model import adapter_layers
-from peft_clip_adapter.recipe import TrainingRecipe
 
 #: Candidate ratios of ``--ratio auto``: the paper's 0.2 (generic datasets) and 0.6 (far from CLIP's data),
 #: and the steps between and beyond them.
@@ -560,7 +560,7 @@ def set_ratio(model: nn.Module, ratio: float) -> None:
         >>> from peft import get_peft_model
         >>> from transformers import CLIPModel
         >>> from peft_clip_adapter import CLIPAdapterConfig
-        >>> from peft_clip_adapter.offline import build_tiny_clip
+        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
         >>> model = get_peft_model(CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp())), CLIPAdapterConfig())
         >>> set_ratio(model, 0.6)
         >>> model.peft_config["default"].ratio, adapter_layers(model)["vision"].clip_adapter_ratio["default"]

@@ -1,6 +1,6 @@
 """Few-shot classification tasks drawn from the scene generator, written as image folders.
 
-Each task names its classes by the words the micro-CLIP learned (``peft_clip_adapter.microclip``), so its
+Each task names its classes by the words the micro-CLIP learned (``peft_clip_adapter.testing.microclip``), so its
 zero-shot classifier is meaningful, and each leaves room for an adapter:
 
 - ``held-out-pairs``: 12 colour-shape pairs: the 6 combinations pretraining never showed
@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from peft_clip_adapter.microclip import HELD_OUT_PAIRS
-from peft_clip_adapter.scenes import COLOURS, SHAPES, apply_shift, render_scenes, sample_scenes
+from peft_clip_adapter.testing.microclip import HELD_OUT_PAIRS
+from peft_clip_adapter.testing.scenes import COLOURS, SHAPES, apply_shift, render_scenes, sample_scenes
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class SceneTask:
         classes: Class names, used as folder names and in the prompts.
         constraints: Per class, the attributes it fixes: ``{"shape": "circle", "colour": "red"}``; the other
             attributes are drawn at random.
-        shift: An image shift of ``peft_clip_adapter.scenes.SHIFTS``.
+        shift: An image shift of ``peft_clip_adapter.testing.scenes.SHIFTS``.
         description: One line about the task.
 
     Raises:

@@ -12,7 +12,7 @@ from peft import mapping as peft_mapping
 
 # This module depends on the method's modules, never the other way round: the names peft needs (the
 # type, the config, the tuner, the key prefix) live beside what they describe.
-from peft_clip_adapter import checkpoint, config, layer, model, peft_model
+from peft_clip_adapter import adapter_checks, config, layer, model, peft_model
 from peft_clip_adapter.config import PEFT_TYPE, CLIPAdapterPeftType
 from peft_clip_adapter.layer import PREFIX
 
@@ -31,7 +31,7 @@ def register() -> None:
 
     Example:
         >>> import peft
-        >>> from peft_clip_adapter.registration import register, PEFT_TYPE
+        >>> from peft_clip_adapter.peft_integration import register, PEFT_TYPE
         >>> register(); register()
         >>> peft.mapping.PEFT_TYPE_TO_PREFIX_MAPPING["CLIP_ADAPTER"]
         'clip_adapter_'
@@ -43,4 +43,4 @@ def register() -> None:
     peft_mapping.PEFT_TYPE_TO_PREFIX_MAPPING[config.PEFT_TYPE] = layer.PREFIX
     peft_model._allow_in_zero_shot_pipeline()
     # peft reads adapter_config.json before any of our code runs; make that read explain a broken file.
-    checkpoint.install_config_file_checks()
+    adapter_checks.install_config_file_checks()
