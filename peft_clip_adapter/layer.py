@@ -18,10 +18,9 @@ class CLIPAdapterLayer(nn.Module, BaseTunerLayer):
 
         f' = ratio * ReLU(up(ReLU(down(f)))) + (1 - ratio) * f,   down: d -> d // reduction, up: back to d
 
-    Both linears have no bias and PyTorch's default initialisation, as in the paper's code. One ``ModuleDict``
-    entry per adapter; several active adapters apply in order. The adapter computes in its own dtype (float32
-    when peft upcasts it for a bf16 / fp16 base) and casts back, so the output dtype is the base layer's.
-    ``in_features`` and ``out_features`` are ``d``, as the adapter maps the embedding to itself.
+    No biases, PyTorch's default init (as the paper's code); one ``ModuleDict`` entry per adapter, active ones
+    applied in order. The adapter computes in its own dtype and casts back to the base layer's.
+    ``in_features`` and ``out_features`` are ``d``: the adapter maps the embedding to itself.
 
     Args:
         base_layer: The module to wrap; without ``width``, an ``nn.Linear`` whose ``out_features`` is ``d``.
