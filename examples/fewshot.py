@@ -499,6 +499,7 @@ from peft_clip_adapter.fewshot.recipe import TrainingRecipe, scheduled_learning_
 from peft_clip_adapter.fewshot.search import SearchResult, search_hyperparameters, set_ratio  # noqa: E402
 from peft_clip_adapter.fewshot.templates import DATASET_TEMPLATES, templates_for  # noqa: E402
 from peft_clip_adapter.manifest import apply_default_permissions  # noqa: E402
+from peft_clip_adapter.model_card import CLASS_PROMPTS_FILE, CardFacts  # noqa: E402
 from peft_clip_adapter.testing.microclip import PretrainingConfig, build_micro_clip  # noqa: E402
 from peft_clip_adapter.testing.scene_tasks import SCENE_TASKS, write_task_dataset  # noqa: E402
 
@@ -1444,7 +1445,7 @@ def _evaluate_zero_shot(peft_model, classifier, eval_set, eval_loader, accelerat
 
 def _save_outputs(args, accelerator: Accelerator, peft_model, results: dict[str, Any]) -> None:
     """The adapter with its classes and model card, all_results.json, the plot, and the Hub upload if asked."""
-    peft_model.training_results = {
+    training_results = {
         "base_model": _card_name(args.model_name_or_path),
         "dataset": _card_name(results["dataset"]),
         "shots": args.shots,
@@ -1455,20 +1456,25 @@ def _save_outputs(args, accelerator: Accelerator, peft_model, results: dict[str,
         "num_eval_images": results["num_eval_images"],
     }
     if results["hyperparameter_search"]:  # the grid, every candidate's held-out accuracy and the choice
-        peft_model.training_results["hyperparameter_search"] = results["hyperparameter_search"]["summary"]
+        training_results["hyperparameter_search"] = results["hyperparameter_search"]["summary"]
     # Saved beside the adapter (class_prompts.json): FewShotClassifier.from_pretrained rebuilds this classifier.
-    peft_model.class_prompts = {"class_names": results["class_names"], "templates": results["templates"]}
-    peft_model.license = args.license
+    prompts = {"class_names": results["class_names"], "templates": results["templates"]}
+    shared = {
+        "extra_files": {CLASS_PROMPTS_FILE: json.dumps(prompts, indent=2, ensure_ascii=False)},
+        "card_facts": CardFacts(results=training_results, license=args.license, **prompts),
+    }
     accelerator.wait_for_everyone()
     output_dir = Path(args.output_dir)
-    accelerator.unwrap_model(peft_model).save_pretrained(str(output_dir), is_main_process=accelerator.is_main_process)
+    accelerator.unwrap_model(peft_model).save_pretrained(
+        str(output_dir), is_main_process=accelerator.is_main_process, **shared
+    )
     if accelerator.is_main_process:
         (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
         save_plot(output_dir / PLOT_FILE, results)
         logger.info("Saved the adapter, %s and %s in %s", RESULTS_FILE, PLOT_FILE, output_dir)
         if args.push_to_hub:
             peft_model.push_to_hub(
-                args.hub_repo_id, token=args.hub_token, commit_message="Upload CLIP-Adapter (few-shot)"
+                args.hub_repo_id, token=args.hub_token, commit_message="Upload CLIP-Adapter (few-shot)", **shared
             )
             logger.info("Pushed the adapter to %s", args.hub_repo_id)
     accelerator.wait_for_everyone()

@@ -18,6 +18,7 @@ from typing import Any
 from peft_clip_adapter.config import PEFT_TYPE, CLIPAdapterConfig, CLIPAdapterPeftType
 from peft_clip_adapter.layer import CLIPAdapterLayer
 from peft_clip_adapter.model import CLIPAdapterModel, adapter_layers, projection_modules
+from peft_clip_adapter.model_card import CardFacts
 from peft_clip_adapter.peft_integration import register
 from peft_clip_adapter.peft_model import CLIPAdapterPeftModel
 
@@ -57,6 +58,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "PEFT_TYPE",
+    "CardFacts",
     "CLIPAdapterConfig",
     "CLIPAdapterLayer",
     "CLIPAdapterModel",

@@ -2,12 +2,12 @@
 
 Everything a loader reads is checked before it touches a model:
 
-- ``adapter_config.json`` (:func:`read_adapter_config`): a JSON object, ``peft_type`` spelled right,
-  every field CLIP-Adapter needs present (a missing ``ratio`` would silently load the default), no
-  unknown fields;
-- ``adapter_model.safetensors`` (:func:`verify_adapter_weights`, :func:`check_adapter_tensors`): a whole
-  safetensors file (never a pickle: unpickling can run code), holding only adapter weights (a tensor
-  named like a base weight would overwrite it), floating point, finite, with consistent shapes;
+- ``adapter_config.json`` (:func:`read_adapter_config`): a JSON object, ``peft_type`` spelled right, every
+  field CLIP-Adapter needs present (a missing ``ratio`` would silently load the default), no near-miss of a
+  known field (an unknown field warns and is dropped, as peft does, so newer saves still load);
+- the weights (:func:`check_adapter_folder`, :func:`check_adapter_tensors`): a whole safetensors file, or an
+  ``adapter_model.bin`` read by torch's weights-only unpickler (which runs no code), holding only adapter
+  weights (a tensor named like a base weight would overwrite it), floating point, finite, consistent shapes;
 - the folder as a set: :mod:`peft_clip_adapter.manifest`.
 """
 
@@ -20,6 +20,7 @@ import difflib
 import fnmatch
 import json
 import os
+import pickle
 import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from peft.utils import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
 from safetensors.torch import load_file
 
 from peft_clip_adapter.layer import PREFIX, CLIPAdapterLayer
@@ -46,6 +47,8 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
 # Fields of adapter_config.json without which a CLIP-Adapter would load with silent defaults.
 _REQUIRED_FIELDS = ("peft_type", "ratio", "reduction")
 _TARGET_FIELDS = ("target_modules", "adapt")
+# How close (difflib's ratio) an unknown field must be to a known one to count as its misspelling.
+_NEAR_MISS = 0.8
 # Types of the fields peft's own PeftConfig adds (ours are checked by CLIPAdapterConfig.__post_init__).
 _BASE_FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "inference_mode": (bool,),
@@ -63,31 +66,11 @@ _loading_source: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
-    """Read an ``adapter_config.json`` and refuse anything peft would misread or fail on with a bare error.
+    """Read a CLIP-Adapter's ``adapter_config.json``, refusing what peft would misread or fail on with a bare error.
 
-    The generic checks (a JSON object with a registered ``peft_type``) apply to every PEFT method. A
-    CLIP-Adapter config must also hold ``ratio``, ``reduction`` and its targets (``target_modules`` or
-    ``adapt``), and no field that ``CLIPAdapterConfig`` does not have.
-
-    Args:
-        path: The JSON file.
-
-    Returns:
-        The file's content as a dict.
-
-    Raises:
-        ValueError: naming the file and the fix, if it is not JSON, not an object, has no or an
-            unregistered ``peft_type`` (with a did-you-mean), or is a CLIP-Adapter config that misses a
-            required field, holds an unknown one or a base field of the wrong type.
-
-    Example:
-        >>> import json, tempfile
-        >>> path = tempfile.mkstemp(suffix=".json")[1]
-        >>> _ = open(path, "w").write(json.dumps({"peft_type": "clip_adapter", "ratio": 0.2, "reduction": 4}))
-        >>> read_adapter_config(path)
-        Traceback (most recent call last):
-        ...
-        ValueError: ... has peft_type='clip_adapter', ... (did you mean 'CLIP_ADAPTER'?)...
+    Raises ``ValueError`` naming the file and the fix: not JSON, not an object, a missing or unregistered
+    ``peft_type`` (with a did-you-mean), or, for a CLIP-Adapter config, a missing required field, a near-miss
+    of a known field, or a base field of the wrong type.
     """
     path = os.fspath(path)
     try:
@@ -114,26 +97,9 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_peft_type(peft_type: Any, source: str, *, looks_like_ours: bool = False) -> None:
-    """Refuse a missing or unregistered ``peft_type``, suggesting the closest registered spelling.
+    """Refuse a missing or unregistered ``peft_type`` from ``source``, suggesting the closest registered one.
 
-    Args:
-        peft_type: The value read from the config (``None`` when the key is missing).
-        source: What the value came from, for the message (usually the file's path).
-        looks_like_ours: Whether the config holds CLIP-Adapter fields, to suggest ``"CLIP_ADAPTER"`` when
-            ``peft_type`` is missing.
-
-    Returns:
-        None.
-
-    Raises:
-        ValueError: if ``peft_type`` is missing, not a string, or not a registered PEFT method.
-
-    Example:
-        >>> check_peft_type("LORA", "adapter_config.json")
-        >>> check_peft_type("Lora", "adapter_config.json")
-        Traceback (most recent call last):
-        ...
-        ValueError: adapter_config.json has peft_type='Lora', ... (did you mean 'LORA'?)...
+    ``looks_like_ours``: the config holds CLIP-Adapter fields, so a missing ``peft_type`` suggests ours.
     """
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
@@ -147,7 +113,7 @@ def check_peft_type(peft_type: Any, source: str, *, looks_like_ours: bool = Fals
     registered = sorted(str(getattr(key, "value", key)) for key in PEFT_TYPE_TO_CONFIG_MAPPING)
     if isinstance(peft_type, str) and peft_type in registered:
         return
-    suggestion = _did_you_mean(peft_type, registered)
+    suggestion = did_you_mean(peft_type, registered)
     raise ValueError(
         f"{source} has peft_type={peft_type!r}, which is not a registered PEFT method{suggestion}. "
         f"Fix the spelling in the file, or save the adapter again (CLIP-Adapter's is {clip_adapter_type()!r}, "
@@ -156,19 +122,7 @@ def check_peft_type(peft_type: Any, source: str, *, looks_like_ours: bool = Fals
 
 
 def clip_adapter_type() -> str:
-    """The ``peft_type`` CLIP-Adapter is registered under: the one whose key prefix is CLIP-Adapter's.
-
-    Read from peft's registry (filled by ``register``) rather than imported from the config module, which
-    imports this one.
-
-    Returns:
-        ``"CLIP_ADAPTER"``.
-
-    Example:
-        >>> import peft_clip_adapter
-        >>> clip_adapter_type()
-        'CLIP_ADAPTER'
-    """
+    """``"CLIP_ADAPTER"``, read from peft's registry (the config module imports this one)."""
     from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 
     registered = (
@@ -177,13 +131,14 @@ def clip_adapter_type() -> str:
     return next(registered, "CLIP_ADAPTER")
 
 
-def _did_you_mean(value: Any, choices: list[str]) -> str:
+def did_you_mean(value: Any, choices: list[str], cutoff: float = 0.6) -> str:
+    """`` (did you mean 'X'?)`` for the choice closest to ``value`` (ignoring case, dashes, spaces), or ``""``."""
     if not isinstance(value, str):
         return ""
     normalised = {re.sub(r"[\s\-]+", "_", choice).upper(): choice for choice in choices}
     spelled = re.sub(r"[\s\-]+", "_", value).upper()
-    match = normalised.get(spelled) or next(iter(difflib.get_close_matches(value, choices, n=1, cutoff=0.6)), None)
-    match = match or next(iter(difflib.get_close_matches(spelled, list(normalised), n=1, cutoff=0.6)), None)
+    match = normalised.get(spelled) or next(iter(difflib.get_close_matches(value, choices, n=1, cutoff=cutoff)), None)
+    match = match or next(iter(difflib.get_close_matches(spelled, list(normalised), n=1, cutoff=cutoff)), None)
     return f" (did you mean {normalised.get(match, match)!r}?)" if match else ""
 
 
@@ -200,14 +155,16 @@ def _check_clip_adapter_fields(loaded: dict[str, Any], path: str) -> None:
         )
     # Read from the registered class, so fields added to the config later are known here too.
     known = {field.name for field in dataclasses.fields(PEFT_TYPE_TO_CONFIG_MAPPING[clip_adapter_type()])}
-    unknown = sorted(set(loaded) - known)
-    if unknown:
-        name = unknown[0]
-        raise ValueError(
-            f"{path} has the unknown field {name!r}{_did_you_mean(name, sorted(known))}. It was written by a newer "
-            "version of peft or peft-clip-adapter (upgrade them: pip install -U peft peft-clip-adapter) or edited by "
-            "hand (fix the name)."
-        )
+    # An unknown field warns and is dropped by peft (a newer release may have added it), but one spelled almost
+    # like a known field is a typo that would leave the known field at its default: refuse it.
+    for name in sorted(set(loaded) - known):
+        suggestion = did_you_mean(name, sorted(known), cutoff=_NEAR_MISS)
+        if suggestion:
+            raise ValueError(
+                f"{path} has the unknown field {name!r}{suggestion}: a misspelt field is ignored, and the one it "
+                "stands for keeps its default, so it is refused. Fix the name in the file (if a newer version wrote "
+                "it, upgrade: pip install -U peft peft-clip-adapter)."
+            )
     for name, types in _BASE_FIELD_TYPES.items():
         value = loaded.get(name)
         if name in loaded and not isinstance(value, types):
@@ -215,103 +172,22 @@ def _check_clip_adapter_fields(loaded: dict[str, Any], path: str) -> None:
             raise ValueError(f"{path} has {name}={value!r} ({type(value).__name__}); it must be {accepted}.")
 
 
-def install_config_file_checks() -> None:
-    """Make peft's generic reader of ``adapter_config.json`` check the file as :func:`read_adapter_config` does.
-
-    ``PeftModel.from_pretrained``, ``PeftModel.load_adapter``, ``PeftConfig.from_pretrained`` and
-    ``AutoPeftModel.from_pretrained`` all find out which method saved an adapter by reading its config with
-    ``PeftConfig.from_json_file``, before any method's own code runs, and peft offers no hook there: a broken
-    file ends in a bare ``JSONDecodeError``, ``TypeError`` or ``KeyError``, and a CLIP-Adapter config without
-    ``ratio`` loads with the default. So that one classmethod is wrapped, for the generic ``PeftConfig`` /
-    ``PeftConfigMixin`` reader only: a valid file reads exactly as before, a broken one raises the
-    ``ValueError`` that names it. Method classes (``LoraConfig``, ...) keep peft's own reader. Safe to call
-    any number of times; ``import peft_clip_adapter`` calls it.
-
-    Returns:
-        None.
-
-    Example:
-        >>> import json, tempfile
-        >>> from peft import PeftConfig
-        >>> install_config_file_checks()
-        >>> path = tempfile.mkstemp(suffix=".json")[1]
-        >>> _ = open(path, "w").write(json.dumps({"peft_type": "LORA", "r": 8}))
-        >>> PeftConfig.from_json_file(path)["r"]
-        8
-    """
-    from peft.config import PeftConfig, PeftConfigMixin
-
-    original = PeftConfigMixin.__dict__["from_json_file"].__func__
-    if getattr(original, "_checks_adapter_config", False):
-        return
-
-    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
-        if cls in (PeftConfig, PeftConfigMixin):
-            return read_adapter_config(path_json_file)
-        return original(cls, path_json_file, **kwargs)
-
-    from_json_file.__doc__ = original.__doc__
-    from_json_file.__wrapped__ = original
-    from_json_file._checks_adapter_config = True
-    PeftConfigMixin.from_json_file = classmethod(from_json_file)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # adapter_model.safetensors
-
-
-def verify_adapter_weights(folder: str | os.PathLike) -> None:
-    """Check that ``folder/adapter_model.safetensors``, if present, is complete and well formed.
-
-    A folder whose weights are a pickle (``adapter_model.bin``) instead is refused: it is never unpickled.
-    Only the header and the file size are read, so this is cheap for any size.
-
-    Args:
-        folder: A folder written by ``save_pretrained``.
-
-    Returns:
-        None; a folder without any weights file passes (a config-only folder).
-
-    Raises:
-        ValueError: naming the file, if it is a pickle, truncated, has a corrupted header, or its tensors do
-            not add up to its size.
-
-    Example:
-        >>> import tempfile
-        >>> verify_adapter_weights(tempfile.mkdtemp())  # no weights file: nothing to check
-    """
-    path = os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        refuse_pickles(folder, SAFETENSORS_WEIGHTS_NAME, what="adapter weights")
-        return
-    verify_safetensors_file(path)
 
 
 def check_adapter_folder(
     folder: str | os.PathLike, reduction: Optional[int] = None, *, require_weights: bool = False
 ) -> dict[str, tuple[int, ...]]:
-    """Check the weights of a local adapter folder before they are loaded: see :func:`check_weights_file`.
+    """Check the weights of a local adapter folder before they are loaded; returns ``{key: shape}``.
 
-    Args:
-        folder: A folder written by ``save_pretrained``.
-        reduction: The ``reduction`` of its config, to check the weights' bottleneck width against.
-        require_weights: Refuse a folder without ``adapter_model.safetensors`` (loading an adapter needs
-            it; reading only the config does not).
-
-    Returns:
-        ``{key: shape}`` of the saved tensors; empty when there is no weights file.
-
-    Raises:
-        ValueError: as :func:`check_weights_file`, for a pickle in place of the weights, or for missing
-            weights when ``require_weights``.
-
-    Example:
-        >>> import tempfile
-        >>> check_adapter_folder(tempfile.mkdtemp())
-        {}
+    ``adapter_model.safetensors`` is checked whole (:func:`check_weights_file`), else ``adapter_model.bin`` is
+    read through torch's weights-only unpickler (:func:`load_pickled_weights`), then the tensors are checked
+    (:func:`check_adapter_tensors`, against ``reduction``). Another pickle in their place is refused unread;
+    no weights at all is refused only with ``require_weights``.
     """
-    path = Path(folder) / SAFETENSORS_WEIGHTS_NAME
-    if path.is_file():
+    path = weights_path(folder)
+    if path is not None:
         return check_weights_file(path, reduction)
     refuse_pickles(folder, SAFETENSORS_WEIGHTS_NAME, what="adapter weights")
     if require_weights:
@@ -322,63 +198,54 @@ def check_adapter_folder(
     return {}
 
 
+def weights_path(folder: str | os.PathLike) -> Optional[Path]:
+    """The weights file peft loads from ``folder``: ``adapter_model.safetensors``, else ``adapter_model.bin``."""
+    for name in (SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
 def check_weights_file(path: str | os.PathLike, reduction: Optional[int] = None) -> dict[str, tuple[int, ...]]:
-    """Check a saved ``adapter_model.safetensors`` whole: the file (:func:`verify_safetensors_file`), then its
-    tensors (:func:`check_adapter_tensors`).
-
-    Args:
-        path: The weights file.
-        reduction: The ``reduction`` of the config it will be loaded with.
-
-    Returns:
-        ``{key: shape}`` of its tensors.
-
-    Raises:
-        ValueError: naming the file, the key and the fix.
-
-    Example:
-        >>> import tempfile, torch
-        >>> from safetensors.torch import save_file
-        >>> path = tempfile.mkstemp(suffix=".safetensors")[1]
-        >>> save_file({"base_model.model.logit_scale": torch.zeros(())}, path)
-        >>> check_weights_file(path)
-        Traceback (most recent call last):
-        ...
-        ValueError: ... holds 'base_model.model.logit_scale', which is not a CLIP-Adapter weight ...
-    """
-    verify_safetensors_file(path)
-    tensors = load_file(path)
+    """Check a saved weights file whole, then its tensors; returns ``{key: shape}``. ``ValueError`` names the file."""
+    if Path(path).name == WEIGHTS_NAME:
+        tensors = load_pickled_weights(path)
+    else:
+        verify_safetensors_file(path)
+        tensors = load_file(path)
     check_adapter_tensors(tensors, os.fspath(path), reduction)
     return {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+
+
+def load_pickled_weights(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a pickled state dict as peft does, with torch's weights-only unpickler, which runs no code."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message leads with how to bypass the check; its reason is the line that names what was refused.
+        lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+        reason = next(
+            (line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1] if lines else ""
+        )
+        raise ValueError(
+            f"{path} was not loaded: torch's weights-only unpickler refuses it ({reason.strip()}). It holds more "
+            "than tensors, and unpickling it in full could run any code in it. Use a file that save_pretrained "
+            "wrote, or convert one from a source you trust to safetensors."
+        ) from error
+    except (RuntimeError, EOFError, KeyError, ValueError) as error:
+        raise ValueError(f"{path} cannot be read as PyTorch weights ({error}). {_RESAVE_HINT}") from error
+    if not isinstance(tensors, dict):
+        raise ValueError(f"{path} holds a {type(tensors).__name__}, not a state dict of tensors. {_RESAVE_HINT}")
+    return tensors
 
 
 def refuse_pickles(
     folder: str | os.PathLike, expected: str, *, what: str, ignore: Iterable[str] = (), hint: Optional[str] = None
 ) -> None:
-    """Refuse a folder where a pickle stands in for the safetensors file ``expected``, without unpickling it.
+    """Refuse, unread, a pickle standing where the safetensors file ``expected`` belongs in ``folder``.
 
-    Args:
-        folder: The folder to look in.
-        expected: The safetensors file name that belongs there (e.g. ``adapter_model.safetensors``).
-        what: What the file holds, for the message (e.g. ``"adapter weights"``).
-        ignore: Glob patterns of pickles that belong there for another purpose (an optimizer state, ...).
-        hint: What to do instead, for the message; by default, save or fetch safetensors.
-
-    Returns:
-        None, when ``folder/expected`` exists or no pickle is there.
-
-    Raises:
-        ValueError: naming the pickle, if ``expected`` is missing and a ``.bin`` / ``.pkl`` / ``.pt`` / ...
-            file is there instead.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> _ = (folder / "adapter_model.bin").write_bytes(b"...")
-        >>> refuse_pickles(folder, "adapter_model.safetensors", what="adapter weights")
-        Traceback (most recent call last):
-        ...
-        ValueError: ...adapter_model.bin holds the adapter weights as a pickle, ...
+    ``what`` names the content and ``hint`` the fix in the message; ``ignore`` lists glob patterns of pickles
+    that belong there for another purpose (an optimizer state, ...).
     """
     folder = Path(folder)
     if (folder / expected).is_file() or not folder.is_dir():
@@ -400,30 +267,8 @@ def refuse_pickles(
 
 
 def from_pretrained_safetensors(auto_class: Any, name_or_path: str | os.PathLike, **kwargs: Any) -> Any:
-    """``auto_class.from_pretrained(name_or_path, use_safetensors=True, **kwargs)``: a base model read from
-    safetensors only, so a pickled checkpoint (``pytorch_model.bin``) is refused by name, never unpickled.
-
-    Args:
-        auto_class: A transformers class with ``from_pretrained`` (``AutoModel``, ``CLIPModel``, ...).
-        name_or_path: A Hub id or a local folder.
-        **kwargs: Passed to ``from_pretrained``.
-
-    Returns:
-        The loaded model.
-
-    Raises:
-        ValueError: if the checkpoint has no safetensors weights (a local folder's pickle is named).
-
-    Example:
-        >>> import tempfile, pathlib, torch
-        >>> from transformers import CLIPModel
-        >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> torch.save({}, folder / "pytorch_model.bin")
-        >>> from_pretrained_safetensors(CLIPModel, folder)
-        Traceback (most recent call last):
-        ...
-        ValueError: ...pytorch_model.bin holds the base model weights as a pickle, ...
-    """
+    """``auto_class.from_pretrained(name_or_path, use_safetensors=True, **kwargs)``: a base model from safetensors
+    only, so that a pickled checkpoint (``pytorch_model.bin``) is refused by name, never unpickled."""
     folder = Path(name_or_path)
     if folder.is_dir() and not any(folder.glob("*.safetensors")):
         refuse_pickles(folder, "model.safetensors", what="base model weights")
@@ -441,25 +286,9 @@ def from_pretrained_safetensors(auto_class: Any, name_or_path: str | os.PathLike
 
 
 def verify_safetensors_file(path: str | os.PathLike, hint: str = _RESAVE_HINT) -> None:
-    """Check that a safetensors file is whole: its header parses and its tensors fill the file exactly.
+    """Check that a safetensors file is whole: no pickle in disguise, its header parses, its tensors fill the file.
 
-    Args:
-        path: The ``.safetensors`` file.
-        hint: What to do about a damaged file, appended to the message.
-
-    Returns:
-        None.
-
-    Raises:
-        ValueError: naming the file, if it is a pickle in disguise, truncated, has a corrupted header or
-            entry, or its tensors do not add up to its size.
-
-    Example:
-        >>> import tempfile, torch
-        >>> from safetensors.torch import save_file
-        >>> path = tempfile.mkstemp(suffix=".safetensors")[1]
-        >>> save_file({"w": torch.zeros(2, 2)}, path)
-        >>> verify_safetensors_file(path)
+    Reads only the header and the size, so it is cheap for any size; ``hint`` ends each message.
     """
     path = os.fspath(path)
     size = os.path.getsize(path)
@@ -517,31 +346,9 @@ def check_adapter_tensors(
 ) -> None:
     """Refuse tensors that are not a CLIP-Adapter's, before any of them reaches a model.
 
-    Every key must be ``<module>.<adapter layer>.weight`` (the adapter layer names come from
-    ``CLIPAdapterLayer.adapter_layer_names``): anything else would be loaded over the base model's own
-    weights. Each tensor must be floating point and finite, and each module's down / up pair must fit
-    together (``[h, d]`` and ``[d, h]``), with ``h == d // reduction`` when ``reduction`` is given.
-
-    Args:
-        tensors: The state dict as saved (keys without adapter names).
-        source: What the tensors came from, for messages; defaults to the file being loaded, if known.
-        reduction: The ``reduction`` of the config they are loaded with.
-
-    Returns:
-        None.
-
-    Raises:
-        ValueError: naming the source, the key and the fix.
-
-    Example:
-        >>> import torch
-        >>> prefix = "base_model.model.visual_projection"
-        >>> down, up = f"{prefix}.clip_adapter_down.weight", f"{prefix}.clip_adapter_up.weight"
-        >>> check_adapter_tensors({down: torch.zeros(2, 8), up: torch.zeros(8, 2)}, "a file", reduction=4)
-        >>> check_adapter_tensors({down: torch.zeros(4, 8), up: torch.zeros(8, 4)}, "a file", reduction=4)
-        Traceback (most recent call last):
-        ...
-        ValueError: a file: 'base_model.model.visual_projection' has an adapter of hidden width 4 ...
+    Every key must be ``<module>.<adapter layer>.weight`` (anything else would be loaded over the base model's
+    weights); each tensor floating point and finite; each module's down / up pair ``[h, d]`` / ``[d, h]``, with
+    ``h == d // reduction`` when ``reduction`` is given. ``source`` names the tensors in messages.
     """
     source = source or current_source()
     if not tensors:
@@ -599,19 +406,7 @@ def _implied_reduction(width: int, hidden: int) -> str:
 
 @contextlib.contextmanager
 def loading_source(source: str) -> Iterator[None]:
-    """Name the weights being loaded in the messages of :func:`check_adapter_tensors` and the model's checks.
-
-    Args:
-        source: The file or repository the weights come from.
-
-    Returns:
-        A context manager.
-
-    Example:
-        >>> with loading_source("me/adapter"):
-        ...     current_source()
-        'me/adapter'
-    """
+    """Name the weights being loaded (a file or repository) in the messages of the checks run meanwhile."""
     token = _loading_source.set(source)
     try:
         yield
@@ -620,15 +415,7 @@ def loading_source(source: str) -> Iterator[None]:
 
 
 def current_source() -> str:
-    """What the weights being loaded are called in messages (see :func:`loading_source`).
-
-    Returns:
-        The source set by the loader, or ``"the adapter weights"``.
-
-    Example:
-        >>> current_source()
-        'the adapter weights'
-    """
+    """What the weights being loaded are called in messages (see :func:`loading_source`)."""
     return _loading_source.get() or "the adapter weights"
 
 
@@ -637,27 +424,8 @@ def current_source() -> str:
 
 
 def check_adapter_name(name: Any) -> None:
-    """Refuse adapter names that are not plain folder names.
-
-    ``save_pretrained`` writes an adapter other than ``"default"`` into ``<save_directory>/<name>``, so a name
-    must not be a path (``"/tmp/x"``, ``"../x"``) or contain a dot (torch refuses dots in module names).
-
-    Args:
-        name: The adapter name.
-
-    Returns:
-        None.
-
-    Raises:
-        ValueError: unless ``name`` is letters, digits, ``_`` and ``-`` (not starting with ``-``).
-
-    Example:
-        >>> check_adapter_name("eurosat_16shot")
-        >>> check_adapter_name("../outside")
-        Traceback (most recent call last):
-        ...
-        ValueError: adapter_name='../outside' is not a plain name: ...
-    """
+    """Refuse an adapter name that is not a plain folder name (``save_pretrained`` writes a sub-folder of that
+    name; torch refuses dots in module names)."""
     if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
         raise ValueError(
             f"adapter_name={name!r} is not a plain name: use letters, digits, '_' and '-' (no path, no dots, not "

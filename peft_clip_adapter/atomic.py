@@ -51,13 +51,37 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = destination.parent / f"{temporary_prefix(destination)}{uuid.uuid4().hex[:8]}"
-    try:
+    with _naming_errors(destination, temporary):
         yield temporary
         if not temporary.exists():
             raise FileNotFoundError(f"Nothing was written for {destination}: the writer created no file or folder.")
         fsync_tree(temporary)
         _replace(temporary, destination)
         fsync_tree(destination.parent, recursive=False)
+
+
+@contextlib.contextmanager
+def staging_folder(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh, empty folder beside ``destination`` for a writer that moves its files in itself.
+
+    Temporaries that killed processes of this host left are removed first; the folder is removed on exit.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(destination)
+    staging = destination.parent / f"{temporary_prefix(destination)}{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+    finally:
+        _remove(staging)
+
+
+@contextlib.contextmanager
+def _naming_errors(destination: Path, temporary: Path) -> Iterator[None]:
+    """Remove ``temporary`` when the body fails, and make an ``OSError`` name ``destination``."""
+    try:
+        yield
     except OSError as error:
         _remove(temporary)
         if str(destination) in str(error):

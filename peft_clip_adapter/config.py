@@ -9,26 +9,14 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from peft import PeftConfig
-from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from peft.utils import CONFIG_NAME
 
 
 class CLIPAdapterPeftType(str, enum.Enum):
     """The ``peft_type`` written to ``adapter_config.json``.
 
-    A ``str`` enum compares and hashes like its value, so the string ``"CLIP_ADAPTER"`` read back from
-    JSON finds the same registry entries as the member itself. Like peft's own ``PeftType``, ``str()``
-    gives ``"<class>.<name>"``: peft reads the method's name as the part after the dot (e.g. in
-    ``PeftModel.get_model_status().peft_types``).
-
-    Raises:
-        ValueError: from ``enum`` when looked up with any other value.
-
-    Example:
-        >>> from peft_clip_adapter.config import CLIPAdapterPeftType
-        >>> CLIPAdapterPeftType("CLIP_ADAPTER") == "CLIP_ADAPTER", CLIPAdapterPeftType.CLIP_ADAPTER.value
-        (True, 'CLIP_ADAPTER')
-        >>> str(CLIPAdapterPeftType.CLIP_ADAPTER).partition(".")[-1]
-        'CLIP_ADAPTER'
+    A ``str`` enum compares and hashes like its value, so ``"CLIP_ADAPTER"`` read back from JSON finds the same
+    registry entries. As with peft's ``PeftType``, ``str()`` gives ``"<class>.<name>"``, which peft splits.
     """
 
     CLIP_ADAPTER = "CLIP_ADAPTER"
@@ -52,36 +40,19 @@ _TARGETS_SAVED_WITH_ADAPT = {
 class CLIPAdapterConfig(PeftConfig):
     """Configuration of a CLIP-Adapter (Gao et al., 2021, https://arxiv.org/abs/2110.04544).
 
-    The adapter is a residual bottleneck MLP on a tower's final pooled embedding ``f`` (CLIP's pooled,
-    projected embedding; SigLIP's pooling-head output; ...)::
+    A residual bottleneck MLP on a tower's final pooled embedding ``f``, of width ``d`` read from the model::
 
         f' = ratio * ReLU(W2 @ ReLU(W1 @ f)) + (1 - ratio) * f,   W1: d -> d // reduction, W2: back to d
 
-    where ``d`` is read from the model, and both linears have no bias. Which module outputs ``f`` is
-    known per model class (``peft_clip_adapter.families``), so one config fits every supported model.
-
     Args:
-        ratio: Residual blend ``alpha`` in ``[0, 1]``: 0 keeps the model's embedding, 1 replaces it with the
-            adapter's output. The paper's default is 0.2; it picks 0.6 for fine-grained datasets such as
-            EuroSAT, DTD or Aircraft.
-        reduction: Bottleneck factor ``r``: the hidden width is ``d // reduction``. Must be an integer in
-            ``[1, d]``. Default 4, as in the paper.
-        adapt: Which tower's embedding to adapt: ``"vision"`` (the paper's default), ``"text"`` (the class
-            prototypes), ``"audio"`` (CLAP) or ``"both"`` (every tower of the model: its two towers, or
-            the one of a single-tower class). Leave ``None`` when passing ``target_modules``.
-        target_modules: Advanced: names (or a regex over full module names) choosing among the model's
-            pooled-embedding modules, e.g. in a model that holds two dual encoders. Every match must be
-            such a module. ``None`` (the default) lets ``adapt`` choose them per model class.
+        ratio: Residual blend in ``[0, 1]``: 0 keeps the model's embedding. The paper uses 0.2, and 0.6 for
+            fine-grained datasets (EuroSAT, DTD, Aircraft).
+        reduction: Bottleneck factor, an integer in ``[1, d]``; 4 in the paper.
+        adapt: The tower to adapt: ``"vision"`` (default), ``"text"`` (the class prototypes), ``"audio"``
+            (CLAP) or ``"both"`` (every tower). ``None`` with ``target_modules``.
+        target_modules: Advanced: names or a regex choosing among the model's pooled-embedding modules.
 
-    Raises:
-        ValueError: if a value is out of range or of the wrong type, if both ``adapt`` and
-            ``target_modules`` are given, or if ``task_type`` is set (the model keeps its own forward).
-
-    Example:
-        >>> import peft_clip_adapter
-        >>> config = peft_clip_adapter.CLIPAdapterConfig(ratio=0.6, adapt="both")
-        >>> config.adapt, config.target_modules
-        ('both', None)
+    ``task_type`` must stay ``None``: the model keeps its own forward.
     """
 
     ratio: float = field(
@@ -176,33 +147,12 @@ class CLIPAdapterConfig(PeftConfig):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any
     ) -> CLIPAdapterConfig:
-        """Load a config saved by ``save_pretrained`` (a local folder or a Hub id), checking it first.
+        """Load a config saved by ``save_pretrained`` (a folder or a Hub id); a local folder is checked whole first.
 
-        A local folder is checked as a whole before the config is built: its files against the record of
-        the save that wrote them (``adapter_manifest.json``), the config (see ``from_json_file``) and, when
-        present, ``adapter_model.safetensors``: complete, not a pickle, only adapter weights, floating point,
-        finite, and of the config's ``reduction``. ``PeftModel.from_pretrained`` calls this, so those
-        checks run before the base model is touched.
-
-        Args:
-            pretrained_model_name_or_path: A folder holding ``adapter_config.json``, or a Hub repository id.
-            subfolder: Sub-folder of that folder or repository.
-            **kwargs: Passed to ``peft.PeftConfig.from_pretrained`` (e.g. ``revision``).
-
-        Returns:
-            The ``CLIPAdapterConfig``.
-
-        Raises:
-            ValueError: naming the file and the fix, if the folder mixes two saves, has no
-                ``adapter_config.json``, the config is not valid (see ``from_json_file``), or the weights
-                are damaged, a pickle, or do not fit the config.
-
-        Example:
-            >>> import tempfile, peft_clip_adapter
-            >>> folder = tempfile.mkdtemp()
-            >>> peft_clip_adapter.CLIPAdapterConfig(ratio=0.6).save_pretrained(folder)
-            >>> peft_clip_adapter.CLIPAdapterConfig.from_pretrained(folder).ratio
-            0.6
+        Checked before the config is built: the files against ``adapter_manifest.json`` (a mix of two saves is
+        refused), the config (``from_json_file``), and the weights when present (damaged, not the adapter's,
+        not float, not finite, or of another ``reduction``). ``PeftModel.from_pretrained`` calls this, so the
+        checks run before the base model is touched. ``**kwargs`` go to ``PeftConfig.from_pretrained``.
         """
         from peft_clip_adapter.adapter_checks import check_adapter_folder
         from peft_clip_adapter.manifest import manifest_mismatch, verify_manifest
@@ -221,7 +171,7 @@ class CLIPAdapterConfig(PeftConfig):
                     "save_pretrained wrote (it holds adapter_config.json and adapter_model.safetensors)."
                 )
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-            shapes = check_adapter_folder(path, reduction=config.reduction)
+            check_adapter_folder(path, reduction=config.reduction)
         except ValueError as error:
             # A folder that mixes two saves explains whatever failed: say that first.
             mismatch = manifest_mismatch(path)
@@ -229,36 +179,11 @@ class CLIPAdapterConfig(PeftConfig):
                 raise ValueError(f"{mismatch} Reading it failed with: {error}") from error
             raise
         verify_manifest(path)
-        # Kept for the tuner, which compares the weights' widths with the model's before injecting anything.
-        config._saved_weight_shapes = shapes
-        config._saved_weights_source = os.path.join(path, SAFETENSORS_WEIGHTS_NAME)
         return config
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
-        """Read ``adapter_config.json``, refusing anything that would not load as the adapter that was saved.
-
-        Args:
-            path_json_file: Path of the JSON file.
-            **kwargs: Accepted for ``peft.PeftConfig.from_json_file``'s signature; unused.
-
-        Returns:
-            The file's fields as a dict (``from_pretrained`` builds the config from it).
-
-        Raises:
-            ValueError: if the file is not valid JSON or not a JSON object, its ``peft_type`` is not
-                ``"CLIP_ADAPTER"`` (with a did-you-mean), it misses ``ratio``, ``reduction`` or its targets
-                (which would silently load defaults), or has a field this version does not know.
-
-        Example:
-            >>> import json, tempfile
-            >>> path = tempfile.mkstemp(suffix=".json")[1]
-            >>> _ = open(path, "w").write(json.dumps({"peft_type": "LORA"}))
-            >>> CLIPAdapterConfig.from_json_file(path)
-            Traceback (most recent call last):
-            ...
-            ValueError: ... has peft_type='LORA'; a CLIP-Adapter config has peft_type='CLIP_ADAPTER'. ...
-        """
+        """Read ``adapter_config.json`` as ``read_adapter_config`` does, refusing another method's config."""
         from peft_clip_adapter.adapter_checks import read_adapter_config
 
         loaded = read_adapter_config(path_json_file)

@@ -1,14 +1,9 @@
 """Where each contrastive dual encoder pools a tower's final embedding: the one table of per-family knowledge.
 
-CLIP-Adapter acts on the final pooled embedding of a tower, the vector the contrastive head compares.
-That vector comes out of a different module in each family: a projection ``nn.Linear`` (CLIP and its
-relatives), an MLP block (GroupViT, CLAP), an attention-pooling head (SigLIP's image side) or a
-parameter-free pooling of the last feature map (ALIGN's image side). ``POOLED_EMBEDDINGS`` records that
-module per transformers model class, the way peft records default target modules per architecture;
-``adapt``, the tuner, the adapter layer and the few-shot toolkit all ask this module and nothing else.
-
-Model classes are matched by name along the class hierarchy, so subclasses qualify, and anywhere inside
-another module (a ``PeftModel``, a user's wrapper): module paths are relative to the matched model.
+That vector (the one the contrastive head compares) comes out of a projection ``nn.Linear`` (CLIP and its
+relatives), an MLP block (GroupViT, CLAP), an attention-pooling head (SigLIP) or a parameter-free pooling
+(ALIGN's image side). ``POOLED_EMBEDDINGS`` records it per transformers model class, as peft records target
+modules per architecture. Classes match by name along the hierarchy, anywhere inside another module.
 """
 
 from __future__ import annotations
@@ -27,21 +22,9 @@ PooledKind = Literal["linear", "block", "pool"]
 
 @dataclass(frozen=True)
 class PooledModule:
-    """The module whose output is a tower's final pooled embedding, and how to read the embedding's width.
-
-    Args:
-        path: Module path relative to the model class it belongs to (e.g. ``"vision_model.head"``).
-        kind: What the module is, which says how to find the width ``d``:
-            ``"linear"``, an ``nn.Linear`` (``out_features``); ``"block"``, a module whose output comes
-            out of its last ``nn.Linear``, such as an MLP or an attention-pooling head (that Linear's
-            ``out_features``); ``"pool"``, a parameter-free pooling of a convolutional feature map
-            ``[N, C, h, w] -> [N, C, 1, 1]`` (``C``, the ``out_channels`` of the tower's last ``nn.Conv2d``;
-            the adapter then acts on the channels).
-
-    Example:
-        >>> POOLED_EMBEDDINGS["SiglipModel"]["vision"]
-        PooledModule(path='vision_model.head', kind='block')
-    """
+    """The module whose output is a tower's final pooled embedding (``path``, relative to its model class), and
+    how its width ``d`` is read (``kind``): ``"linear"``, its ``out_features``; ``"block"``, its last Linear's;
+    ``"pool"``, a pooling ``[N, C, h, w] -> [N, C, 1, 1]``, the tower's last ``Conv2d`` ``out_channels``."""
 
     path: str
     kind: PooledKind = "linear"
@@ -93,25 +76,8 @@ POOLED_EMBEDDINGS: dict[str, dict[str, PooledModule]] = {
 
 @dataclass(frozen=True)
 class Tower:
-    """One tower of a model as found through ``POOLED_EMBEDDINGS``.
-
-    Args:
-        branch: ``"vision"``, ``"text"`` or ``"audio"``.
-        name: Full name of the pooled-embedding module in the model searched.
-        module: That module (the adapter layer wrapping it, once adapted).
-        kind: The ``PooledModule.kind``.
-        width: Width ``d`` of the pooled embedding, which the adapter works on.
-        model_class: The table entry the tower was found through (e.g. ``"SiglipModel"``).
-
-    Example:
-        >>> import torch
-        >>> from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-        >>> text = CLIPTextModelWithProjection(CLIPTextConfig(
-        ...     hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, projection_dim=4))
-        >>> tower = find_towers(text)["text_projection"]
-        >>> tower.branch, tower.kind, tower.width, tower.model_class
-        ('text', 'linear', 4, 'CLIPTextModelWithProjection')
-    """
+    """One tower as found through ``POOLED_EMBEDDINGS``: its ``branch``, full module ``name``, the ``module``
+    (the adapter layer, once adapted), ``kind``, embedding ``width`` and the table entry ``model_class``."""
 
     branch: str
     name: str
@@ -122,19 +88,7 @@ class Tower:
 
 
 def table_class(module: nn.Module) -> Optional[str]:
-    """The ``POOLED_EMBEDDINGS`` entry for ``module``'s class or its nearest listed base class, if any.
-
-    Args:
-        module: Any module.
-
-    Returns:
-        The class name used as table key, or ``None`` when no class in its hierarchy is listed.
-
-    Example:
-        >>> from torch import nn
-        >>> table_class(nn.Linear(2, 2)) is None
-        True
-    """
+    """The ``POOLED_EMBEDDINGS`` key of ``module``'s class or its nearest listed base class, or ``None``."""
     return next((cls.__name__ for cls in type(module).__mro__ if cls.__name__ in POOLED_EMBEDDINGS), None)
 
 
@@ -167,24 +121,10 @@ def _width(model: nn.Module, name: str, module: nn.Module, kind: PooledKind) -> 
 
 
 def find_towers(model: nn.Module) -> dict[str, Tower]:
-    """Every pooled-embedding module of every listed model inside ``model``, by full module name.
+    """Every pooled-embedding module of every listed model inside ``model``, by full module name, in table order.
 
-    Modules already wrapped by an adapter are found too (``Tower.module`` is then the layer). A listed
-    module the model lacks (e.g. SigLIP built with ``vision_use_head=False``) gives no tower.
-
-    Args:
-        model: A transformers model, a ``PeftModel`` around one, or any module holding one.
-
-    Returns:
-        ``{full module name: Tower}`` in table order; empty when no listed model is inside.
-
-    Example:
-        >>> from transformers import CLIPConfig, CLIPModel
-        >>> tiny = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
-        >>> clip = CLIPModel(CLIPConfig(text_config=tiny, vision_config={**tiny, "image_size": 8, "patch_size": 4},
-        ...                             projection_dim=4))
-        >>> {name: tower.branch for name, tower in find_towers(clip).items()}
-        {'visual_projection': 'vision', 'text_projection': 'text'}
+    Wrapped modules are found too (``Tower.module`` is then the layer); a listed module the model lacks (SigLIP
+    built with ``vision_use_head=False``) gives no tower.
     """
     towers: dict[str, Tower] = {}
     for prefix, model_class in _listed_models(model):
@@ -200,19 +140,7 @@ def find_towers(model: nn.Module) -> dict[str, Tower]:
 
 
 def describe_towers(model: nn.Module) -> str:
-    """What ``model`` has, in words, for error messages: its towers and where they pool, or that it has none.
-
-    Args:
-        model: Any module.
-
-    Returns:
-        E.g. ``"vision ('visual_projection') and text ('text_projection')"``.
-
-    Example:
-        >>> from torch import nn
-        >>> describe_towers(nn.Linear(2, 2))
-        'no pooled-embedding module of a supported dual encoder'
-    """
+    """``model``'s towers in words, for error messages, e.g. ``"vision ('visual_projection') and text (...)"``."""
     towers = find_towers(model)
     if not towers:
         return "no pooled-embedding module of a supported dual encoder"
@@ -220,23 +148,8 @@ def describe_towers(model: nn.Module) -> str:
 
 
 def missing_branch_error(model: nn.Module, branch: Optional[str], hint: str = "") -> ValueError:
-    """The error for a tower ``model`` does not have: it names the model class and what the model has.
-
-    Args:
-        model: The model asked for the branch.
-        branch: The requested branch (``"vision"``, ``"text"`` or ``"audio"``), or ``None`` for any tower.
-        hint: A sentence appended to the message (what to do instead).
-
-    Returns:
-        A ``ValueError`` to raise.
-
-    Example:
-        >>> from torch import nn
-        >>> print(missing_branch_error(nn.Linear(2, 2), "audio"))  # doctest: +NORMALIZE_WHITESPACE
-        Linear has no audio tower with a pooled embedding known to CLIP-Adapter; it has no pooled-embedding
-        module of a supported dual encoder. Supported model classes are listed on the 'Supported models'
-        page (peft_clip_adapter.families.POOLED_EMBEDDINGS).
-    """
+    """The ``ValueError`` for a tower ``model`` lacks (``branch``, or any when ``None``): it names the model class
+    and what the model has, then ``hint``."""
     expected = [
         f"a {model_class} pools it in {_join(prefix, POOLED_EMBEDDINGS[model_class][branch].path)!r}, "
         "which this model lacks"
@@ -254,23 +167,7 @@ def missing_branch_error(model: nn.Module, branch: Optional[str], hint: str = ""
 
 
 def towers_by_branch(model: nn.Module) -> dict[str, Tower]:
-    """The model's towers keyed by branch.
-
-    Args:
-        model: A transformers model, a ``PeftModel`` around one, or any module holding one.
-
-    Returns:
-        ``{branch: Tower}``, e.g. ``{"vision": ..., "text": ...}`` for a ``CLIPModel``.
-
-    Raises:
-        ValueError: if ``model`` holds two towers of one branch (e.g. two CLIP models), which makes a
-            branch ambiguous; pass ``target_modules`` to choose.
-
-    Example:
-        >>> from torch import nn
-        >>> towers_by_branch(nn.Linear(2, 2))
-        {}
-    """
+    """``{branch: Tower}``; ``ValueError`` if two towers share a branch (pass ``target_modules`` then)."""
     by_branch: dict[str, Tower] = {}
     for tower in find_towers(model).values():
         if tower.branch in by_branch:
@@ -284,30 +181,8 @@ def towers_by_branch(model: nn.Module) -> dict[str, Tower]:
 
 
 def select_towers(model: nn.Module, adapt: str) -> dict[str, Tower]:
-    """The towers ``adapt`` names in ``model``: one branch, or ``"both"`` (every tower the model has).
-
-    Args:
-        model: A transformers model, a ``PeftModel`` around one, or any module holding one.
-        adapt: ``"vision"``, ``"text"``, ``"audio"`` or ``"both"``.
-
-    Returns:
-        ``{full module name: Tower}``, never empty.
-
-    Raises:
-        ValueError: naming the model class and what it has, if it has no such tower (or no tower at all).
-
-    Example:
-        >>> from transformers import CLIPConfig, CLIPModel
-        >>> tiny = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
-        >>> clip = CLIPModel(CLIPConfig(text_config=tiny, vision_config={**tiny, "image_size": 8, "patch_size": 4},
-        ...                             projection_dim=4))
-        >>> list(select_towers(clip, "text"))
-        ['text_projection']
-        >>> select_towers(clip, "audio")
-        Traceback (most recent call last):
-        ...
-        ValueError: CLIPModel has no audio tower with a pooled embedding known to CLIP-Adapter; it has vision ...
-    """
+    """The towers ``adapt`` names (one branch, or ``"both"``: every tower), never empty: ``ValueError`` naming the
+    model class and what it has otherwise."""
     by_branch = towers_by_branch(model)
     if adapt == "both":
         if not by_branch:
@@ -322,47 +197,15 @@ def select_towers(model: nn.Module, adapt: str) -> dict[str, Tower]:
 
 
 def embedding_width(model: nn.Module, branch: str) -> int:
-    """Width ``d`` of the pooled embedding of ``model``'s ``branch`` tower (what the adapter works on).
-
-    Args:
-        model: A transformers model, a ``PeftModel`` around one, or any module holding one.
-        branch: ``"vision"``, ``"text"`` or ``"audio"``.
-
-    Returns:
-        ``d``.
-
-    Raises:
-        ValueError: if the model has no such tower.
-
-    Example:
-        >>> from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-        >>> text = CLIPTextModelWithProjection(CLIPTextConfig(
-        ...     hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, projection_dim=4))
-        >>> embedding_width(text, "text")
-        4
-    """
+    """Width ``d`` of the pooled embedding of ``model``'s ``branch`` tower; ``ValueError`` if it has none."""
     return next(iter(select_towers(model, branch).values())).width
 
 
 def branch_of_module_path(path: str, candidates: tuple[str, ...] = BRANCHES) -> Optional[str]:
-    """The branch a pooled-embedding module path belongs to, read from the table (for loading saved adapters).
+    """The branch of a saved pooled-embedding module path, or ``None`` when the table cannot tell.
 
-    The longest table path that ``path`` ends with decides: ``"vision_model.head"`` is SigLIP's vision head,
-    while a bare ``"head"`` may be SigLIP's vision or text head, and ``candidates`` (the branches the saved
-    config adapted) must then tell.
-
-    Args:
-        path: A module path as saved in a checkpoint, e.g. ``"base_model.model.vision_model.head"``.
-        candidates: The branches the path may belong to.
-
-    Returns:
-        The branch, or ``None`` when the table does not tell (unknown or ambiguous).
-
-    Example:
-        >>> branch_of_module_path("base_model.model.vision_model.head"), branch_of_module_path("head")
-        ('vision', None)
-        >>> branch_of_module_path("head", candidates=("text",))
-        'text'
+    The longest table path that ``path`` ends with decides: ``"vision_model.head"`` is SigLIP's vision head;
+    a bare ``"head"`` may be either tower, and ``candidates`` (the saved config's branches) must tell.
     """
     matches: dict[int, set[str]] = {}
     for towers in POOLED_EMBEDDINGS.values():

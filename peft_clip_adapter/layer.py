@@ -14,45 +14,20 @@ PREFIX = "clip_adapter_"
 
 
 class CLIPAdapterLayer(nn.Module, BaseTunerLayer):
-    """Wraps the module that outputs a tower's final pooled embedding and adapts that output.
+    """Wraps the module that outputs a tower's final pooled embedding ``f`` (width ``d``) and adapts it::
 
-    The wrapped module may be a projection ``nn.Linear`` (CLIP), an MLP block (GroupViT, CLAP), an
-    attention-pooling head (SigLIP) or a pooling (ALIGN); its output ``f`` (width ``d``) becomes::
+        f' = ratio * ReLU(up(ReLU(down(f)))) + (1 - ratio) * f,   down: d -> d // reduction, up: back to d
 
-        f' = ratio * ReLU(up(ReLU(down(f)))) + (1 - ratio) * f
-
-    with ``down: d -> d // reduction`` and ``up: d // reduction -> d``, both without bias and with
-    PyTorch's default initialisation, as in the paper's reference code. Several adapters may live in
-    one layer (one ``ModuleDict`` entry each); when several are active they are applied in order.
-
-    The adapter computes in its own dtype (float32 when peft upcasts the adapter of a bf16/fp16 base,
-    which it does by default) and casts its result back, so the layer's output dtype always equals the
-    base layer's.
+    No biases, PyTorch's default init (as the paper's code); one ``ModuleDict`` entry per adapter, active ones
+    applied in order. The adapter computes in its own dtype and casts back to the base layer's.
+    ``in_features`` and ``out_features`` are ``d``: the adapter maps the embedding to itself.
 
     Args:
         base_layer: The module to wrap; without ``width``, an ``nn.Linear`` whose ``out_features`` is ``d``.
-        adapter_name: Name of the first adapter (peft's default is ``"default"``).
-        config: A ``CLIPAdapterConfig``; its ``ratio``, ``reduction`` and ``inference_mode`` are used.
-        branch: The tower the embedding belongs to (``"vision"``, ``"text"`` or ``"audio"``), if known.
-        width: ``d``, when ``base_layer`` is not a Linear (the tuner reads it from
-            ``peft_clip_adapter.families``).
-        channels_first: The base layer outputs ``[N, d, 1, 1]`` (a pooling of a convolutional feature
-            map, ALIGN's image side): the adapter then acts on dimension 1 and the shape is kept.
-
-    Raises:
-        ValueError: if ``config.reduction`` is larger than ``d`` (the bottleneck would have width 0).
-
-    Example:
-        >>> import torch
-        >>> from peft_clip_adapter import CLIPAdapterConfig
-        >>> from peft_clip_adapter.layer import CLIPAdapterLayer
-        >>> layer = CLIPAdapterLayer(torch.nn.Linear(8, 4, bias=False), "default", CLIPAdapterConfig())
-        >>> layer(torch.randn(2, 8)).shape
-        torch.Size([2, 4])
-        >>> pooled = CLIPAdapterLayer(torch.nn.AvgPool2d(4), "default", CLIPAdapterConfig(), width=6,
-        ...                           channels_first=True)
-        >>> pooled(torch.randn(2, 6, 4, 4)).shape  # [N, C, h, w] -> [N, C, 1, 1], C adapted
-        torch.Size([2, 6, 1, 1])
+        config: A ``CLIPAdapterConfig`` (``ratio``, ``reduction``, ``inference_mode``).
+        branch: The tower: ``"vision"``, ``"text"`` or ``"audio"``.
+        width: ``d``, when ``base_layer`` is not a Linear (read from ``peft_clip_adapter.families``).
+        channels_first: The base layer outputs ``[N, d, 1, 1]`` (ALIGN's image pooling); the shape is kept.
     """
 
     adapter_layer_names = ("clip_adapter_down", "clip_adapter_up")
@@ -77,35 +52,13 @@ class CLIPAdapterLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters: list[str] = []
         self.branch = branch
         self.width: int = base_layer.out_features if width is None else width
-        self.out_features = self.width  # the name peft's Linear-based layers use
+        # peft's layers expose their widths under these names; the adapter maps the embedding to itself.
+        self.in_features = self.out_features = self.width
         self.channels_first = channels_first
         self.update_layer(adapter_name, config)
 
     def update_layer(self, adapter_name: str, config: Any) -> None:
-        """Create (or replace) the adapter ``adapter_name`` with ``config.ratio`` and ``config.reduction``.
-
-        Args:
-            adapter_name: Key of the adapter in the layer's ``ModuleDict`` s.
-            config: A ``CLIPAdapterConfig`` (``ratio``, ``reduction``, ``inference_mode``).
-
-        Returns:
-            None; the new adapter's weights live on the base layer's device.
-
-        Raises:
-            ValueError: if ``config.reduction`` is larger than the embedding width ``d``.
-
-        Example:
-            >>> import torch
-            >>> from peft_clip_adapter import CLIPAdapterConfig
-            >>> layer = CLIPAdapterLayer(torch.nn.Linear(8, 4, bias=False), "default", CLIPAdapterConfig())
-            >>> layer.update_layer("wide", CLIPAdapterConfig(reduction=1))
-            >>> layer.clip_adapter_down["wide"].weight.shape
-            torch.Size([4, 4])
-            >>> layer.update_layer("bad", CLIPAdapterConfig(reduction=8))
-            Traceback (most recent call last):
-            ...
-            ValueError: reduction=8 is larger than the embedding width d=4, ...
-        """
+        """Create (or replace) the adapter ``adapter_name``; ``ValueError`` if ``reduction`` exceeds ``d``."""
         width = self.width
         if config.reduction > width:
             raise ValueError(
@@ -120,28 +73,10 @@ class CLIPAdapterLayer(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def adapt(self, features: torch.Tensor) -> torch.Tensor:
-        """Apply the active adapter(s) to already pooled embeddings ``[..., d]``.
+        """Apply the active adapter(s) to pooled embeddings ``[..., d]``: the forward without the base module.
 
-        This is the layer's forward without the base module: it lets a training loop run the frozen
-        backbone once, cache its pooled embeddings and train the adapter on the cache.
-
-        Args:
-            features: Pooled embeddings ``[..., d]`` (the base module's output), any float dtype.
-
-        Returns:
-            A tensor of the same shape and dtype as ``features``; ``features`` itself when adapters are
-            disabled or none is active.
-
-        Raises:
-            RuntimeError: from ``torch`` if the last dimension of ``features`` is not ``d``.
-
-        Example:
-            >>> import torch
-            >>> from peft_clip_adapter import CLIPAdapterConfig
-            >>> layer = CLIPAdapterLayer(torch.nn.Linear(8, 4, bias=False), "default", CLIPAdapterConfig(ratio=0.0))
-            >>> f = torch.randn(3, 4)  # [N, d]
-            >>> torch.equal(layer.adapt(f), f)  # ratio 0 keeps CLIP's embedding
-            True
+        A training loop runs the frozen backbone once, caches its embeddings and trains on them with this.
+        Returns the same shape and dtype; ``features`` itself when adapters are disabled.
         """
         if self.disable_adapters:
             return features
@@ -157,27 +92,7 @@ class CLIPAdapterLayer(nn.Module, BaseTunerLayer):
         return features
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The base module followed by ``adapt``.
-
-        Args:
-            x: The base module's input (e.g. the pooled encoder output ``[..., in_features]`` of a projection).
-            *args: Passed to the base module (e.g. SigLIP 2's pooling head takes an attention mask).
-            **kwargs: Passed to the base module.
-
-        Returns:
-            The adapted embedding, of the base module's output shape and dtype.
-
-        Raises:
-            RuntimeError: from ``torch`` if ``x`` does not fit the base module.
-
-        Example:
-            >>> import torch
-            >>> from peft_clip_adapter import CLIPAdapterConfig
-            >>> layer = CLIPAdapterLayer(torch.nn.Linear(8, 4, bias=False), "default", CLIPAdapterConfig())
-            >>> x = torch.randn(2, 8)  # [N, in_features]
-            >>> torch.equal(layer(x), layer.adapt(layer.base_layer(x)))
-            True
-        """
+        """The base module (given ``x`` and any other arguments), then ``adapt``."""
         output = self.base_layer(x, *args, **kwargs)
         if self.channels_first:
             # [N, d, 1, 1]: the model itself flattens this to [N, d] next, so adapting the flat view is exact.
@@ -194,27 +109,7 @@ class CLIPAdapterLayer(nn.Module, BaseTunerLayer):
         return (None, None) if reference is None else (reference.device, reference.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Always refused: a ReLU bottleneck has no equivalent weight matrix to add to the base module.
-
-        Args:
-            safe_merge: Ignored (peft's signature).
-            adapter_names: Ignored (peft's signature).
-
-        Returns:
-            Never returns.
-
-        Raises:
-            ValueError: always, pointing to ``unload()`` instead.
-
-        Example:
-            >>> import torch
-            >>> from peft_clip_adapter import CLIPAdapterConfig
-            >>> layer = CLIPAdapterLayer(torch.nn.Linear(8, 4, bias=False), "default", CLIPAdapterConfig())
-            >>> layer.merge()
-            Traceback (most recent call last):
-            ...
-            ValueError: CLIP-Adapter cannot be merged into the base weights: ...
-        """
+        """Always refused: a ReLU bottleneck has no equivalent weight to merge; ``unload()`` removes it instead."""
         raise ValueError(
             "CLIP-Adapter cannot be merged into the base weights: its ReLU bottleneck is not "
             "linear, so no single matrix reproduces it. Keep the adapter as a module, or call unload() "
@@ -222,17 +117,7 @@ class CLIPAdapterLayer(nn.Module, BaseTunerLayer):
         )
 
     def unmerge(self) -> None:
-        """Do nothing: no adapter is ever merged (see ``merge``).
-
-        Returns:
-            None.
-
-        Example:
-            >>> import torch
-            >>> from peft_clip_adapter import CLIPAdapterConfig
-            >>> CLIPAdapterLayer(torch.nn.Linear(8, 4, bias=False), "default", CLIPAdapterConfig()).unmerge()
-        """
-        # Nothing is ever merged (see `merge`), so there is nothing to undo.
+        """Nothing to undo: no adapter is ever merged."""
         return None
 
     def __repr__(self) -> str:

@@ -1,10 +1,9 @@
 """Saves that are atomic as a set: a manifest of each save's files, checked on every load.
 
-``save_pretrained`` writes an adapter's files (config, weights, class prompts) into a staging folder, records
-their SHA-256 digests in ``adapter_manifest.json`` and moves the manifest into the target folder first, the
-files after it. Until the last file has moved, the folder does not match its manifest, so a reader refuses a
-folder that a killed save left mixing two saves instead of loading a config beside another save's weights.
-Files saved this way also get the permissions a plain ``open`` would give them.
+``save_pretrained`` stages an adapter's files, records their SHA-256 in ``adapter_manifest.json`` and moves the
+manifest into the target folder first, the files after it: until the last file has moved, the folder does not
+match its manifest, so a reader refuses a mix of two saves instead of loading one's config beside the other's
+weights. Saved files also get the permissions a plain ``open`` would give them.
 """
 
 from __future__ import annotations
@@ -31,26 +30,8 @@ _RESAVE_HINT = "Save the adapter again, or download it again if it came from the
 def write_manifest(folder: str | os.PathLike, names: Iterable[str]) -> Path:
     """Record the SHA-256 of each of ``names`` (files in ``folder``) in ``folder/adapter_manifest.json``.
 
-    ``save_pretrained`` writes it into the new save before moving the files into place, manifest first, so
-    that until the last file has moved the folder does not match its manifest (see :func:`verify_manifest`).
-    The digest of ``adapter_config.json`` leaves out where the base model is found
-    (``base_model_name_or_path``, ``revision``), so pointing a saved adapter at a local copy of its base
-    model by hand does not count as a change.
-
-    Args:
-        folder: The folder holding the files.
-        names: File names relative to ``folder``.
-
-    Returns:
-        The manifest's path.
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> _ = (folder / "adapter_config.json").write_text("{}")
-        >>> write_manifest(folder, ["adapter_config.json"]).name
-        'adapter_manifest.json'
-        >>> verify_manifest(folder)
+    The digest of ``adapter_config.json`` leaves out where the base model is found (``base_model_name_or_path``,
+    ``revision``): pointing a saved adapter at a local copy of its base model is no change.
     """
     folder = Path(folder)
     files = {name: {"sha256": _digest_of(folder / name)} for name in sorted(names)}
@@ -75,20 +56,8 @@ def _digest_of(path: Path) -> str:
 
 
 def manifest_mismatch(folder: str | os.PathLike) -> Optional[str]:
-    """Why the files of ``folder`` are not the set its ``adapter_manifest.json`` records, or ``None``.
-
-    Args:
-        folder: An adapter folder.
-
-    Returns:
-        ``None`` when the files match, or when there is no manifest (a folder saved by another tool or an
-        older version); otherwise the explanation (a damaged manifest, a missing or changed file).
-
-    Example:
-        >>> import tempfile
-        >>> manifest_mismatch(tempfile.mkdtemp()) is None
-        True
-    """
+    """Why the files of ``folder`` are not the set its manifest records (damaged, missing, changed), or ``None``
+    (also without a manifest: a folder from another tool or an older version)."""
     folder = Path(folder)
     path = folder / MANIFEST_NAME
     if not path.is_file():
@@ -116,54 +85,15 @@ def manifest_mismatch(folder: str | os.PathLike) -> Optional[str]:
 
 
 def verify_manifest(folder: str | os.PathLike) -> None:
-    """Check that the files of ``folder`` are the set its ``adapter_manifest.json`` records.
-
-    A folder without a manifest (saved by another tool or an older version) passes unchecked.
-
-    Args:
-        folder: An adapter folder.
-
-    Returns:
-        None.
-
-    Raises:
-        ValueError: with :func:`manifest_mismatch`'s explanation: the manifest is damaged, or a file it lists
-            is missing or differs (the folder mixes two saves, or a file was changed afterwards).
-
-    Example:
-        >>> import tempfile, pathlib
-        >>> folder = pathlib.Path(tempfile.mkdtemp())
-        >>> _ = (folder / "adapter_config.json").write_text("{}")
-        >>> _ = write_manifest(folder, ["adapter_config.json"])
-        >>> _ = (folder / "adapter_config.json").write_text('{"ratio": 0.5}')
-        >>> verify_manifest(folder)
-        Traceback (most recent call last):
-        ...
-        ValueError: ...adapter_config.json is not the file adapter_manifest.json records: ...
-    """
+    """Raise ``ValueError`` with :func:`manifest_mismatch`'s explanation, if there is one."""
     problem = manifest_mismatch(folder)
     if problem:
         raise ValueError(problem)
 
 
 def apply_default_permissions(root: str | os.PathLike) -> None:
-    """Give ``root`` and everything under it the mode a plain ``open`` / ``mkdir`` would (``0644`` / ``0755``
-    under the usual umask), so files saved through a private temporary file or folder are readable by the
-    rest of a team sharing the folder (safetensors writes ``0600``, ``mkdtemp`` makes ``0700``).
-
-    Args:
-        root: A file or folder.
-
-    Returns:
-        None.
-
-    Example:
-        >>> import os, tempfile
-        >>> folder = tempfile.mkdtemp()  # 0700
-        >>> apply_default_permissions(folder)
-        >>> oct(os.stat(folder).st_mode & 0o777) == oct(0o777 & ~_umask())
-        True
-    """
+    """Give ``root`` and everything under it the mode a plain ``open`` / ``mkdir`` would (``0644`` / ``0755`` under
+    the usual umask): safetensors writes ``0600`` and temporary folders are ``0700``, unreadable to a team."""
     mask = _umask()
     root = Path(root)
     for path in [root, *root.rglob("*")] if root.is_dir() else [root]:

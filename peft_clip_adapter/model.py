@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any, ClassVar, Optional
 
 import torch
 from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
-from torch.nn.modules.module import register_module_module_registration_hook
 
 from peft_clip_adapter.adapter_checks import check_adapter_name, check_adapter_tensors, current_source
 from peft_clip_adapter.config import CLIPAdapterConfig
@@ -28,29 +28,7 @@ MODEL_TAG = "clip-adapter"
 
 
 def projection_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module of ``model`` whose output is a tower's final pooled embedding, by full name.
-
-    These are the modules CLIP-Adapter wraps (``visual_projection`` / ``text_projection`` in CLIP, the
-    pooling heads in SigLIP, ...; see ``peft_clip_adapter.families``). Modules already wrapped by
-    CLIP-Adapter are left out.
-
-    Args:
-        model: Any ``nn.Module``, usually a transformers dual encoder.
-
-    Returns:
-        ``{full module name: module}``; empty when the model has no such module.
-
-    Example:
-        >>> from transformers import CLIPConfig, CLIPModel
-        >>> config = CLIPConfig(
-        ...     text_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-        ...                  "num_attention_heads": 2},
-        ...     vision_config={"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
-        ...                    "num_attention_heads": 2, "image_size": 8, "patch_size": 4},
-        ...     projection_dim=4)
-        >>> sorted(projection_modules(CLIPModel(config)))
-        ['text_projection', 'visual_projection']
-    """
+    """Every not yet adapted module of ``model`` whose output is a tower's final pooled embedding, by full name."""
     return {
         name: tower.module
         for name, tower in find_towers(model).items()
@@ -59,29 +37,10 @@ def projection_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def adapter_layers(model: nn.Module) -> dict[str, CLIPAdapterLayer]:
-    """The CLIP-Adapter layers in ``model`` keyed by branch: ``"vision"``, ``"text"`` and/or ``"audio"``.
+    """The CLIP-Adapter layers of a ``PeftModel``, its tuner or their base model, by branch (``"vision"``, ...).
 
-    Works on a ``PeftModel``, on the tuner or on the base model they wrap. A training loop on cached
-    embeddings calls ``layer.adapt(features)`` on these.
-
-    Args:
-        model: A ``PeftModel``, a ``CLIPAdapterModel`` or the base model they wrap.
-
-    Returns:
-        ``{branch: layer}``, holding only the adapted branches (empty if none is).
-
-    Raises:
-        ValueError: if a branch holds more than one adapter layer (the embedding would be ambiguous).
-
-    Example:
-        >>> from peft import get_peft_model
-        >>> from peft_clip_adapter import CLIPAdapterConfig
-        >>> import tempfile
-        >>> from transformers import CLIPModel
-        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
-        >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
-        >>> sorted(adapter_layers(get_peft_model(clip, CLIPAdapterConfig(adapt="both"))))
-        ['text', 'vision']
+    A training loop on cached embeddings calls ``layer.adapt(features)`` on these. Raises ``ValueError`` if a
+    branch holds more than one adapter layer (the embedding would be ambiguous).
     """
     layers: dict[str, CLIPAdapterLayer] = {}
     for module in model.modules():
@@ -94,49 +53,23 @@ def adapter_layers(model: nn.Module) -> dict[str, CLIPAdapterLayer]:
 
 
 class CLIPAdapterModel(BaseTuner):
-    """CLIP-Adapter (Gao et al., https://arxiv.org/abs/2110.04544) as a peft tuner.
+    """CLIP-Adapter (Gao et al., https://arxiv.org/abs/2110.04544) as a peft tuner; ``get_peft_model`` builds it.
 
-    Wraps the module whose output is a tower's final pooled embedding, found per model class in
-    ``peft_clip_adapter.families`` (CLIP's projections, SigLIP's pooling heads, ALIGN's image pooling,
-    GroupViT's and CLAP's projection MLPs, ...), so that ``forward``, ``get_image_features``,
-    ``get_text_features``, ``get_audio_features`` and the zero-shot pipelines all see the adapted
-    embedding. Only the adapters train; they cannot be merged (the adapter is non-linear), but
-    ``unload()`` returns the untouched base model.
-
-    Users do not build this class: ``peft.get_peft_model`` does, once ``peft_clip_adapter`` is imported.
-
-    Args:
-        model: The base model to adapt (modified in place).
-        peft_config: A ``CLIPAdapterConfig`` (or peft's ``{adapter name: config}`` mapping).
-        adapter_name: Name of the first adapter.
-        **kwargs: Passed to peft's ``BaseTuner``.
-
-    Raises:
-        ValueError: if the config is not a ``CLIPAdapterConfig``; if the model has no tower for ``adapt``
-            (naming the model class and what it has); if ``target_modules`` matches nothing or a module
-            that is not a tower's pooled embedding (e.g. a per-token layer); or on ``merge_adapter()`` /
-            ``merge_and_unload()`` (non-linear adapter).
-
-    Example:
-        >>> import peft_clip_adapter
-        >>> from peft import get_peft_model
-        >>> import tempfile
-        >>> from transformers import CLIPModel
-        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
-        >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
-        >>> model = get_peft_model(clip, peft_clip_adapter.CLIPAdapterConfig(ratio=0.2))
-        >>> type(model.base_model).__name__
-        'CLIPAdapterModel'
+    Wraps the module whose output is a tower's final pooled embedding (``peft_clip_adapter.families``), so that
+    ``forward``, ``get_image_features``, ``get_text_features`` and the zero-shot pipelines all see the adapted
+    embedding. The adapter is non-linear, so merging is refused; ``unload()`` returns the untouched base model.
     """
 
     prefix: str = PREFIX
     tuner_layer_cls = CLIPAdapterLayer
     # Targets come from `adapt` through peft_clip_adapter.families, per model class, not per model_type.
     target_module_mapping: dict[str, list[str]] = {}
+    # Called with each new tuner; peft_integration.register() sets it to make the owning PeftModel ours.
+    on_create: ClassVar[Callable[[CLIPAdapterModel], None]] = staticmethod(lambda tuner: None)
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
-        _watch_for_the_owning_peft_model()
+        self.on_create(self)
 
     def _pre_injection_hook(self, model: nn.Module, config: CLIPAdapterConfig, adapter_name: str) -> None:
         # Runs once, when get_peft_model or PeftModel.from_pretrained builds the tuner (add_adapter and
@@ -151,8 +84,6 @@ class CLIPAdapterModel(BaseTuner):
         if not isinstance(peft_config, CLIPAdapterConfig):
             raise ValueError(f"Expected a CLIPAdapterConfig, got {type(peft_config).__name__}.")
         towers = self._towers_to_adapt(peft_config)
-        # Weights CLIPAdapterConfig.from_pretrained checked: refuse another branch or width before injecting.
-        _check_saved_weights_fit(self.model, towers, peft_config)
         prepared = copy.copy(peft_config)
         prepared.target_modules = "|".join(re.escape(name) for name in towers)  # matched in full by peft
         return prepared
@@ -218,6 +149,11 @@ class CLIPAdapterModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        if not isinstance(new_module, CLIPAdapterLayer):
+            # unload(): the wrapped module goes back as it is (peft's version would copy a `weight` onto it,
+            # which a pooling head does not have).
+            setattr(parent, child_name, new_module)
+            return
         if next(child.parameters(), None) is not None:
             super()._replace_module(parent, child_name, new_module, child)  # adapters follow the child's device
             return
@@ -244,37 +180,10 @@ class CLIPAdapterModel(BaseTuner):
         # load_adapter, AutoPeftModel, set_peft_model_state_dict): refuse anything but this adapter's weights.
         check_adapter_tensors(state_dict, reduction=config.reduction)
         state_dict = _onto_this_models_towers(model, config, state_dict)
+        _check_saved_branches(model, adapter_name, state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         _check_loaded_keys(model, adapter_name, remapped)
         return remapped
-
-
-# How a plain `PeftModel` becomes a `CLIPAdapterPeftModel`. `get_peft_model`, `PeftModel.from_pretrained`
-# and `AutoPeftModel` build a plain `PeftModel` for every method whose `task_type` is None, and peft offers
-# no registry for the `PeftModel` class (its task-type table keys on `task_type`, which must stay None so
-# that CLIP keeps its own forward). What peft does guarantee is that the `PeftModel` stores its tuner as
-# the submodule `base_model` (`peft_model.base_model` is public API). torch calls the global
-# module-registration hooks on every submodule assignment, so a hook sees exactly that moment and switches
-# the class of that one `PeftModel` instance to our subclass, which keeps every peft behaviour and adds ours
-# (atomic saves, our model card and its push). Subclasses of `PeftModel` built on purpose are left alone.
-# tests/test_peft_flows.py checks every way of building the model, so a peft change that breaks this fails
-# the suite instead of silently pushing peft's generic card.
-_owner_hook = None
-
-
-def _watch_for_the_owning_peft_model() -> None:
-    """Install (once per process) the hook that upgrades the ``PeftModel`` that takes a CLIP-Adapter tuner."""
-    global _owner_hook
-    if _owner_hook is None:
-        _owner_hook = register_module_module_registration_hook(_upgrade_owning_peft_model)
-
-
-def _upgrade_owning_peft_model(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
-    if name == "base_model" and isinstance(submodule, CLIPAdapterModel) and type(module) is PeftModel:
-        # Looked up now, not at import: a reloaded peft_model module then provides the class.
-        from peft_clip_adapter.peft_model import CLIPAdapterPeftModel
-
-        module.__class__ = CLIPAdapterPeftModel
 
 
 def _matches(target_modules: list[str] | str, name: str) -> bool:
@@ -344,32 +253,21 @@ def _adapter_keys(model: nn.Module, adapter_name: str) -> dict[str, torch.Size]:
     return found
 
 
-def _check_saved_weights_fit(model: nn.Module, towers: dict[str, Tower], config: CLIPAdapterConfig) -> None:
-    """Compare the weights ``CLIPAdapterConfig.from_pretrained`` checked (kept on the config) with the towers
-    this config adapts in ``model``, before anything is injected.
+def _check_saved_branches(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse weights saved for other towers of this very model than the ones this adapter's config adapts."""
 
-    Only a checkpoint saved from this model's own module names is compared here; one saved from another class
-    of the family (``vision_model.head`` loaded into ``SiglipVisionModel``'s ``head``) is renamed and checked
-    as its weights are loaded.
-    """
-    saved: dict[str, tuple[int, ...]] = getattr(config, "_saved_weight_shapes", None) or {}
-    source = getattr(config, "_saved_weights_source", None)
-    down_name = CLIPAdapterLayer.adapter_layer_names[0]
-    modules = {key.removeprefix("base_model.model.").rpartition(f".{down_name}.")[0]: key for key in saved}
-    modules.pop("", None)  # an up weight: paired with its down weight by check_adapter_tensors
-    every_tower = find_towers(model)
-    if not modules or not set(modules) <= set(every_tower):
-        return
-    if set(modules) != set(towers):
+    def module_of(key: str) -> str:
+        return key.removeprefix("base_model.model.").rpartition(f".{PREFIX}")[0]
+
+    adapted = {module_of(key) for key in _adapter_keys(model, adapter_name)}
+    saved = {module_of(key) for key in state_dict}
+    towers = {name.removeprefix("base_model.model.") for name in find_towers(model)}
+    if saved and saved <= towers and saved != adapted:
         raise ValueError(
-            f"{source} does not fit its config in this model: the config adapts {sorted(towers)}, but the file "
-            f"holds adapter weights for {sorted(modules)}. The config and the weights come from different saves: "
+            f"{current_source()} does not fit its config in this model: the config adapts {sorted(adapted)}, but the "
+            f"file holds adapter weights for {sorted(saved)}. The config and the weights come from different saves: "
             "save the adapter again."
         )
-    for module, key in modules.items():
-        width = every_tower[module].width
-        hidden = width // config.reduction
-        _check_shapes({key: (hidden, width)}, {key: saved[key]}, source)
 
 
 def _check_loaded_keys(model: nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -38,55 +39,44 @@ SNIPPET_CLASSES = 20
 _MARKDOWN_SPECIALS = re.compile(r"([\\`*\[\]<>|&])")
 
 
+@dataclass(frozen=True)
+class CardFacts:
+    """What a model card shows beyond the adapter, from whoever trained it (the few-shot toolkit, a script)."""
+
+    #: Facts about training (dataset, shots, accuracy, ...), shown as a table.
+    results: Optional[Mapping[str, Any]] = None
+    #: The classes of the classifier saved beside the adapter: a ``FewShotClassifier`` snippet and the widget.
+    class_names: Optional[Sequence[str]] = None
+    #: That classifier's prompt templates.
+    templates: Optional[Sequence[str]] = None
+    #: The card's ``license``; by default the existing card's, else the base model's when it is known.
+    license: Optional[str] = None
+
+
 def render_model_card(
     config: CLIPAdapterConfig,
     *,
     base_model: Optional[str] = None,
     repo_id: Optional[str] = None,
     base_model_class: str = "CLIPModel",
-    results: Optional[Mapping[str, Any]] = None,
     existing: Optional[ModelCard] = None,
-    class_names: Optional[Sequence[str]] = None,
-    templates: Optional[Sequence[str]] = None,
-    license: Optional[str] = None,
+    facts: CardFacts = CardFacts(),
     tags: Sequence[str] = (),
     branches: Sequence[str] = (),
 ) -> ModelCard:
-    """Build the model card of an adapter saved with ``config``, or update ``existing`` in place.
+    """The model card of an adapter saved with ``config``, or ``existing`` updated (its text outside our markers
+    and its metadata kept). Its text shows the ``import peft_clip_adapter`` that loading needs.
 
     Args:
-        config: The adapter's config.
-        base_model: Hub id or path of the base model (default: ``config.base_model_name_or_path``). Only a
-            Hub id goes into the metadata and the snippets; for a local folder the card says to pass the
-            base model's Hub id instead.
-        repo_id: Where the adapter lives; used in the snippets when it is a Hub id (a local folder is
-            replaced by a placeholder: a path means nothing on another machine).
+        base_model: Hub id or path of the base model (default: the config's). Only a Hub id reaches the
+            metadata and the snippets; a local path is replaced by a placeholder.
+        repo_id: Where the adapter lives, used in the snippets when it is a Hub id.
         base_model_class: The transformers class the peft snippet loads the base model with.
-        results: Optional facts about training (dataset, shots, accuracy, ...), shown as a table.
-        existing: A card already in the folder: its text outside our markers and its metadata are kept.
-        class_names: The classes of the classifier saved beside the adapter; they give the card its
-            ``FewShotClassifier`` snippet and the zero-shot widget.
-        templates: The prompt templates of that classifier.
-        license: The card's ``license`` (default: the existing card's, else the base model's when
-            ``base_model_license`` finds it).
+        facts: Results, classes, templates and licence to show.
         tags: More tags, e.g. the base model's ``model_tags``.
-        branches: The towers the base model has (``"vision"``, ``"text"``, ``"audio"``): with an audio
-            tower and no vision tower (CLAP), or with ``adapt="audio"``, the card's ``pipeline_tag`` is
-            ``zero-shot-audio-classification``; otherwise ``zero-shot-image-classification``.
-
-    Returns:
-        A ``huggingface_hub.ModelCard``. Its text shows ``import peft_clip_adapter``, which must run before
-        ``PeftModel.from_pretrained`` can resolve ``"peft_type": "CLIP_ADAPTER"``.
-
-    Example:
-        >>> from peft_clip_adapter import CLIPAdapterConfig
-        >>> config = CLIPAdapterConfig(base_model_name_or_path="openai/clip-vit-base-patch16")
-        >>> card = render_model_card(config, repo_id="me/pets", class_names=["cat", "dog"])
-        >>> sorted(card.data.tags)[:2], card.data.widget[0]["candidate_labels"]
-        (['base_model:adapter:openai/clip-vit-base-patch16', 'clip-adapter'], 'cat, dog')
-        >>> 'FewShotClassifier.from_pretrained("me/pets")' in card.text
-        True
+        branches: The base model's towers; audio without vision (CLAP) makes the card's task audio.
     """
+    results, class_names, templates, license = facts.results, facts.class_names, facts.templates, facts.license
     base_model = base_model or config.base_model_name_or_path
     base_id = base_model if is_hub_id(base_model) else None
     adapter_id = repo_id if is_hub_id(repo_id) else None
@@ -128,46 +118,14 @@ def render_model_card(
 
 
 def pipeline_tag(config: CLIPAdapterConfig, branches: Sequence[str] = ()) -> str:
-    """The Hub task of an adapter: what its base model classifies against class-name prompts.
-
-    Args:
-        config: The adapter's config (``adapt="audio"`` says audio by itself).
-        branches: The towers the base model has.
-
-    Returns:
-        ``"zero-shot-audio-classification"`` for an audio-text model (an audio tower and no vision tower,
-        as CLAP) or an audio adapter, else ``"zero-shot-image-classification"``.
-
-    Example:
-        >>> pipeline_tag(CLIPAdapterConfig(adapt="both"), ["audio", "text"])
-        'zero-shot-audio-classification'
-        >>> pipeline_tag(CLIPAdapterConfig(adapt="text"), ["vision", "text"])
-        'zero-shot-image-classification'
-    """
+    """The Hub task: zero-shot audio classification for an audio adapter or an audio-text model (CLAP), else
+    zero-shot image classification."""
     audio = config.adapt == "audio" or ("audio" in branches and "vision" not in branches)
     return AUDIO_TASK if audio else IMAGE_TASK
 
 
 def load_card(path: str | os.PathLike) -> Optional[ModelCard]:
-    """The model card at ``path``, or ``None`` when there is no such file.
-
-    Unlike ``ModelCard.load``, a README without a metadata block loads quietly, with empty metadata.
-
-    Args:
-        path: A ``README.md`` file.
-
-    Returns:
-        The card, or ``None``.
-
-    Example:
-        >>> import tempfile, os
-        >>> path = os.path.join(tempfile.mkdtemp(), "README.md")
-        >>> load_card(path) is None
-        True
-        >>> _ = open(path, "w").write("Notes without metadata.")
-        >>> load_card(path).text
-        'Notes without metadata.'
-    """
+    """The model card at ``path`` (a README without metadata loads with empty metadata), or ``None``."""
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as file:
@@ -180,21 +138,7 @@ def load_card(path: str | os.PathLike) -> Optional[ModelCard]:
 
 
 def base_model_license(base_model: Optional[str]) -> Optional[str]:
-    """The ``license`` in the base model's own card, when it can be read without the network.
-
-    Args:
-        base_model: A local model folder, or a Hub id whose ``README.md`` is in the Hugging Face cache.
-
-    Returns:
-        The licence identifier (e.g. ``"mit"``), or ``None`` when unknown.
-
-    Example:
-        >>> import tempfile
-        >>> folder = tempfile.mkdtemp()
-        >>> _ = open(f"{folder}/README.md", "w").write("---\\nlicense: mit\\n---\\nA model.")
-        >>> base_model_license(folder), base_model_license(None)
-        ('mit', None)
-    """
+    """The ``license`` of the base model's own card (a local folder, or a Hub id in the cache), or ``None``."""
     if not base_model:
         return None
     readme: Any = os.path.join(base_model, "README.md")
@@ -208,18 +152,7 @@ def base_model_license(base_model: Optional[str]) -> Optional[str]:
 
 
 def is_hub_id(name: Optional[str]) -> bool:
-    """Whether ``name`` can stand in the card as a Hub repository id (and is not a local path).
-
-    Args:
-        name: A model or dataset name, a path, or ``None``.
-
-    Returns:
-        ``True`` for an id such as ``"openai/clip-vit-base-patch16"`` that is not an existing local path.
-
-    Example:
-        >>> is_hub_id("openai/clip-vit-base-patch16"), is_hub_id("/tmp"), is_hub_id("a\\nb"), is_hub_id(None)
-        (True, False, False, False)
-    """
+    """Whether ``name`` can stand in the card as a Hub repository id (and is not a local path)."""
     if not name or not isinstance(name, str) or os.path.exists(name):
         return False
     try:

@@ -144,9 +144,9 @@ model.save_pretrained({str(target)!r})
     with pytest.raises(ValueError, match=r"adapter_model\.safetensors is not the file adapter_manifest\.json records"):
         PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_path), target)
     # The next save cleans up the staging folder the killed one left, and repairs the adapter.
-    assert len(list(tmp_path.glob(".adapter.saving-*"))) == 1
+    assert len(list(tmp_path.glob(".adapter.tmp-*"))) == 1
     adapter(tiny_clip_path, 0.7, seed=2).save_pretrained(target)
-    assert list(tmp_path.glob(".adapter.saving-*")) == []
+    assert list(tmp_path.glob(".adapter.tmp-*")) == []
     PeftModel.from_pretrained(CLIPModel.from_pretrained(tiny_clip_path), target)
 
 

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from peft import get_peft_model
 from safetensors.torch import load, load_file
 
-from peft_clip_adapter import CLIPAdapterConfig
+from peft_clip_adapter import CardFacts, CLIPAdapterConfig
 
 BASE_ID = "openai/clip-vit-base-patch16"
 REPO_ID = "me/clip-adapter-x"
@@ -86,8 +86,7 @@ def test_a_local_base_model_and_dataset_stay_out_of_the_card_metadata(hub, tiny_
     # The Hub rejects a README whose base_model is a local path, so such a push would fail after training.
     assert tiny_clip.name_or_path == str(tiny_clip_path)  # loaded from a local folder
     model = get_peft_model(tiny_clip, CLIPAdapterConfig())
-    model.training_results = {"dataset": str(shapes_dir), "shots": 4}
-    model.push_to_hub(REPO_ID)
+    model.push_to_hub(REPO_ID, card_facts=CardFacts(results={"dataset": str(shapes_dir), "shots": 4}))
     card = ModelCard(hub.uploads[0].files["README.md"].decode())
     assert card.data.base_model is None and card.data.datasets is None
     assert sorted(card.data.tags) == ["clip-adapter", "peft", "transformers"]
@@ -97,13 +96,13 @@ def test_a_local_base_model_and_dataset_stay_out_of_the_card_metadata(hub, tiny_
 
 
 def test_training_results_appear_in_the_card(hub, model, tmp_path):
-    model.training_results = {"dataset": "shapes", "shots": 4, "accuracy": 0.875}
-    model.push_to_hub(REPO_ID)
+    facts = CardFacts(results={"dataset": "shapes", "shots": 4, "accuracy": 0.875})
+    model.push_to_hub(REPO_ID, card_facts=facts)
     card = ModelCard(hub.uploads[0].files["README.md"].decode())
     assert card.data.datasets == ["shapes"]
     for row in ("| dataset | shapes |", "| shots | 4 |", "| accuracy | 0.875 |"):
         assert row in card.text
-    model.save_pretrained(tmp_path)  # a local save writes the same results; its folder is no Hub id
+    model.save_pretrained(tmp_path, card_facts=facts)  # a local save writes the same results; its folder is no Hub id
     local = (tmp_path / "README.md").read_text()
     assert "| accuracy | 0.875 |" in local and str(tmp_path) not in local
     assert 'PeftModel.from_pretrained(base, "<this adapter\'s Hub id, or its folder>")' in local

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from peft import get_peft_model
 
 from peft_clip_adapter import CLIPAdapterConfig, FewShotClassifier
-from peft_clip_adapter.model_card import BEGIN_MARKER, END_MARKER, render_model_card
+from peft_clip_adapter.model_card import BEGIN_MARKER, END_MARKER, CardFacts, render_model_card
 
 # pytest runs with --import-mode=importlib, so tests/ is not on sys.path: load the helpers by path.
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
@@ -59,8 +59,7 @@ def test_a_user_license_is_kept_and_a_given_one_is_written(model, tmp_path):
     (tmp_path / "README.md").write_text("---\nlicense: cc-by-4.0\n---\nMine.\n")
     model.save_pretrained(tmp_path)
     assert ModelCard.load(tmp_path / "README.md").data.license == "cc-by-4.0"
-    model.license = "mit"
-    model.save_pretrained(tmp_path / "fresh")
+    model.save_pretrained(tmp_path / "fresh", card_facts=CardFacts(license="mit"))
     assert ModelCard.load(tmp_path / "fresh" / "README.md").data.license == "mit"
 
 
@@ -124,7 +123,8 @@ def test_hostile_strings_are_escaped_or_quoted(tiny_clip, tiny_processor, tmp_pa
 
 
 def test_class_names_with_commas_leave_the_widget_out():
-    card = render_model_card(CLIPAdapterConfig(), class_names=["cats, large", "dogs"], templates=["{}"])
+    facts = CardFacts(class_names=["cats, large", "dogs"], templates=["{}"])
+    card = render_model_card(CLIPAdapterConfig(), facts=facts)
     assert card.data.get("widget") is None and "2 classes" in card.text
 
 

@@ -1,18 +1,9 @@
 """``FewShotClassifier``: an adapted CLIP together with the classes it was trained for, ready to share.
 
-A saved adapter alone does not say what it classifies. The trainer (and ``FewShotClassifier.save_pretrained``)
-therefore writes the class names and prompt templates beside it, in ``class_prompts.json``::
-
-    {"class_names": ["AnnualCrop", "Forest", ...], "templates": ["a centered satellite photo of {}."]}
-
-and ``FewShotClassifier.from_pretrained`` rebuilds the exact classifier the trainer evaluated: the base
-model named in the adapter config, the adapter, those prompts, and the trainer's eval preprocessing
-(``build_eval_transform``: the processor's resize and center crop; for SigLIP 2 NaFlex, the processor's
-own patches of the whole image).
-
-Example::
-
-    from peft_clip_adapter import FewShotClassifier
+A saved adapter alone does not say what it classifies, so the class names and prompt templates are saved
+beside it, in ``class_prompts.json`` (``{"class_names": [...], "templates": [...]}``), and
+``FewShotClassifier.from_pretrained`` rebuilds the classifier the trainer evaluated: base model, adapter,
+prompts and the trainer's eval preprocessing::
 
     classifier = FewShotClassifier.from_pretrained("me/clip-adapter-eurosat")
     classifier("field.jpg")  # [{"score": 0.91, "label": "AnnualCrop"}, {"score": 0.04, ...}, ...]
@@ -35,7 +26,7 @@ from peft_clip_adapter.fewshot.inputs.images import load_image
 from peft_clip_adapter.fewshot.inputs.transforms import build_eval_transform, move_model_inputs, stack_model_inputs
 from peft_clip_adapter.fewshot.logs import quiet_peft_wrapping
 from peft_clip_adapter.fewshot.templates import DEFAULT_TEMPLATE, fill_template
-from peft_clip_adapter.model_card import CLASS_PROMPTS_FILE
+from peft_clip_adapter.model_card import CLASS_PROMPTS_FILE, CardFacts
 from peft_clip_adapter.peft_model import CLIPAdapterPeftModel
 
 #: Keyword arguments of ``from_pretrained`` that also apply to downloading the adapter's own files.
@@ -45,37 +36,17 @@ _HUB_KWARGS = ("token", "cache_dir", "force_download", "local_files_only")
 class FewShotClassifier:
     """Classify images into the classes a CLIP-Adapter was trained for; load, save and push it as one.
 
-    Calling it scores every image against every class and returns, per image, the classes sorted by
-    score, best first, as ``transformers``' zero-shot image pipeline does:
-    ``[{"score": 0.91, "label": "AnnualCrop"}, ...]``. The scores are a softmax over the logits
-    ``exp(logit_scale) * cos(adapted image embedding, class prototype)`` that the trainer evaluates
-    (for SigLIP, one sigmoid per class of those logits plus ``logit_bias``, as its pipeline shows them).
+    Calling it returns, per image, the classes best first, as transformers' zero-shot image pipeline does:
+    ``[{"score": 0.91, "label": "AnnualCrop"}, ...]``: a softmax over ``exp(logit_scale) * cos(adapted image
+    embedding, class prototype)`` (for SigLIP, one sigmoid per class with ``logit_bias``).
 
     Args:
-        model: The adapted model (a ``PeftModel`` with a CLIP-Adapter), or a plain ``CLIPModel`` for
-            CLIP's own zero-shot classifier (which cannot be saved).
-        processor: The base model's processor (tokenizer and image processor).
+        model: The adapted ``PeftModel``, or a plain ``CLIPModel`` for CLIP's own zero-shot classifier (which
+            cannot be saved).
+        processor: The base model's processor.
         class_names: One name per class, in label order.
-        templates: Prompt templates, strings with one ``{}`` (saved as JSON, so no callables).
+        templates: Prompt templates, strings with one ``{}`` (saved as JSON).
         batch_size: Images per forward pass.
-
-    Raises:
-        ValueError: for no or duplicate class names, or a template that is not a string with one ``{}``.
-
-    Example:
-        >>> import tempfile
-        >>> from peft import get_peft_model
-        >>> from PIL import Image
-        >>> from transformers import AutoProcessor, CLIPModel
-        >>> from peft_clip_adapter import CLIPAdapterConfig
-        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
-        >>> path = build_tiny_clip(tempfile.mkdtemp())
-        >>> model = get_peft_model(CLIPModel.from_pretrained(path), CLIPAdapterConfig())
-        >>> classifier = FewShotClassifier(model, AutoProcessor.from_pretrained(path), ["red circle", "blue cross"])
-        >>> predictions = classifier(Image.new("RGB", (40, 30), "red"))
-        >>> [sorted(prediction) for prediction in predictions]
-        [['label', 'score'], ['label', 'score']]
-        >>> classifier.save_pretrained(tempfile.mkdtemp())
     """
 
     def __init__(
@@ -116,38 +87,12 @@ class FewShotClassifier:
         revision: Optional[str] = None,
         **kwargs: Any,
     ) -> FewShotClassifier:
-        """Load the classifier saved in a folder or Hub repository: base model, adapter, classes and templates.
+        """Load what ``save_pretrained`` (or the trainer) saved, from a folder or a Hub repository.
 
-        Args:
-            path_or_hub_id: A folder written by ``save_pretrained`` (or by ``examples/fewshot.py``), or a
-                Hub repository id.
-            base_model: The base model: a Hub id, a folder or a loaded model. Default: the one named in
-                ``adapter_config.json`` (``base_model_name_or_path``).
-            processor: The base model's processor. Default: loaded from where the base model comes from.
-            revision: The adapter repository's revision (branch, tag or commit).
-            **kwargs: Passed to the base model's ``from_pretrained`` (e.g. ``dtype=torch.bfloat16``);
-                ``token``, ``cache_dir``, ``force_download`` and ``local_files_only`` also apply to the
-                adapter's files.
-
-        Returns:
-            The classifier, in eval mode, on the base model's device.
-
-        Raises:
-            ValueError: if the adapter has no ``class_prompts.json`` (it was saved without a classifier) or a
-                malformed one, or if the base model is neither given nor recorded as something loadable.
-
-        Example:
-            >>> import tempfile
-            >>> from peft import get_peft_model
-            >>> from transformers import AutoProcessor, CLIPModel
-            >>> from peft_clip_adapter import CLIPAdapterConfig
-            >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
-            >>> path = build_tiny_clip(tempfile.mkdtemp())
-            >>> model = get_peft_model(CLIPModel.from_pretrained(path), CLIPAdapterConfig())
-            >>> folder = tempfile.mkdtemp()
-            >>> FewShotClassifier(model, AutoProcessor.from_pretrained(path), ["cat", "dog"]).save_pretrained(folder)
-            >>> FewShotClassifier.from_pretrained(folder).class_names
-            ['cat', 'dog']
+        ``base_model`` (a Hub id, a folder or a loaded model) defaults to the one the adapter config names, and
+        ``processor`` to the base model's. ``**kwargs`` go to the base model's ``from_pretrained``; ``token``,
+        ``cache_dir``, ``force_download`` and ``local_files_only`` also to the adapter's files. Raises
+        ``ValueError`` for a missing or malformed ``class_prompts.json`` or a base model that cannot be found.
         """
         from peft import PeftModel
         from transformers import AutoModel, AutoProcessor
@@ -185,59 +130,53 @@ class FewShotClassifier:
             adapted = PeftModel.from_pretrained(model, source, revision=revision, **hub)
         return cls(adapted, processor, prompts["class_names"], prompts["templates"])
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Save the adapter, its config, the class names and templates, and the model card, in one folder.
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        training_results: Optional[dict[str, Any]] = None,
+        license: Optional[str] = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Save the adapter, its config, ``class_prompts.json`` and the model card in one folder, as one set.
 
-        Args:
-            save_directory: Folder to save into (created if needed).
-            **kwargs: Passed to ``CLIPAdapterPeftModel.save_pretrained``.
-
-        Returns:
-            None.
-
-        Raises:
-            ValueError: if the model is not a CLIP-Adapter ``PeftModel`` (CLIP's zero-shot classifier has
-                nothing to save but its class names).
-
-        Example:
-            See the class example.
+        ``training_results`` (dataset, shots, accuracy, ...) and ``license`` go into the card; ``**kwargs`` to
+        ``CLIPAdapterPeftModel.save_pretrained``. Only the main process writes (``is_main_process``).
         """
-        self._adapted_model().save_pretrained(os.fspath(save_directory), **kwargs)
+        self._adapted_model().save_pretrained(
+            os.fspath(save_directory),
+            is_main_process=is_main_process,
+            **self._shared(training_results, license),
+            **kwargs,
+        )
 
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Upload what ``save_pretrained`` writes to the Hub repository ``repo_id``, in one commit.
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        training_results: Optional[dict[str, Any]] = None,
+        license: Optional[str] = None,
+        **hub_kwargs: Any,
+    ) -> Any:
+        """Upload what ``save_pretrained`` writes to the Hub repository ``repo_id`` (created if needed), in one
+        commit; ``**hub_kwargs`` go to ``CLIPAdapterPeftModel.push_to_hub``. Returns the ``CommitInfo``."""
+        return self._adapted_model().push_to_hub(repo_id, **self._shared(training_results, license), **hub_kwargs)
 
-        Args:
-            repo_id: ``"user/name"``; created if it does not exist.
-            **kwargs: Passed to ``CLIPAdapterPeftModel.push_to_hub`` (``private``, ``token``, ...).
-
-        Returns:
-            The ``huggingface_hub.CommitInfo`` of the upload.
-
-        Raises:
-            ValueError: as ``save_pretrained``.
-
-        Example:
-            The upload needs the network, so the example is not run here (the tests intercept it):
-
-            >>> classifier.push_to_hub("me/clip-adapter-eurosat")  # doctest: +SKIP
-        """
-        return self._adapted_model().push_to_hub(repo_id, **kwargs)
+    def _shared(self, training_results: Optional[dict[str, Any]], license: Optional[str]) -> dict[str, Any]:
+        """The files and card facts this classifier adds to the adapter's save."""
+        prompts = {"class_names": self.class_names, "templates": self.templates}
+        facts = CardFacts(
+            results=training_results, class_names=self.class_names, templates=self.templates, license=license
+        )
+        return {
+            "extra_files": {CLASS_PROMPTS_FILE: json.dumps(prompts, indent=2, ensure_ascii=False)},
+            "card_facts": facts,
+        }
 
     @torch.no_grad()
     def logits(self, images: Sequence[Any]) -> torch.Tensor:
-        """The logits ``[N, C]`` of the images, computed exactly as the trainer evaluates them.
-
-        Args:
-            images: Images in any form ``load_image`` reads: PIL images, file paths, encoded bytes or
-                ``{"path", "bytes"}`` dicts.
-
-        Returns:
-            ``[N, C]`` float32 logits on the model's device, ``exp(logit_scale) * cos``.
-
-        Example:
-            See the class example; ``classifier.logits([image]).argmax(-1)`` is the predicted class id.
-        """
+        """The logits ``[N, C]`` of images (anything ``load_image`` reads), as the trainer evaluates them."""
         device = model_device(unwrap_model(self.model))
         dtype = next((p.dtype for p in unwrap_model(self.model).parameters() if p.is_floating_point()), torch.float32)
         chunks = [torch.empty(0, len(self.class_names), device=device)]
@@ -249,40 +188,12 @@ class FewShotClassifier:
         return torch.cat(chunks)  # [N, C]
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities from logits, as the model's zero-shot pipeline shows them.
-
-        A softmax over the classes for CLIP-like models; for SigLIP one sigmoid per class,
-        ``sigmoid(exp(logit_scale) * cos + logit_bias)``, as SigLIP was trained.
-
-        Args:
-            logits: ``[N, C]`` from ``logits``.
-
-        Returns:
-            ``[N, C]`` scores in ``[0, 1]``; with the softmax each row sums to 1.
-
-        Example:
-            See the class example; ``classifier.scores(classifier.logits(images))`` gives ``[N, C]``.
-        """
+        """Class probabilities ``[N, C]`` from logits: a softmax, or for SigLIP one sigmoid per class."""
         return torch.sigmoid(logits) if self.head.sigmoid_scores else logits.softmax(dim=-1)
 
     def __call__(self, images: Any, top_k: Optional[int] = None) -> list:
-        """Score the images against every class; return the classes best first, per image.
-
-        Args:
-            images: One image, or a list of them, in any form ``load_image`` reads (PIL image, file path,
-                encoded bytes, ``{"path", "bytes"}`` dict).
-            top_k: Keep the ``top_k`` best classes per image (default: all of them).
-
-        Returns:
-            For one image, ``[{"score": float, "label": str}, ...]`` sorted by score, highest first (ties
-            keep the class order); for a list, one such list per image.
-
-        Raises:
-            ValueError: for ``top_k < 1`` or an image that cannot be read (named).
-
-        Example:
-            See the class example.
-        """
+        """Score one image or a list against every class: per image, ``[{"score", "label"}, ...]`` best first (ties
+        keep the class order), cut to the ``top_k`` best when given."""
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be a whole number >= 1 (or None for every class), got {top_k!r}.")
         single = not isinstance(images, (list, tuple))
@@ -296,17 +207,7 @@ class FewShotClassifier:
         return results[0] if single else results
 
     def to(self, device: Union[str, torch.device]) -> FewShotClassifier:
-        """Move the model and the class prototypes to ``device``.
-
-        Args:
-            device: E.g. ``"cuda"`` or ``torch.device("cpu")``.
-
-        Returns:
-            ``self``.
-
-        Example:
-            See the class example; ``classifier.to("cuda")`` on a GPU machine.
-        """
+        """Move the model and the class prototypes to ``device``; returns ``self``."""
         self.model.to(device)
         self.head.to(device)
         return self
@@ -317,7 +218,6 @@ class FewShotClassifier:
                 f"Only a classifier around a CLIP-Adapter PeftModel can be saved, got {type(self.model).__name__}: "
                 "wrap the model with peft.get_peft_model(model, CLIPAdapterConfig(...)) first."
             )
-        self.model.class_prompts = {"class_names": self.class_names, "templates": self.templates}
         return self.model
 
 
