@@ -106,3 +106,165 @@ def test_naflex_transforms():
     assert eval_view == ((0, 0, 64, 32), False)
     with pytest.raises(ValueError, match="does not make NaFlex inputs"):
         transforms.NaFlexTransform(CLIPImageProcessor())
+
+
+# --- fewshot.classifier --------------------------------------------------------------------------------------
+
+
+def test_classifier_head_without_adapters_weights_logits_and_scores():
+    from peft_clip_adapter.fewshot.classifier import CLIPAdapterClassifier
+
+    head = CLIPAdapterClassifier(torch.randn(3, 2, 4), logit_scale=0.0)  # 3 classes, 2 templates
+    weights = head.text_weights()
+    assert weights.shape == (4, 3) and torch.allclose(weights.norm(dim=0), torch.ones(3))
+    features = torch.randn(5, 4)
+    assert head(features).shape == (5, 3)
+    assert torch.equal(head.logits_of_adapted(features), head(features))  # no adapter: the same
+    torch.testing.assert_close(head.scores(features).sum(dim=-1), torch.ones(5))  # softmax rows sum to 1
+    with pytest.raises(ValueError, match=r"image_features must be \[N, 4\] pooled embeddings, got shape \(5, 8\)"):
+        head(torch.randn(5, 8))
+
+
+def test_classifier_from_a_peft_model_shares_both_adapters(tiny_clip, tiny_processor):
+    from peft import get_peft_model
+
+    from peft_clip_adapter import CLIPAdapterConfig
+    from peft_clip_adapter.fewshot.classifier import CLIPAdapterClassifier, encode_class_prompts
+
+    model = get_peft_model(tiny_clip, CLIPAdapterConfig(adapt="both"))
+    prompts = encode_class_prompts(model, tiny_processor, ["red circle", "blue triangle"], ["a {}.", "itap of a {}."])
+    assert prompts.shape == (2, 2, 32) and prompts.dtype == torch.float32
+    head = CLIPAdapterClassifier.from_model(model, prompts)
+    assert head(torch.randn(5, 32)).shape == (5, 2)
+    assert sum(p.numel() for p in head.parameters() if p.requires_grad) == 1024  # two 32 -> 8 -> 32 adapters
+
+
+# --- fewshot.search ------------------------------------------------------------------------------------------
+
+
+def test_batched_heads_shapes_and_refusals():
+    from peft_clip_adapter.fewshot.features import FeatureSet
+    from peft_clip_adapter.fewshot.recipe import TrainingRecipe
+    from peft_clip_adapter.fewshot.search import BatchedAdapterHeads, SearchResult, train_batched
+
+    init = (torch.rand(2, 8), torch.rand(8, 2))
+    heads = BatchedAdapterHeads(torch.randn(3, 1, 8), 0.0, [0.2, 0.6], vision_init=init)
+    assert heads(torch.randn(2, 5, 8)).shape == (2, 5, 3)  # [M, B, D] -> [M, B, C]
+    assert {name: tuple(w.shape) for name, w in heads.adapter_weights(1).items()} == {
+        "vision_down": (2, 8),
+        "vision_up": (8, 2),
+    }
+    text = BatchedAdapterHeads(torch.randn(3, 2, 8), 0.0, [0.2], text_init=init)
+    assert text.text_weights().shape == (1, 3, 8)
+    features = FeatureSet(torch.randn(2, 6, 8), torch.tensor([0, 1, 2, 0, 1, 2]))
+    rows = [torch.arange(6), torch.tensor([0, 1, 2])]
+    assert train_batched(heads, features, rows, [0.1, 0.1], TrainingRecipe(num_train_epochs=3)).shape == (2, 3)
+    with pytest.raises(ValueError, match="needs vision_init, text_init or both"):
+        BatchedAdapterHeads(torch.randn(3, 1, 8), 0.0, [0.2])
+    with pytest.raises(ValueError, match=r"vision_init must be \(down \[h, 8\], up \[8, h\]\)"):
+        BatchedAdapterHeads(torch.randn(3, 1, 8), 0.0, [0.2], vision_init=(torch.rand(2, 4), torch.rand(4, 2)))
+    with pytest.raises(ValueError, match="Every member needs at least one training row"):
+        train_batched(heads, features, [torch.arange(6), torch.arange(0)], [0.1, 0.1], TrainingRecipe())
+    fixed = SearchResult(ratio=0.2, learning_rate=2e-3, strategy="fixed", num_folds=0).to_dict()
+    assert (fixed["ratio"], fixed["candidates"], fixed["summary"]) == (
+        0.2,
+        [],
+        "fixed: ratio 0.2, learning rate 0.002",
+    )
+
+
+def test_search_needs_an_adapter():
+    from peft_clip_adapter.fewshot.classifier import CLIPAdapterClassifier
+    from peft_clip_adapter.fewshot.features import FeatureSet
+    from peft_clip_adapter.fewshot.search import search_hyperparameters
+
+    head = CLIPAdapterClassifier(torch.randn(3, 1, 8), 0.0)
+    with pytest.raises(ValueError, match="The classifier has no adapter to search for"):
+        search_hyperparameters(head, FeatureSet(torch.randn(1, 6, 8), torch.arange(6) % 3), torch.randn(6, 8))
+
+
+# --- fewshot.inputs.loader -----------------------------------------------------------------------------------
+
+
+def test_extraction_settings_batches_and_defaults():
+    from peft_clip_adapter.fewshot.inputs.loader import (
+        ExtractionSettings,
+        cores_per_process,
+        default_num_workers,
+        device_views_possible,
+        resolve_extraction,
+        row_batches,
+        split_batches,
+    )
+
+    assert ExtractionSettings(False, "bf16", torch.float32, 2).key_components() == {
+        "views_made_on": "cpu",
+        "autocast": "bfloat16",
+        "features_dtype": "float32",
+    }
+    assert ExtractionSettings(False, "fp8", torch.float32, 0).autocast_dtype == torch.bfloat16
+    assert resolve_extraction(len, torch.device("cpu"), num_workers=0, mixed_precision="bf16") == ExtractionSettings(
+        views_on_device=False, mixed_precision="bf16", features_dtype=torch.float32, num_workers=0
+    )
+    assert not device_views_possible(len)
+    assert cores_per_process() >= 1
+    assert 1 <= default_num_workers() <= 8 and default_num_workers(num_chunks=2) == 0  # too few to pay a start-up
+    assert split_batches(row_batches(5, 2)) == [[0, 1], [2, 3], [4]]
+
+
+# --- fewshot.inputs.images -----------------------------------------------------------------------------------
+
+
+def test_images_read_as_rgb_and_large_jpegs_at_reduced_scale():
+    import io
+
+    from peft_clip_adapter.fewshot.inputs.images import DecodedImage, load_image, load_image_draft, to_rgb
+
+    assert to_rgb(Image.new("RGBA", (2, 2), (255, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)  # transparent
+    assert to_rgb(Image.new("L", (2, 2), 7)).getpixel((0, 0)) == (7, 7, 7)
+    buffer = io.BytesIO()
+    Image.new("P", (3, 2)).save(buffer, format="PNG")
+    image = load_image({"path": "tiny.png", "bytes": buffer.getvalue()})
+    assert (image.mode, image.size) == ("RGB", (3, 2))
+    buffer = io.BytesIO()
+    Image.new("RGB", (800, 600), "red").save(buffer, format="JPEG")
+    decoded = load_image_draft(buffer.getvalue(), lambda width, height: height / 224)
+    assert (decoded.image.size, decoded.scale, decoded.size) == ((400, 300), 2, (800, 600))
+    assert isinstance(decoded, DecodedImage)
+    assert load_image_draft(buffer.getvalue()).scale == 1  # no max_scale: full size
+
+
+# --- fewshot.inputs.resample ---------------------------------------------------------------------------------
+
+
+def test_axis_weights_and_render_views_on_a_ramp():
+    from peft_clip_adapter.fewshot.inputs.resample import ViewBatch, axis_weights, render_views, supports_filter
+
+    assert supports_filter(Image.Resampling.BICUBIC) and not supports_filter(Image.Resampling.MKS2021)
+    one = torch.ones(1)
+    weights = axis_weights(
+        torch.tensor([4]),
+        0 * one,
+        4 * one,
+        torch.tensor([2]),
+        torch.tensor([0]),
+        torch.tensor([False]),
+        out_size=2,
+        in_max=4,
+        resample=Image.Resampling.BOX,
+    )
+    assert torch.equal(weights[0], torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.5]]))
+
+    image = torch.arange(16, dtype=torch.uint8).reshape(1, 4, 4).expand(3, 4, 4).contiguous()
+    views = [ViewBox((0.0, 0.0, 4.0, 4.0), (2, 2), (0, 0), False), ViewBox((0.0, 0.0, 4.0, 4.0), (2, 2), (0, 0), True)]
+    batch = ViewBatch.collate([image], [views]).to("cpu")
+    assert (tuple(batch.images.shape), batch.sizes.tolist(), tuple(batch.boxes.shape)) == (
+        (1, 3, 4, 4),
+        [[4, 4]],
+        (1, 2, 4),
+    )
+    pixels = render_views(batch, output_size=(2, 2), resample=Image.Resampling.BOX)
+    # 2 x 2 means of the 4 x 4 ramp, then the same mirrored
+    assert pixels[:, 0, 0].tolist() == [[[3, 5], [11, 13]], [[5, 3], [13, 11]]]
+    with pytest.raises(ValueError):
+        render_views(batch, output_size=(2, 2), resample=Image.Resampling.MKS2021)
