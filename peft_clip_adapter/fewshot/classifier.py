@@ -153,10 +153,10 @@ class CLIPAdapterClassifier(nn.Module):
         *,
         logit_scale: Union[torch.Tensor, float, None] = None,
     ) -> CLIPAdapterClassifier:
-        """The head of a (peft-wrapped) model: its adapter layers, ``logit_scale`` as its forward uses it, and ``logit_bias``.
+        """The head of a (peft-wrapped) model: its adapter layers, ``logit_scale`` and ``logit_bias``.
 
-        CLAP uses ``logit_scale_a``, ALIGN ``-log(temperature)``, AIMv2 its clamped scale. ``logit_scale`` must be
-        given for models without one (single-tower classes), else ``ValueError``.
+        The scale is the one its forward uses: CLAP's ``logit_scale_a``, ALIGN's ``-log(temperature)``, AIMv2's
+        clamped scale. ``logit_scale`` must be given for models without one (single towers), else ``ValueError``.
         """
         inner = unwrap_model(model)
         if logit_scale is None:
@@ -176,7 +176,7 @@ class CLIPAdapterClassifier(nn.Module):
         return self.class_embeddings.shape[0]
 
     def text_weights(self) -> torch.Tensor:
-        """Class prototypes ``[D, C]``, unit-norm columns: text adapter per prompt, normalise, mean over templates, renormalise.
+        """Class prototypes ``[D, C]`` (unit columns): adapt each prompt, normalise, mean over templates, renormalise.
 
         Recomputed on every call, so a training text adapter's gradient reaches its weights.
         """
@@ -199,14 +199,12 @@ class CLIPAdapterClassifier(nn.Module):
         return self.logits_of_adapted(features)
 
     def logits_of_adapted(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, C]`` from embeddings the vision adapter was already applied to (the adapted model's own output).
-        """
+        """Logits ``[N, C]`` from embeddings the vision adapter already adapted (the adapted model's output)."""
         features = F.normalize(features.float(), dim=-1)  # [N, D]
         return self.logit_scale.exp() * features @ self.text_weights() + self.logit_bias  # [N, C]
 
     def scores(self, image_features: torch.Tensor) -> torch.Tensor:
-        """Scores ``[N, C]`` in ``[0, 1]`` as the zero-shot pipeline shows them: softmax over classes, SigLIP's sigmoid per class.
-        """
+        """Scores ``[N, C]`` in ``[0, 1]`` as the zero-shot pipeline shows them (SigLIP: a sigmoid per class)."""
         logits = self(image_features)  # [N, C]
         return torch.sigmoid(logits) if self.sigmoid_scores else logits.softmax(dim=-1)
 

@@ -177,8 +177,7 @@ class BatchedAdapterHeads(nn.Module):
         return self.logit_scale.exp() * torch.bmm(features, self.text_weights().transpose(1, 2))  # [M, B, C]
 
     def adapter_weights(self, member: int) -> dict[str, torch.Tensor]:
-        """Member ``member``'s trained weights as detached copies, ``{"vision_down": [h, D], "vision_up": [D, h], ...}``.
-        """
+        """Member ``member``'s weights, detached: ``{"vision_down": [h, D], "vision_up": [D, h], ...}``."""
         return {name: weight[member].detach().clone() for name, weight in self.branches.items()}
 
 

@@ -83,7 +83,7 @@ def _source(value: Any) -> tuple[Any, str]:
 
 
 def load_image_draft(value: Any, max_scale: Callable[[int, int], float] | None = None) -> DecodedImage:
-    """``load_image``, but a JPEG is decoded at the largest of 1/8, 1/4, 1/2 scale not above ``max_scale(width, height)``.
+    """``load_image``, but a JPEG decoded at the largest of 1/8, 1/4, 1/2 scale up to ``max_scale(width, height)``.
 
     ``max_scale`` gets the full size from the header before any pixel is decoded; ``None`` (and other formats,
     and PIL images) decode at full size. libjpeg's DCT scaling is itself an antialiased reduction.

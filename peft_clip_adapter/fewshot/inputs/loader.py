@@ -71,8 +71,7 @@ CPU_CORES_PER_WORKER = 8
 
 
 def cores_per_process() -> int:
-    """CPU cores this process may use: its affinity mask shared among ``LOCAL_WORLD_SIZE`` local processes, at least 1.
-    """
+    """CPU cores this process may use: its affinity mask shared among ``LOCAL_WORLD_SIZE`` processes (>= 1)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
@@ -149,8 +148,7 @@ def _check_num_workers(num_workers: Any) -> None:
 
 
 def device_views_possible(transform: Any) -> bool:
-    """Whether ``render_views`` can make ``transform``'s views on the accelerator (a fixed-size ``ResizedCropTransform`` with a known filter).
-    """
+    """Whether ``render_views`` can make ``transform``'s views (a fixed-size ``ResizedCropTransform``)."""
     return (
         isinstance(transform, ResizedCropTransform)
         and transform.output_size is not None
@@ -319,10 +317,11 @@ def encode_views(
     width: int,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Frozen embeddings ``[V, rows, D]`` (on the CPU, ``settings.features_dtype``) of every view of the rows of ``batches``.
+    """Frozen embeddings ``[V, rows, D]`` of every view of the rows of ``batches``, on the CPU.
 
-    ``images`` has its image column undecoded; row ``i`` of the result is the ``i``-th row of the concatenated
-    batches. Raises the first ``ValueError`` a worker met, in row order, or ``RuntimeError`` if a worker died.
+    In ``settings.features_dtype``; ``images`` has its image column undecoded; row ``i`` of the result is the
+    ``i``-th row of the concatenated batches. Raises the first ``ValueError`` a worker met, in row order, or
+    ``RuntimeError`` if a worker died.
     """
     chunks = [
         list(batch[start : start + CHUNK_ROWS]) for batch in batches for start in range(0, len(batch), CHUNK_ROWS)

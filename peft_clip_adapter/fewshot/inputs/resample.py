@@ -37,8 +37,7 @@ _CHUNK_BYTES = 1 << 28
 
 
 def supports_filter(resample: int) -> bool:
-    """Whether ``render_views`` reproduces PIL filter ``resample``: nearest, box, bilinear, Hamming, bicubic, Lanczos (not the MKS kernels).
-    """
+    """Whether ``render_views`` reproduces PIL filter ``resample`` (every filter but the MKS kernels)."""
     return int(resample) in _SUPPORT or int(resample) == Image.Resampling.NEAREST
 
 
@@ -153,8 +152,7 @@ class ViewBatch:
 
     @classmethod
     def collate(cls, images: list[torch.Tensor], boxes: list[list[ViewBox]]) -> ViewBatch:
-        """Pad ``images`` (each ``[3, h, w]`` uint8) into one CPU batch with their views' ``ViewBox`` es (decoded pixels).
-        """
+        """Pad ``images`` (each ``[3, h, w]`` uint8) into one CPU batch with their views' boxes (decoded pixels)."""
         height = max(image.shape[1] for image in images)
         width = max(image.shape[2] for image in images)
         padded = torch.zeros(len(images), 3, height, width, dtype=torch.uint8)

@@ -265,8 +265,7 @@ class ResizedCropTransform(ImageTransform):
         """
 
     def decode(self, image: Any) -> DecodedImage:
-        """Read ``image`` (anything ``load_image`` reads) at reduced scale where ``draft`` allows; names an unreadable file.
-        """
+        """Read ``image`` as ``load_image`` does, at reduced scale where ``draft`` allows."""
         return load_image_draft(image, self.max_scale if self.draft else None)
 
     def view_boxes(self, decoded: DecodedImage, *, index: int, views: Sequence[int]) -> list[ViewBox]:
