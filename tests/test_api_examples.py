@@ -268,3 +268,51 @@ def test_axis_weights_and_render_views_on_a_ramp():
     assert pixels[:, 0, 0].tolist() == [[[3, 5], [11, 13]], [[5, 3], [13, 11]]]
     with pytest.raises(ValueError):
         render_views(batch, output_size=(2, 2), resample=Image.Resampling.MKS2021)
+
+
+# --- fewshot.recipe ------------------------------------------------------------------------------------------
+
+
+def test_the_papers_recipe_steps_warm_up_and_schedule():
+    from peft_clip_adapter.fewshot.recipe import TrainingRecipe, scheduled_learning_rate
+
+    recipe = TrainingRecipe(num_train_epochs=4)
+    assert (recipe.steps_per_epoch(100), recipe.steps_per_epoch(20)) == (3, 1)  # 3 full batches of 32; one of 20
+    # 4 steps in all: one warm-up step at 1e-5, then the cosine from step 1 of 4
+    assert [round(recipe.learning_rate_at(step, 2e-3, num_images=20), 6) for step in range(4)] == [
+        1e-05,
+        0.001707,
+        0.001,
+        0.000293,
+    ]
+    assert [scheduled_learning_rate(s, peak=1.0, warmup_steps=1, total_steps=4) for s in range(4)] == pytest.approx(
+        [1e-05, 0.8535533905932737, 0.5, 0.14644660940672627]
+    )
+    assert (TrainingRecipe().steps_per_epoch(64), TrainingRecipe().steps_per_epoch(70)) == (2, 2)
+    assert (TrainingRecipe().warmup_steps(96), TrainingRecipe(num_warmup_steps=0).warmup_steps(96)) == (3, 0)
+    assert TrainingRecipe(num_train_epochs=2).learning_rate_at(1, 0.1, num_images=32) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="lr_scheduler_type must be one of"):
+        TrainingRecipe(lr_scheduler_type="step")
+
+
+# --- fewshot.embeddings --------------------------------------------------------------------------------------
+
+
+def test_frozen_runs_without_gradients_in_eval_mode_and_restores(tiny_clip):
+    from torch import nn
+
+    from peft_clip_adapter.fewshot.embeddings import (
+        frozen,
+        frozen_image_embeddings,
+        frozen_text_embeddings,
+        model_device,
+        unwrap_model,
+    )
+
+    net = nn.Sequential(nn.Dropout(0.5)).train()
+    with frozen(net) as inner:
+        assert (inner.training, torch.is_grad_enabled()) == (False, False)
+    assert net.training and torch.is_grad_enabled()
+    assert unwrap_model(net) is net and model_device(nn.Linear(2, 2)) == torch.device("cpu")
+    assert frozen_text_embeddings(tiny_clip, torch.tensor([[0, 5, 1]])).shape == (1, 32)
+    assert frozen_image_embeddings(tiny_clip, torch.zeros(2, 3, 32, 32)).shape == (2, 32)
