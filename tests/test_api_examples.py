@@ -316,3 +316,66 @@ def test_frozen_runs_without_gradients_in_eval_mode_and_restores(tiny_clip):
     assert unwrap_model(net) is net and model_device(nn.Linear(2, 2)) == torch.device("cpu")
     assert frozen_text_embeddings(tiny_clip, torch.tensor([[0, 5, 1]])).shape == (1, 32)
     assert frozen_image_embeddings(tiny_clip, torch.zeros(2, 3, 32, 32)).shape == (2, 32)
+
+
+# --- fewshot.templates ---------------------------------------------------------------------------------------
+
+
+def test_templates_by_name_filling_and_lists():
+    from peft_clip_adapter.fewshot.templates import (
+        DEFAULT_TEMPLATE,
+        as_template_list,
+        clean_classname,
+        fill_template,
+        templates_for,
+    )
+
+    assert templates_for("eurosat") == ["a centered satellite photo of {}."]
+    assert len(templates_for("ensemble")) == 7 and templates_for("default") == [DEFAULT_TEMPLATE]
+    with pytest.raises(ValueError, match=r"Unknown template set 'nope'; choose one of \['default', 'ensemble', "):
+        templates_for("nope")
+    assert clean_classname(" Annual_Crop ") == "Annual Crop"
+    assert fill_template("{} texture.", "banded") == "banded texture."
+    assert fill_template(str.upper, "banded") == "BANDED"
+    with pytest.raises(ValueError, match="has no '{}' placeholder"):
+        fill_template("a photo.", "cat")
+    for bad in ("a {} and a {}.", "a {name} {}.", "a {} {."):
+        with pytest.raises(ValueError, match="must hold exactly one"):
+            fill_template(bad, "cat")
+    assert as_template_list("{} texture.") == ["{} texture."]
+    assert as_template_list(("a {}.", "the {}.")) == ["a {}.", "the {}."]
+    with pytest.raises(ValueError, match="Pass at least one prompt template"):
+        as_template_list([])
+
+
+# --- fewshot.logs --------------------------------------------------------------------------------------------
+
+
+def test_log_progress_counts_and_logs_lines(caplog, monkeypatch):
+    import logging
+    import warnings
+
+    from peft_clip_adapter.fewshot import logs
+
+    monkeypatch.setattr(logs, "on_terminal", lambda: False)
+    with caplog.at_level(logging.INFO, logger=logs.logger.name):
+        counter = logs.LogProgress(range(3), desc="Extracting features", unit="batches")
+        assert list(counter) == [0, 1, 2] and counter.n == 3
+        training = logs.progress(total=10, desc="Training", unit="steps")
+        assert isinstance(training, logs.LogProgress)
+        training.update(4)
+        training.set_postfix(epoch=2, loss="0.4321")
+        training.close()
+        training.close()  # once
+        silent = logs.progress(range(4), desc="Summing", enabled=False)
+        assert sum(silent) == 6
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines[0].startswith("Extracting features: 3/3 batches (100%)")
+    assert lines[1].startswith("Training: 4/10 steps (40%)") and lines[1].endswith("epoch=2, loss=0.4321")
+    assert len(lines) == 2  # the disabled counter said nothing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with logs.quiet_peft_wrapping():
+            warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning, stacklevel=1)
+            warnings.warn("something else", FutureWarning, stacklevel=1)
+    assert [str(warning.message) for warning in caught] == ["something else"]
