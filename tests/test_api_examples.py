@@ -379,3 +379,63 @@ def test_log_progress_counts_and_logs_lines(caplog, monkeypatch):
             warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning, stacklevel=1)
             warnings.warn("something else", FutureWarning, stacklevel=1)
     assert [str(warning.message) for warning in caught] == ["something else"]
+
+
+# --- testing.scenes and testing.scene_tasks ------------------------------------------------------------------
+
+
+def test_scenes_sample_render_caption_and_shift():
+    from peft_clip_adapter.testing.scenes import (
+        Scenes,
+        apply_shift,
+        caption_scenes,
+        render_scenes,
+        sample_scenes,
+        vocabulary,
+    )
+
+    scenes = Scenes(*(torch.tensor([0, 1]) for _ in range(5)))
+    assert (len(scenes), scenes.describe(1)) == (2, "large green striped square on the left")
+    assert (
+        Scenes(*(torch.tensor([v]) for v in (2, 2, 0, 2, 2))).describe(0)
+        == "small blue checkered triangle on the right"
+    )
+    with pytest.raises(ValueError):
+        Scenes(torch.tensor([0, 1]), *(torch.tensor([0]) for _ in range(4)))
+    assert {"circle", "striped", "photo", "left"} <= set(vocabulary())
+    drawn = sample_scenes(500, torch.Generator().manual_seed(0), exclude_pairs=[("circle", "red")])
+    assert not bool(((drawn.shape == 0) & (drawn.colour == 0)).any())
+    with pytest.raises(ValueError):
+        sample_scenes(1, torch.Generator(), exclude_pairs=[("hexagon", "red")])
+    generator = torch.Generator().manual_seed(0)
+    images = render_scenes(sample_scenes(4, generator), generator)
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.uint8
+    assert bool(apply_shift(images, "dusk", generator).float().mean() < images.float().mean())
+    assert apply_shift(images, "none", generator) is images
+    with pytest.raises(ValueError):
+        apply_shift(images, "fog", generator)
+    one = Scenes(*(torch.tensor([0]) for _ in range(5)))
+    assert caption_scenes(one, torch.Generator().manual_seed(0)) == [
+        "an image of a small red plain circle in the center."
+    ]
+
+
+def test_scene_tasks_render_and_write_image_folders(tmp_path):
+    import datasets
+
+    from peft_clip_adapter.testing.scene_tasks import SCENE_TASKS, render_task_images, write_task_dataset
+
+    task = SCENE_TASKS["dusk-pairs"]
+    assert (len(task.classes), task.classes[0], task.constraints[0], task.shift) == (
+        9,
+        "red circle",
+        {"shape": "circle", "colour": "red"},
+        "dusk",
+    )
+    images, labels = render_task_images(task, 2, torch.Generator().manual_seed(0))
+    assert images.shape == (18, 3, 32, 32) and labels.tolist()[:6] == [0, 0, 1, 1, 2, 2]
+    root = write_task_dataset(tmp_path, task, images_per_class=1)
+    names = datasets.load_dataset("imagefolder", data_dir=root, split="train").features["label"].names
+    assert names[:3] == ["blue circle", "blue square", "blue triangle"]
+    with pytest.raises(ValueError):
+        write_task_dataset(tmp_path / "empty", task, images_per_class=0)
