@@ -439,3 +439,31 @@ def test_scene_tasks_render_and_write_image_folders(tmp_path):
     assert names[:3] == ["blue circle", "blue square", "blue triangle"]
     with pytest.raises(ValueError):
         write_task_dataset(tmp_path / "empty", task, images_per_class=0)
+
+
+# --- testing.tiny_models and testing.microclip ---------------------------------------------------------------
+
+
+def test_tiny_models_and_shapes_load_like_hub_checkpoints_and_datasets(tmp_path):
+    import datasets
+    from transformers import AutoModel, CLIPModel
+
+    from peft_clip_adapter.testing.microclip import PretrainingConfig, build_micro_clip
+    from peft_clip_adapter.testing.tiny_models import build_tiny_clip, build_tiny_model, write_shapes_dataset
+
+    assert type(AutoModel.from_pretrained(build_tiny_model(tmp_path / "siglip", family="siglip"))).__name__ == (
+        "SiglipModel"
+    )
+    with pytest.raises(ValueError):
+        build_tiny_model(tmp_path / "other", family="blip")
+    assert CLIPModel.from_pretrained(build_tiny_clip(tmp_path / "clip")).config.projection_dim == 32
+    root = write_shapes_dataset(tmp_path / "shapes", images_per_class=2)
+    names = datasets.load_dataset("imagefolder", data_dir=root, split="train").features["label"].names
+    assert names == ["blue triangle", "green square", "red circle", "yellow cross"]
+    with pytest.raises(ValueError):
+        write_shapes_dataset(tmp_path / "bad", classes=["purple circle"])
+    assert PretrainingConfig().projection_dim == 64
+    path = build_micro_clip(tmp_path / "micro", PretrainingConfig(steps=2, batch_size=8))
+    assert CLIPModel.from_pretrained(path).config.projection_dim == 64
+    with pytest.raises(ValueError, match="PretrainingConfig needs"):
+        PretrainingConfig(batch_size=1)
