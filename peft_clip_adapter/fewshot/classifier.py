@@ -38,10 +38,9 @@ def encode_class_prompts(
     """Frozen text embeddings of every class name in every template: ``[C, T, D]`` float32 on the model's device.
 
     Names are cleaned (``_`` -> space), filled into each template (a string with ``{}`` or a callable), padded
-    as the model was trained (``prompt_padding``) and encoded in batches of whole classes of at most
-    ``batch_size`` prompts, with adapters disabled: the raw pooled text embedding, to which the classifier
-    applies the text adapter. ``tokenizer`` is the model's processor (preferred: SigLIP 2's declares its text
-    length) or tokenizer.
+    as the model was trained (``prompt_padding``) and encoded with adapters disabled, in batches of whole
+    classes of at most ``batch_size`` prompts. ``tokenizer``: the processor (SigLIP 2's declares its text
+    length) or the tokenizer.
 
     Raises ``ValueError`` for no class names, duplicates (also once ``_`` became a space), ``batch_size < 1``,
     no templates, a template without ``{}``, or a model without a text tower.
@@ -105,7 +104,6 @@ class CLIPAdapterClassifier(nn.Module):
     is the zero-shot head.
 
     Args:
-        class_embeddings: ``[C, T, D]`` from ``encode_class_prompts``.
         logit_scale: The log of the inverse temperature, a scalar.
         vision_adapter: The adapter of the embedding being classified (the image tower's; CLAP's audio tower's).
         logit_bias: SigLIP's; ``None`` (softmax scores) for other models.
@@ -240,10 +238,6 @@ def check_class_prototypes(
     not know the distinguishing words). Pairs above ``near_duplicate_cosine`` come back most similar first;
     callers decide whether to warn. Raises ``ValueError`` naming every identical pair, or when ``classnames`` is
     not ``C`` long.
-
-    Example:
-        >>> check_class_prototypes(torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]]), ["cat", "dog"])
-        []
     """
     classnames = list(classnames)
     if class_embeddings.dim() != 3 or class_embeddings.shape[0] != len(classnames):
