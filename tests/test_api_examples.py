@@ -1,7 +1,7 @@
-"""What the toolkit's and testbed's docstring examples used to show, kept as tests.
+"""The toolkit's and testbed's public API on small inputs, one section per module.
 
-The docstrings are concise; the behaviour their examples demonstrated (mostly on tiny processors, models
-and datasets) is checked here instead, one section per module.
+The checks a reader of the API reference would try first: shapes, orientations, defaults and refusals of each
+public function and class, on tiny processors, models and datasets built locally.
 """
 
 from __future__ import annotations

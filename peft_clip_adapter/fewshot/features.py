@@ -359,7 +359,7 @@ class FeatureCache:
     The key hashes the model, the rows, the columns, the transform's ``description``, the views, where views are
     made, the autocast and stored dtypes: a change in any is a new file. Worker and process counts are not in
     it (they do not change the features). Files are written atomically (``peft_clip_adapter.atomic``) and carry
-    a checksum, so a damaged file is detected, logged and recomputed.
+    a checksum, so a damaged file is detected, logged and recomputed. ``cache_dir`` is created on the first write.
     """
 
     def __init__(self, cache_dir: str | os.PathLike) -> None:
