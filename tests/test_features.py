@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -283,6 +287,60 @@ def test_damaged_cache_file_is_detected_and_recomputed(tiny_clip, shapes, tmp_pa
     # The file was rewritten whole: the next call is a hit again.
     assert torch.equal(cache.load_or_extract(tiny_clip, shapes, transform).features, first.features)
     assert cache.last_hit is True
+
+
+def test_save_and_load_round_trip_and_a_missing_key_is_none(tmp_path):
+    cache = FeatureCache(tmp_path / "new" / "folder")  # created on the first write
+    assert cache.path("0" * 32).name == "image-features-" + "0" * 32 + ".safetensors"
+    assert cache.load("0" * 32) is None
+    feature_set = FeatureSet(torch.randn(2, 3, 4), torch.tensor([0, 1, 1]))
+    assert cache.save("0" * 32, feature_set, {"views": 2}) == cache.path("0" * 32)
+    loaded = cache.load("0" * 32)
+    assert torch.equal(loaded.features, feature_set.features) and torch.equal(loaded.labels, feature_set.labels)
+    assert cache.load("1" * 32) is None
+
+
+def test_a_full_disk_names_the_cache_file_and_leaves_no_partial_file(tmp_path):
+    # A file-size limit makes writes fail with EFBIG ("File too large"), as a full or quota-bound disk does.
+    script = f"""
+        import resource, signal, torch
+        from peft_clip_adapter.fewshot.features import FeatureCache, FeatureSet
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        features = FeatureSet(torch.zeros(4, 100, 32), torch.zeros(100, dtype=torch.int64))  # 51 kB
+        try:
+            FeatureCache({str(tmp_path)!r}).save("0" * 32, features)
+        except OSError as error:
+            print(error)
+    """
+    output = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
+    assert output.returncode == 0, output.stderr
+    assert "Could not write" in output.stdout and "image-features-" + "0" * 32 + ".safetensors" in output.stdout
+    assert "File too large" in output.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_an_interrupted_write_leaves_no_file_and_dead_runs_temporaries_are_removed(tmp_path, monkeypatch):
+    cache = FeatureCache(tmp_path)
+    feature_set = FeatureSet(torch.zeros(1, 2, 4), torch.tensor([0, 1]))
+
+    def interrupted(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"\0" * 10)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr("peft_clip_adapter.fewshot.features.save_file", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            cache.save("0" * 32, feature_set)
+    assert os.listdir(tmp_path) == []
+    # A run killed by SIGKILL cannot clean up; the next write beside the same file removes its temporary.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    from peft_clip_adapter.atomic import temporary_prefix
+
+    prefix = temporary_prefix(cache.path("0" * 32)).rsplit("-", 2)[0]
+    (tmp_path / f"{prefix}-{dead.stdout.strip()}-abc").write_bytes(b"half a file")
+    cache.save("0" * 32, feature_set)
+    assert os.listdir(tmp_path) == [cache.path("0" * 32).name]
 
 
 @pytest.mark.parametrize(

@@ -1,15 +1,9 @@
 """Zero-shot classification from class names and prompt templates, and its adapted version.
 
-Two steps, as in open_clip's ``zero_shot_classifier``:
-
-1. ``encode_class_prompts`` runs the frozen text encoder ONCE over every class x template prompt and
-   returns the raw pooled embeddings ``[C, T, D]`` (class batches, prompts padded as the model was
-   trained: to the longest prompt for CLIP, to the fixed length for SigLIP).
-2. ``CLIPAdapterClassifier`` turns pooled image (or CLAP audio) embeddings into logits. It re-applies
-   only the adapters on each call: the vision adapter on the image embedding, the text adapter on each
-   cached prompt embedding, so training on cached features never re-runs either encoder.
-
-Orientation: ``text_weights()`` is ``[D, C]`` (one column per class), so ``logits = image @ weights``.
+As open_clip's ``zero_shot_classifier``: ``encode_class_prompts`` runs the frozen text encoder once over every
+class x template prompt (``[C, T, D]``); ``CLIPAdapterClassifier`` then re-applies only the adapters on each
+call, so training on cached features never re-runs either encoder. ``text_weights()`` is ``[D, C]`` (one
+column per class): ``logits = image @ weights``.
 """
 
 from __future__ import annotations
@@ -41,40 +35,15 @@ def encode_class_prompts(
     *,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """Frozen text embeddings of every class name in every prompt template.
+    """Frozen text embeddings of every class name in every template: ``[C, T, D]`` float32 on the model's device.
 
-    Class names are cleaned (``_`` -> space) and filled into each template (a string with ``{}`` or a
-    callable). Prompts are tokenized as the model was trained (see ``prompt_padding``) and encoded in
-    batches of whole classes, with every adapter disabled and without gradients: the result is the raw
-    pooled text embedding (CLIP's ``text_projection`` output, SigLIP's text head output, ...), to which
-    ``CLIPAdapterClassifier`` applies the text adapter (if any) on each step.
+    Names are cleaned (``_`` -> space), filled into each template (a string with ``{}`` or a callable), padded
+    as the model was trained (``prompt_padding``) and encoded with adapters disabled, in batches of whole
+    classes of at most ``batch_size`` prompts. ``tokenizer``: the processor (SigLIP 2's declares its text
+    length) or the tokenizer.
 
-    Args:
-        model: A ``PeftModel`` around a supported model with a text tower, or a plain one (``CLIPModel``,
-            ``SiglipModel``, ``CLIPTextModelWithProjection``, ...).
-        tokenizer: The model's processor (preferred: SigLIP 2's declares its text length) or its tokenizer.
-        classnames: One name per class, in label order.
-        templates: One template or a sequence of them.
-        batch_size: Most prompts per forward pass; batches always hold whole classes (at least one).
-
-    Returns:
-        ``[C, T, D]`` float32 tensor on the model's device: class ``c``, template ``t``.
-
-    Raises:
-        ValueError: for no class names, duplicate class names (also once ``_`` became a space),
-            ``batch_size < 1``, an empty template list, a template without ``{}``, or a model without a
-            text tower.
-
-    Example:
-        >>> import tempfile
-        >>> from transformers import AutoProcessor, CLIPModel
-        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
-        >>> path = build_tiny_clip(tempfile.mkdtemp())
-        >>> clip, processor = CLIPModel.from_pretrained(path), AutoProcessor.from_pretrained(path)
-        >>> prompts = encode_class_prompts(clip, processor, ["red circle", "green square"],
-        ...                                ["a photo of a {}.", "itap of a {}."])
-        >>> prompts.shape, prompts.dtype
-        (torch.Size([2, 2, 32]), torch.float32)
+    Raises ``ValueError`` for no class names, duplicates (also once ``_`` became a space), ``batch_size < 1``,
+    no templates, a template without ``{}``, or a model without a text tower.
     """
     classnames = list(classnames)
     if not classnames:
@@ -103,29 +72,12 @@ def encode_class_prompts(
 
 
 def prompt_padding(model: nn.Module, processor: Any) -> dict[str, Any]:
-    """How to pad class prompts for ``model``: as its checkpoints were trained, like the zero-shot pipeline.
+    """Tokenizer padding for ``model``'s class prompts, as its checkpoints were trained (like the zero-shot pipeline).
 
-    SigLIP's text embedding is the state of the LAST token, padding included, and its checkpoints were
-    trained on prompts padded to a fixed length; padded otherwise, the embedding changes. So every
-    ``siglip*`` model type gets ``padding="max_length"`` with the processor's length: the text length its
-    processor declares (SigLIP 2), else the tokenizer's ``model_max_length``, else the text tower's
-    ``max_position_embeddings`` (64 for the released checkpoints, as transformers' pipeline assumes).
-    Other models pool a token that does not move with padding, so prompts pad to the longest in a batch.
-
-    Args:
-        model: The model, possibly wrapped by peft.
-        processor: Its processor or tokenizer.
-
-    Returns:
-        Keyword arguments for the tokenizer call.
-
-    Example:
-        >>> import tempfile
-        >>> from transformers import AutoProcessor, SiglipModel
-        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_model
-        >>> path = build_tiny_model(tempfile.mkdtemp(), family="siglip")
-        >>> prompt_padding(SiglipModel.from_pretrained(path), AutoProcessor.from_pretrained(path))
-        {'padding': 'max_length', 'max_length': 64, 'truncation': True}
+    SigLIP embeds the LAST token, padding included, and was trained on fixed-length prompts: ``siglip*`` models
+    get ``padding="max_length"`` with the processor's declared length, else the tokenizer's
+    ``model_max_length``, else the text tower's ``max_position_embeddings`` (64 for the released checkpoints).
+    Other models pad to the longest prompt.
     """
     inner = unwrap_model(model)
     config = getattr(inner, "config", None)
@@ -142,45 +94,21 @@ def prompt_padding(model: nn.Module, processor: Any) -> dict[str, Any]:
 
 
 class CLIPAdapterClassifier(nn.Module):
-    """CLIP-Adapter's classification head over pooled embeddings: adapters, class prompts, logit scale.
-
-    ``forward`` maps RAW (pre-adapter) pooled image embeddings ``f`` to logits::
+    """CLIP-Adapter's head over RAW (pre-adapter) pooled embeddings ``f``::
 
         logits = exp(logit_scale) * normalize(vision_adapter(f)) @ text_weights() + logit_bias
 
-    where ``text_weights()`` applies the text adapter to each cached prompt embedding, normalises it,
-    averages over templates and renormalises (open_clip's ensemble). ``logit_scale`` (and SigLIP's
-    ``logit_bias``, 0 for other models) are the model's own learned values, copied and frozen; ``scores``
-    turns logits into what the model's own zero-shot pipeline shows (softmax over classes, SigLIP's
-    sigmoid per class). The adapter layers are the model's own modules, so their parameters are shared:
-    training this head trains the ``PeftModel``, and ``save_pretrained`` on the ``PeftModel`` saves the
-    result. Without adapters (a plain ``CLIPModel``) it is the model's zero-shot head.
+    ``text_weights()`` applies the text adapter to each cached prompt, normalises, averages over templates and
+    renormalises. ``logit_scale`` (and SigLIP's ``logit_bias``, else 0) are the model's own values, frozen. The
+    adapter layers are the model's modules, so training this head trains the ``PeftModel``; without adapters it
+    is the zero-shot head.
 
     Args:
-        class_embeddings: ``[C, T, D]`` frozen prompt embeddings from ``encode_class_prompts``.
-        logit_scale: The model's ``logit_scale`` (the log of the temperature's inverse), a scalar.
-        vision_adapter: The adapter layer of the embedding being classified (the image tower's; CLAP's
-            audio tower's), or ``None``.
-        text_adapter: The adapter layer of the text tower, or ``None``.
-        logit_bias: SigLIP's ``logit_bias``; ``None`` (no bias, softmax scores) for other models.
+        logit_scale: The log of the inverse temperature, a scalar.
+        vision_adapter: The adapter of the embedding being classified (the image tower's; CLAP's audio tower's).
+        logit_bias: SigLIP's; ``None`` (softmax scores) for other models.
 
-    Raises:
-        ValueError: if ``class_embeddings`` is not ``[C, T, D]`` or its width does not match an adapter.
-
-    Example:
-        >>> import tempfile
-        >>> from peft import get_peft_model
-        >>> from transformers import AutoProcessor, CLIPModel
-        >>> from peft_clip_adapter import CLIPAdapterConfig
-        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
-        >>> path = build_tiny_clip(tempfile.mkdtemp())
-        >>> model = get_peft_model(CLIPModel.from_pretrained(path), CLIPAdapterConfig(adapt="both"))
-        >>> prompts = encode_class_prompts(model, AutoProcessor.from_pretrained(path), ["red circle", "blue triangle"])
-        >>> head = CLIPAdapterClassifier.from_model(model, prompts)
-        >>> head(torch.randn(5, 32)).shape
-        torch.Size([5, 2])
-        >>> sum(p.numel() for p in head.parameters() if p.requires_grad)  # two 32 -> 8 -> 32 adapters
-        1024
+    Raises ``ValueError`` if ``class_embeddings`` is not ``[C, T, D]`` or its width does not match an adapter.
     """
 
     def __init__(
@@ -223,26 +151,10 @@ class CLIPAdapterClassifier(nn.Module):
         *,
         logit_scale: Union[torch.Tensor, float, None] = None,
     ) -> CLIPAdapterClassifier:
-        """Build the head from a (peft-wrapped) model: its adapter layers, ``logit_scale`` and ``logit_bias``.
+        """The head of a (peft-wrapped) model: its adapter layers, ``logit_scale`` and ``logit_bias``.
 
-        The scale is the model's ``logit_scale`` as its forward uses it (CLAP: ``logit_scale_a``, for audio
-        against text; ALIGN: ``-log(temperature)``; AIMv2: clamped to its ceiling); SigLIP's
-        ``logit_bias`` is taken too.
-
-        Args:
-            model: A ``PeftModel`` made with ``CLIPAdapterConfig``, or a plain supported model (zero-shot).
-            class_embeddings: ``[C, T, D]`` from ``encode_class_prompts``.
-            logit_scale: Overrides the model's; required for models without one (the single-tower
-                classes such as ``CLIPVisionModelWithProjection``).
-
-        Returns:
-            A classifier on the device of ``class_embeddings`` that shares the model's adapter parameters.
-
-        Raises:
-            ValueError: if the model has no ``logit_scale`` and none is given (or as ``__init__``).
-
-        Example:
-            See the class example; with a plain ``CLIPModel`` the head is CLIP's zero-shot classifier.
+        The scale is the one its forward uses: CLAP's ``logit_scale_a``, ALIGN's ``-log(temperature)``, AIMv2's
+        clamped scale. ``logit_scale`` must be given for models without one (single towers), else ``ValueError``.
         """
         inner = unwrap_model(model)
         if logit_scale is None:
@@ -258,22 +170,13 @@ class CLIPAdapterClassifier(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        """``C``, the number of classes (rows of ``class_embeddings``)."""
+        """``C``, the number of classes."""
         return self.class_embeddings.shape[0]
 
     def text_weights(self) -> torch.Tensor:
-        """The class prototypes ``[D, C]``: text adapter per prompt, normalise, mean over templates, renormalise.
+        """Class prototypes ``[D, C]`` (unit columns): adapt each prompt, normalise, mean over templates, renormalise.
 
         Recomputed on every call, so a training text adapter's gradient reaches its weights.
-
-        Returns:
-            ``[D, C]`` unit-norm columns, one per class.
-
-        Example:
-            >>> head = CLIPAdapterClassifier(torch.randn(3, 2, 4), logit_scale=0.0)  # 3 classes, 2 templates
-            >>> weights = head.text_weights()
-            >>> weights.shape, torch.allclose(weights.norm(dim=0), torch.ones(3))
-            (torch.Size([4, 3]), True)
         """
         prompts = self.class_embeddings  # [C, T, D]
         if self.text_adapter is not None:
@@ -282,26 +185,7 @@ class CLIPAdapterClassifier(nn.Module):
         return F.normalize(prototypes, dim=-1).T  # [D, C]
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, C]`` from raw pooled image embeddings ``[N, D]`` (before any adapter).
-
-        Args:
-            image_features: ``[N, D]`` pooled, projected image embeddings (e.g. from the feature cache).
-
-        Returns:
-            ``[N, C]`` float32 logits, scaled by ``exp(logit_scale)`` and shifted by ``logit_bias``.
-
-        Raises:
-            ValueError: if ``image_features`` is not ``[N, D]`` with the prompts' width ``D``.
-
-        Example:
-            >>> head = CLIPAdapterClassifier(torch.randn(3, 2, 4), logit_scale=0.0)  # 3 classes, 2 templates
-            >>> head(torch.randn(5, 4)).shape
-            torch.Size([5, 3])
-            >>> head(torch.randn(5, 8))
-            Traceback (most recent call last):
-            ...
-            ValueError: image_features must be [N, 4] pooled embeddings, got shape (5, 8).
-        """
+        """Logits ``[N, C]`` float32 from raw pooled embeddings ``[N, D]``; ``ValueError`` for another shape."""
         width = self.class_embeddings.shape[-1]
         if image_features.dim() != 2 or image_features.shape[-1] != width:
             raise ValueError(
@@ -313,44 +197,12 @@ class CLIPAdapterClassifier(nn.Module):
         return self.logits_of_adapted(features)
 
     def logits_of_adapted(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, C]`` from embeddings the vision adapter has already been applied to.
-
-        ``forward`` applies the adapter first; this is for embeddings taken from the adapted model
-        itself (e.g. ``get_image_features`` of the ``PeftModel``).
-
-        Args:
-            features: ``[N, D]`` adapted pooled embeddings.
-
-        Returns:
-            ``[N, C]`` float32 logits.
-
-        Example:
-            >>> head = CLIPAdapterClassifier(torch.randn(3, 1, 4), logit_scale=0.0, logit_bias=-1.0)
-            >>> f = torch.randn(2, 4)
-            >>> torch.equal(head.logits_of_adapted(f), head(f))  # no adapter: the same
-            True
-        """
+        """Logits ``[N, C]`` from embeddings the vision adapter already adapted (the adapted model's output)."""
         features = F.normalize(features.float(), dim=-1)  # [N, D]
         return self.logit_scale.exp() * features @ self.text_weights() + self.logit_bias  # [N, C]
 
     def scores(self, image_features: torch.Tensor) -> torch.Tensor:
-        """Class scores ``[N, C]`` as the model's zero-shot pipeline shows them.
-
-        A softmax over classes for CLIP-like models; for SigLIP (a model with ``logit_bias``) the sigmoid
-        of each logit, ``sigmoid(exp(logit_scale) * cos + logit_bias)``: independent per-class
-        probabilities, as SigLIP was trained.
-
-        Args:
-            image_features: ``[N, D]`` raw pooled embeddings, as for ``forward``.
-
-        Returns:
-            ``[N, C]`` float32 scores in ``[0, 1]``.
-
-        Example:
-            >>> head = CLIPAdapterClassifier(torch.randn(3, 1, 4), logit_scale=0.0)
-            >>> head.scores(torch.randn(2, 4)).sum(dim=-1)  # softmax: each row sums to 1
-            tensor([1.0000, 1.0000])
-        """
+        """Scores ``[N, C]`` in ``[0, 1]`` as the zero-shot pipeline shows them (SigLIP: a sigmoid per class)."""
         logits = self(image_features)  # [N, C]
         return torch.sigmoid(logits) if self.sigmoid_scores else logits.softmax(dim=-1)
 
@@ -380,33 +232,12 @@ def check_class_prototypes(
     *,
     near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE,
 ) -> list[tuple[str, str, float]]:
-    """Refuse classes whose prompts encode to the same prototype; return the pairs that nearly do.
+    """Refuse classes whose prompts encode to one prototype; return ``(name, name, cosine)`` of pairs that nearly do.
 
-    Two classes with one prototype get the same logit for every image, so neither zero-shot nor a
-    trained adapter can tell them apart, and training sits at a constant loss. It happens when the
-    tokenizer maps the distinguishing words to the same tokens (e.g. words it does not know).
-
-    Args:
-        class_embeddings: ``[C, T, D]`` from ``encode_class_prompts``.
-        classnames: The ``C`` class names, in the same order.
-        near_duplicate_cosine: Pairs whose prototypes' cosine similarity exceeds this are returned.
-
-    Returns:
-        ``(name, name, cosine)`` for every pair above ``near_duplicate_cosine`` (most similar first);
-        empty when all classes are well apart. Callers decide whether to warn.
-
-    Raises:
-        ValueError: naming every pair of classes whose prototypes are identical, or for a
-            ``classnames`` whose length is not ``C``.
-
-    Example:
-        >>> prompts = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.0, 2.0]]])  # [C=3, T=1, D=2]
-        >>> check_class_prototypes(prompts[:2], ["cat", "dog"])
-        []
-        >>> check_class_prototypes(prompts, ["cat", "dog", "puppy"])
-        Traceback (most recent call last):
-        ...
-        ValueError: Classes 'dog' and 'puppy' have identical prompt embeddings, ...
+    Two such classes get the same logit for every image, so nothing can tell them apart (a tokenizer that does
+    not know the distinguishing words). Pairs above ``near_duplicate_cosine`` come back most similar first;
+    callers decide whether to warn. Raises ``ValueError`` naming every identical pair, or when ``classnames`` is
+    not ``C`` long.
     """
     classnames = list(classnames)
     if class_embeddings.dim() != 3 or class_embeddings.shape[0] != len(classnames):

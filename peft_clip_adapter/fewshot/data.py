@@ -1,18 +1,14 @@
-"""Few-shot data for CLIP-Adapter: load a labelled image dataset, sample k shots per class, preprocess images.
+"""Few-shot data: load a labelled image dataset, hold out validation, sample k shots per class.
 
-Everything works on plain ``datasets.Dataset`` objects with an image column and a ``ClassLabel`` (or
-integer) label column, so it serves the example trainer and a hand-written loop alike::
+Plain ``datasets.Dataset`` objects with an image column and a ``ClassLabel`` (or integer) label column, for
+the trainer and a hand-written loop alike::
 
     splits = load_image_classification_data(train_dir="my_images/")  # "train" + held-out "validation"
     train = sample_few_shot(splits["train"], shots=16, seed=1)        # 16 images per class, seeded
-    transform = build_train_transform(processor.image_processor, seed=1)
-    pixels = transform(load_image(train[0]["image"]), index=0, view=3)  # [3, 224, 224], always the same crop
 
-Image reading (:mod:`.inputs.images`) and the transforms (:mod:`.inputs.transforms`)
-live in their own modules and are importable from here too. Randomness never comes from a global
-generator: the held-out split and the k-shot sample depend only on ``seed`` and the dataset (never on how
-many processes run), and augmented view ``v`` of image ``i`` is a pure function of ``(seed, i, v)``, which
-is what lets frozen features be cached and reused.
+No randomness comes from a global generator: the held-out split and the sample depend only on ``seed`` and
+the dataset (never on the number of processes). Image reading and the transforms are re-exported from
+``inputs.images`` and ``inputs.transforms``.
 """
 
 from __future__ import annotations
@@ -70,42 +66,16 @@ def load_image_classification_data(
     validation_fraction: float = 0.2,
     seed: int = 0,
 ) -> datasets.DatasetDict:
-    """Load an image classification dataset as ``"train"`` and ``"validation"`` splits.
+    """Load an image classification dataset as ``"train"`` and ``"validation"`` (and ``"test"`` if present) splits.
 
-    The source is either a dataset on the Hub (or a local dataset folder) loaded with
-    ``datasets.load_dataset(dataset_name, dataset_config_name)`` (a folder written by ``save_to_disk`` is
-    read with ``datasets.load_from_disk``), or image folders laid out as
-    ``<dir>/<class name>/<image>`` (loaded with the ``imagefolder`` builder, train and validation together
-    so that both get the same class list). When the source has no validation split, a stratified, seeded
-    ``validation_fraction`` of the training images is held out (see :func:`hold_out_validation`).
+    The source is ``dataset_name`` (a Hub id, local dataset, or ``save_to_disk`` folder) or ``train_dir``
+    (``<dir>/<class name>/<image>``, with an optional ``validation_dir`` of the same classes). Without a
+    validation split, a stratified, seeded ``validation_fraction`` of the training images is held out
+    (``hold_out_validation``). String labels are encoded.
 
-    Args:
-        dataset_name: Hub dataset id, local dataset path or ``save_to_disk`` folder. Exclusive with
-            ``train_dir``.
-        dataset_config_name: Configuration of ``dataset_name``, if it has several.
-        train_dir: Folder of training images, one sub-folder per class.
-        validation_dir: Folder of validation images, same class sub-folders. Only with ``train_dir``.
-        image_column: Column holding the images.
-        label_column: Column holding the labels (``ClassLabel``, integers, or strings, which are encoded).
-        validation_fraction: Share of each class held out when there is no validation split, in (0, 1).
-        seed: Seed of the held-out split.
-
-    Returns:
-        A ``DatasetDict`` with ``"train"`` and ``"validation"`` (and ``"test"`` when the source has one).
-
-    Raises:
-        ValueError: for both or neither of ``dataset_name`` and ``train_dir``, ``validation_dir`` without
-            ``train_dir``, a missing or empty folder, a source without a ``"train"`` split (the splits there
-            are are listed), missing columns (the columns there are are listed), fewer than 2 classes, or a
-            ``validation_fraction`` outside (0, 1).
-
-    Example:
-        >>> import tempfile
-        >>> from peft_clip_adapter.testing.tiny_models import write_shapes_dataset
-        >>> root = write_shapes_dataset(tempfile.mkdtemp(), images_per_class=5)
-        >>> splits = load_image_classification_data(train_dir=root, seed=0)
-        >>> splits.num_rows
-        {'train': 16, 'validation': 4}
+    Raises ``ValueError`` for both or neither source, ``validation_dir`` without ``train_dir``, a missing or empty
+    folder or class folder, no ``"train"`` split (listing the splits), missing columns (listing the columns),
+    fewer than 2 classes, or ``validation_fraction`` outside (0, 1).
     """
     if (dataset_name is None) == (train_dir is None):
         raise ValueError(
@@ -236,31 +206,9 @@ def prepare_image_classification_data(
     validation_fraction: float = 0.2,
     seed: int = 0,
 ) -> datasets.DatasetDict:
-    """Check a loaded dataset and give it ``"train"`` and ``"validation"`` splits.
+    """``load_image_classification_data`` for a dataset already in memory (a ``Dataset`` is the training split).
 
-    This is :func:`load_image_classification_data` for a dataset already in memory. A ``Dataset`` counts as
-    the training split. String labels are encoded as a ``ClassLabel`` (over all splits, so ids agree).
-
-    Args:
-        dataset: A ``Dataset`` or a ``DatasetDict`` with a ``"train"`` split.
-        image_column: Column holding the images.
-        label_column: Column holding the labels.
-        validation_fraction: Share of each class held out when there is no ``"validation"`` split, in (0, 1).
-        seed: Seed of the held-out split.
-
-    Returns:
-        A ``DatasetDict`` with ``"train"`` and ``"validation"`` (and ``"test"`` when ``dataset`` has one).
-
-    Raises:
-        ValueError: for a missing ``"train"`` split, missing columns, labels that are neither class ids nor
-            strings, fewer than 2 classes in ``"train"``, or a bad ``validation_fraction``.
-
-    Example:
-        >>> from datasets import ClassLabel, Dataset, Features, Value
-        >>> features = Features({"image": Value("string"), "label": ClassLabel(names=["cat", "dog"])})
-        >>> data = Dataset.from_dict({"image": [f"{i}.png" for i in range(10)], "label": [0, 1] * 5}, features)
-        >>> prepare_image_classification_data(data, validation_fraction=0.4).num_rows
-        {'train': 6, 'validation': 4}
+    String labels become one ``ClassLabel`` over all splits, so ids agree. Raises ``ValueError`` as that function.
     """
     if isinstance(dataset, datasets.Dataset):
         dataset = datasets.DatasetDict({"train": dataset})
@@ -296,24 +244,9 @@ def prepare_image_classification_data(
 
 
 def check_columns(dataset: datasets.Dataset, image_column: str, label_column: str) -> None:
-    """Check that ``dataset`` has the image and label columns, and that the labels are class ids.
+    """Check that the image and label columns exist and the labels are a ``ClassLabel``, integers or strings.
 
-    Args:
-        dataset: The dataset to check.
-        image_column: Name of the image column.
-        label_column: Name of the label column.
-
-    Raises:
-        ValueError: naming the missing column and listing the columns the dataset has, or for a label
-            column that holds neither a ``ClassLabel``, integers nor strings.
-
-    Example:
-        >>> from datasets import Dataset
-        >>> data = Dataset.from_dict({"img": ["a.png"], "label": [0]})
-        >>> check_columns(data, "image", "label")
-        Traceback (most recent call last):
-        ...
-        ValueError: Image column 'image' not found; the dataset has columns ['img', 'label']. ...
+    Raises ``ValueError`` naming the missing column and listing those the dataset has.
     """
     columns = list(dataset.column_names)
     for kind, column in (("Image", image_column), ("Label", label_column)):
@@ -338,23 +271,12 @@ def _is_string(feature: Any) -> bool:
 
 
 def class_names(dataset: datasets.Dataset, label_column: str = "label") -> list[str]:
-    """Names of the classes, in label order: position ``i`` names label ``i``.
+    """Class names in label order; integer labels give ``["0", ..., str(max label)]`` so logit ``i`` stays label ``i``.
 
-    Args:
-        dataset: The dataset.
-        label_column: Its label column: a ``ClassLabel`` gives its names; integer labels give
-            ``["0", "1", ..., str(max label)]``, so that logit ``i`` still belongs to label ``i``.
-
-    Returns:
-        One name per class id.
-
-    Raises:
-        ValueError: for a missing label column (listing the columns there are), labels that are not class
-            ids, or negative integer labels.
+    Raises ``ValueError`` for a missing column, labels that are not class ids, or negative labels.
 
     Example:
-        >>> from datasets import Dataset
-        >>> class_names(Dataset.from_dict({"label": [2, 0, 2]}))
+        >>> class_names(datasets.Dataset.from_dict({"label": [2, 0, 2]}))
         ['0', '1', '2']
     """
     if label_column not in dataset.column_names:
@@ -390,30 +312,11 @@ def hold_out_validation(
     label_column: str = "label",
     seed: int = 0,
 ) -> datasets.DatasetDict:
-    """Split ``dataset`` into ``"train"`` and ``"validation"``, holding out the same share of every class.
+    """Split into ``"train"`` and ``"validation"``, holding out ``round(validation_fraction * n)`` of every class.
 
-    Each class with ``n`` images gives ``round(validation_fraction * n)`` of them to validation, but always
-    keeps at least one for training. Which images go depends only on ``seed`` and the class's rows; both
-    splits keep the dataset's row order.
-
-    Args:
-        dataset: The split to divide.
-        validation_fraction: Share held out per class, in (0, 1).
-        label_column: Column of class ids.
-        seed: Seed of the draw (integer >= 0).
-
-    Returns:
-        A ``DatasetDict`` with ``"train"`` and ``"validation"``.
-
-    Raises:
-        ValueError: for ``validation_fraction`` outside (0, 1), a bad seed, or too few images to hold any out.
-
-    Example:
-        >>> from datasets import Dataset
-        >>> data = Dataset.from_dict({"label": [0] * 10 + [1] * 5})
-        >>> split = hold_out_validation(data, validation_fraction=0.2, seed=0)
-        >>> sorted(split["validation"]["label"])
-        [0, 0, 1]
+    Each class keeps at least one training image; which rows go depends only on ``seed`` and the class's rows,
+    and both splits keep the row order. Raises ``ValueError`` for ``validation_fraction`` outside (0, 1), a bad
+    seed, or too few images to hold any out.
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}.")
@@ -453,37 +356,12 @@ def sample_few_shot(
     seed: int = 0,
     allow_fewer: bool = False,
 ) -> datasets.Dataset:
-    """Draw ``shots`` images of every class, seeded, from the whole dataset.
+    """Draw ``shots`` images of every class, seeded, keeping the dataset's row order.
 
-    Each class draws its images from its own generator seeded with ``(seed, class id)``, so the sample
-    depends only on the dataset, ``shots`` and ``seed``: the same on every run and every process of a
-    distributed job (sample before sharding). The rows keep the dataset's order.
-
-    Args:
-        dataset: Dataset with a ``ClassLabel`` or integer label column.
-        shots: Images per class (the "k" of k-shot), at least 1.
-        label_column: Column of class ids.
-        seed: Seed of the draw (integer >= 0).
-        allow_fewer: Take all images of a class that has fewer than ``shots`` instead of failing.
-
-    Returns:
-        The selected rows, ``shots`` per class (fewer only with ``allow_fewer``).
-
-    Raises:
-        ValueError: for ``shots < 1``, a bad seed or label column, or (unless ``allow_fewer``) a class with
-            fewer than ``shots`` images, naming every such class and its count. With a ``ClassLabel``, a
-            class with no image at all counts too.
-
-    Example:
-        >>> from datasets import ClassLabel, Dataset, Features
-        >>> features = Features({"label": ClassLabel(names=["cat", "dog"])})
-        >>> data = Dataset.from_dict({"label": [0, 1, 0, 1, 0, 0]}, features=features)
-        >>> list(sample_few_shot(data, 2, seed=0)["label"])
-        [1, 0, 1, 0]
-        >>> sample_few_shot(data, 3)
-        Traceback (most recent call last):
-        ...
-        ValueError: 3-shot sampling needs 3 images per class, but class 'dog' has 2. ...
+    Each class draws from a generator seeded with ``(seed, class id)``: the same sample on every run and
+    process (sample before sharding). ``allow_fewer`` takes all images of a class that has fewer. Raises
+    ``ValueError`` for ``shots < 1``, a bad seed or label column, or (unless ``allow_fewer``) naming every class
+    with fewer than ``shots`` images (with a ``ClassLabel``, one with none counts too).
     """
     if isinstance(shots, bool) or not isinstance(shots, (int, np.integer)) or shots < 1:
         raise ValueError(f"shots must be an integer >= 1 (images per class), got {shots!r}.")

@@ -1,9 +1,8 @@
-"""Frozen pooled embeddings: a tower runs with every CLIP-Adapter disabled, without gradients.
+"""Frozen pooled embeddings: a tower run with every CLIP-Adapter disabled, without gradients.
 
-The classifier caches the frozen text embeddings of the class prompts and the feature cache stores the
-frozen image embeddings; both then re-apply only the adapter. These helpers accept a ``PeftModel``, a
-model with adapter layers injected, or a plain supported model (``CLIPModel``, ``SiglipModel``, a single
-tower such as ``SiglipVisionModel``, ...; see ``peft_clip_adapter.families``).
+The classifier caches the prompts' text embeddings and the feature cache the image embeddings; both then
+re-apply only the adapter. These accept a ``PeftModel``, a model with adapters injected, or a plain supported
+model (see ``peft_clip_adapter.families``).
 """
 
 from __future__ import annotations
@@ -27,20 +26,7 @@ _TOWER_CALLS = {
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a ``PeftModel`` and/or a ``DistributedDataParallel`` wrapper.
-
-    Args:
-        model: A ``PeftModel``, a ``DistributedDataParallel`` wrapper, both, or a plain module.
-
-    Returns:
-        The innermost model (a plain module is returned as is).
-
-    Example:
-        >>> from torch import nn
-        >>> layer = nn.Linear(2, 2)
-        >>> unwrap_model(layer) is layer
-        True
-    """
+    """The transformers model inside a ``PeftModel`` and/or ``DistributedDataParallel`` (a plain module as is)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
     get_base_model = getattr(model, "get_base_model", None)
@@ -51,24 +37,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
     """Run ``model`` as the frozen backbone: adapters disabled, eval mode, no autograd; restored after.
 
-    Unlike ``PeftModel.disable_adapter()``, this leaves every ``requires_grad`` flag untouched (peft
-    re-enables gradients of the active adapters on exit, even for a model loaded for inference), and it
-    also works on a model that is not a ``PeftModel``.
-
-    Args:
-        model: Any module; a ``PeftModel`` is unwrapped.
-
-    Returns:
-        A context manager yielding the unwrapped model.
-
-    Example:
-        >>> from torch import nn
-        >>> net = nn.Sequential(nn.Dropout(0.5)).train()
-        >>> with frozen(net) as inner:
-        ...     inner.training, torch.is_grad_enabled()
-        (False, False)
-        >>> net.training
-        True
+    Unlike ``PeftModel.disable_adapter()`` it leaves every ``requires_grad`` flag alone (peft re-enables the
+    active adapters' gradients on exit) and works on any module. Yields the unwrapped model.
     """
     inner = unwrap_model(model)
     layers = [module for module in inner.modules() if isinstance(module, CLIPAdapterLayer)]
@@ -98,32 +68,12 @@ def _pooled(output: Any, field: str) -> torch.Tensor:
 
 
 def frozen_embeddings(model: nn.Module, branch: str, **inputs: Any) -> torch.Tensor:
-    """The pooled embedding of one tower with every adapter disabled, without gradients.
+    """The pooled ``[N, D]`` embedding of tower ``branch`` (``"vision"``, ``"text"``, ``"audio"``), adapters disabled.
 
-    Runs the dual encoder's own ``get_image_features`` / ``get_text_features`` / ``get_audio_features``,
-    or the forward of a single-tower class, so the result is exactly what the adapter of that tower
-    receives. (CLAP's ``get_*_features`` L2-normalise it; the adapter is positively homogeneous, so the
-    normalised embeddings classify exactly as the raw ones.)
-
-    Args:
-        model: A supported model (see ``peft_clip_adapter.families``), possibly wrapped by peft.
-        branch: ``"vision"``, ``"text"`` or ``"audio"``.
-        **inputs: The tower's inputs, as its processor makes them (``pixel_values``; ``input_ids`` and
-            ``attention_mask``; ``input_features``; SigLIP 2's ``pixel_attention_mask`` and ``spatial_shapes``).
-
-    Returns:
-        ``[N, D]`` embeddings in the model's dtype, on the model's device.
-
-    Raises:
-        ValueError: if the model has no such tower (naming the model class and the towers it has).
-
-    Example:
-        >>> import tempfile
-        >>> from transformers import CLIPModel
-        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
-        >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
-        >>> frozen_embeddings(clip, "text", input_ids=torch.tensor([[0, 5, 1]])).shape
-        torch.Size([1, 32])
+    Runs the model's own ``get_*_features`` (or a single tower's forward) on ``**inputs`` as its processor makes
+    them, without gradients: exactly what that tower's adapter receives, in the model's dtype and device. (CLAP
+    L2-normalises it; the adapter is positively homogeneous, so that classifies alike.) Raises ``ValueError``
+    naming the model class and its towers if it has no such tower.
     """
     select_towers(unwrap_model(model), branch)  # a clear error for a tower the model lacks
     method, field = _TOWER_CALLS[branch]
@@ -133,72 +83,18 @@ def frozen_embeddings(model: nn.Module, branch: str, **inputs: Any) -> torch.Ten
 
 
 def frozen_image_embeddings(model: nn.Module, pixel_values: torch.Tensor, **inputs: Any) -> torch.Tensor:
-    """The pooled image embeddings with every adapter disabled, without gradients.
-
-    Args:
-        model: A supported model with a vision tower (``CLIPModel``, ``SiglipModel``,
-            ``CLIPVisionModelWithProjection``, ...), possibly wrapped by peft.
-        pixel_values: ``[N, 3, H, W]`` images, preprocessed for this model (SigLIP 2 NaFlex: its
-            processor's ``[N, patches, 3 * p * p]``).
-        **inputs: Further inputs of the vision tower (SigLIP 2: ``pixel_attention_mask``, ``spatial_shapes``).
-
-    Returns:
-        ``[N, D]`` embeddings in the model's dtype, on the model's device.
-
-    Raises:
-        ValueError: if the model has no vision tower.
-
-    Example:
-        >>> import tempfile
-        >>> from transformers import CLIPModel
-        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
-        >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
-        >>> frozen_image_embeddings(clip, torch.zeros(2, 3, 32, 32)).shape
-        torch.Size([2, 32])
-    """
+    """``[N, 3, H, W]`` images -> ``[N, D]`` (NaFlex: ``[N, patches, 3 * p * p]`` and its two other inputs)."""
     return frozen_embeddings(model, "vision", pixel_values=pixel_values, **inputs)
 
 
 def frozen_text_embeddings(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """The pooled text embeddings with every adapter disabled, without gradients.
-
-    Args:
-        model: A supported model with a text tower (``CLIPModel``, ``SiglipModel``,
-            ``CLIPTextModelWithProjection``, ...), possibly wrapped by peft.
-        input_ids: ``[N, L]`` token ids.
-        attention_mask: ``[N, L]`` mask for padded batches.
-
-    Returns:
-        ``[N, D]`` embeddings in the model's dtype, on the model's device.
-
-    Raises:
-        ValueError: if the model has no text tower.
-
-    Example:
-        >>> import tempfile
-        >>> from transformers import CLIPModel
-        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
-        >>> clip = CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp()))
-        >>> frozen_text_embeddings(clip, torch.tensor([[0, 5, 1]])).shape
-        torch.Size([1, 32])
-    """
+    """``frozen_embeddings(model, "text", ...)``: ``[N, L]`` token ids (and mask) -> ``[N, D]``."""
     return frozen_embeddings(model, "text", input_ids=input_ids, attention_mask=attention_mask)
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters).
-
-    Args:
-        model: Any module.
-
-    Returns:
-        The ``torch.device`` of its first parameter, or ``cpu``.
-
-    Example:
-        >>> model_device(torch.nn.Linear(2, 2))
-        device(type='cpu')
-    """
+    """The device of the model's first parameter (CPU without parameters)."""
     parameter = next(model.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")

@@ -1,24 +1,23 @@
 """Frozen image features: the backbone runs once per image and augmented view, then the adapter trains on them.
 
-The CLIP backbone never needs gradients in CLIP-Adapter, yet the reference trainer re-runs it on every
-step. Here ``extract_image_features`` runs it once per image and view (adapters disabled, so the result
-is the raw ``visual_projection`` output), fed by DataLoader workers (:mod:`peft_clip_adapter.fewshot.inputs.loader`),
-and ``FeatureCache`` keeps the result on disk, so the next run with the same model, rows, transform,
-views and precision skips the backbone altogether::
+CLIP-Adapter never needs the backbone's gradients, yet the reference trainer re-ran it every step.
+``extract_image_features`` runs it once per image and view (adapters disabled: the raw pooled embedding), and
+``FeatureCache`` keeps the result on disk, so a rerun with the same model, rows, transform, views and
+precision skips the backbone::
 
     cache = FeatureCache("feature-cache")
     train = cache.load_or_extract(model, train_split, build_train_transform(processor), views=10)
-    head = CLIPAdapterClassifier.from_model(model, prompts)
     features, labels = train.flatten()  # [V*N, D], [V*N]: train the head on these
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
-import tempfile
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -29,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from peft_clip_adapter.atomic import atomic_path, remove_abandoned
 from peft_clip_adapter.families import embedding_width
 from peft_clip_adapter.fewshot.data import check_columns
 from peft_clip_adapter.fewshot.embeddings import model_device, unwrap_model
@@ -58,18 +58,14 @@ class FeatureSet:
     """Pooled image embeddings of ``N`` images under ``V`` views, with their labels.
 
     Args:
-        features: ``[V, N, D]`` float32 (or float16 / bfloat16, when extracted with ``features_dtype``):
-            ``features[v, i]`` is view ``v`` of image ``i``.
+        features: ``[V, N, D]`` float32 (float16 / bfloat16 when extracted so): ``features[v, i]`` is view ``v``
+            of image ``i``.
         labels: ``[N]`` int64 class indices.
 
-    Raises:
-        ValueError: for wrong ranks, dtypes, or a different ``N`` in features and labels.
+    Raises ``ValueError`` for wrong ranks or dtypes, or a different ``N`` in features and labels.
 
     Example:
-        >>> feature_set = FeatureSet(torch.zeros(2, 3, 4), torch.tensor([0, 1, 1]))
-        >>> feature_set.num_views, feature_set.num_images, feature_set.dim
-        (2, 3, 4)
-        >>> [tuple(t.shape) for t in feature_set.flatten()]
+        >>> [tuple(t.shape) for t in FeatureSet(torch.zeros(2, 3, 4), torch.tensor([0, 1, 1])).flatten()]
         [(6, 4), (6,)]
     """
 
@@ -94,31 +90,21 @@ class FeatureSet:
 
     @property
     def num_views(self) -> int:
-        """``V``, the number of augmented views per image (``features.shape[0]``)."""
+        """``V``, augmented views per image."""
         return self.features.shape[0]
 
     @property
     def num_images(self) -> int:
-        """``N``, the number of images (``features.shape[1]``)."""
+        """``N``, the number of images."""
         return self.features.shape[1]
 
     @property
     def dim(self) -> int:
-        """``D``, the embedding width (``features.shape[2]``, CLIP's ``projection_dim``)."""
+        """``D``, the embedding width."""
         return self.features.shape[2]
 
     def flatten(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """All views as one training set: row ``v * N + i`` is view ``v`` of image ``i``.
-
-        Returns:
-            ``([V*N, D] features, [V*N] labels)``.
-
-        Example:
-            >>> feature_set = FeatureSet(torch.zeros(2, 3, 4), torch.tensor([0, 1, 1]))
-            >>> features, labels = feature_set.flatten()
-            >>> labels.tolist()
-            [0, 1, 1, 0, 1, 1]
-        """
+        """All views as one training set, ``([V*N, D], [V*N])``: row ``v * N + i`` is view ``v`` of image ``i``."""
         return self.features.reshape(-1, self.dim), self.labels.repeat(self.num_views)
 
 
@@ -135,22 +121,10 @@ def _check_extraction_args(
 
 
 def dataset_labels(dataset: datasets.Dataset, label_column: str = "label") -> torch.Tensor:
-    """The label column as an int64 tensor ``[N]``.
+    """The label column as ``[N]`` int64.
 
-    Args:
-        dataset: A ``datasets.Dataset``.
-        label_column: Name of its integer label column.
-
-    Returns:
-        ``[N]`` int64 labels, in row order.
-
-    Raises:
-        ValueError: if a label is not a non-negative integer (string labels need
-            ``dataset.class_encode_column(label_column)`` first; ``-1`` marks unlabelled rows).
-
-    Example:
-        >>> dataset_labels(datasets.Dataset.from_dict({"label": [2, 0]}))
-        tensor([2, 0])
+    Raises ``ValueError`` for a label that is not an integer >= 0 (encode string labels with
+    ``dataset.class_encode_column``; drop unlabelled ``-1`` rows).
     """
     values = list(dataset[label_column])
     bad = [value for value in values if isinstance(value, bool) or not isinstance(value, int) or value < 0]
@@ -205,63 +179,32 @@ def extract_image_features(
     mixed_precision: Optional[str] = None,
     features_dtype: torch.dtype = torch.float32,
 ) -> FeatureSet:
-    """Run the frozen image backbone once per row and view; return the raw pooled embeddings.
+    """Run the frozen image backbone once per row and view; return the raw pooled embeddings, ``[views, N, D]`` on CPU.
 
-    Adapters are disabled while the backbone runs, so the features are CLIP's own ``visual_projection``
-    output, to which ``CLIPAdapterClassifier`` applies the (trainable) vision adapter. DataLoader workers
-    decode each image once, with all its views, ahead of the backbone (see :mod:`.inputs.loader`);
-    the rows are cut into fixed batches by index and processes take whole batches, so the features are
-    bitwise identical for any ``num_workers`` and number of processes.
+    Adapters are disabled, so the features are the base model's own projection output, to which
+    ``CLIPAdapterClassifier`` applies the vision adapter. Rows are cut into fixed batches by index and processes
+    take whole batches, so the features are bitwise identical for any ``num_workers`` and number of processes.
 
     Args:
-        model: A ``PeftModel`` around a CLIP model, or a plain ``CLIPModel`` /
-            ``CLIPVisionModelWithProjection``, in any dtype (``from_pretrained(..., dtype=torch.bfloat16)``).
-        dataset: A ``datasets.Dataset`` with an image column and an integer / ``ClassLabel`` label column.
-        transform: An ``ImageTransform`` from ``peft_clip_adapter.fewshot.data``: ``transform(image, index=,
-            view=) -> [3, H, W]`` (or a dict of model inputs, as SigLIP 2 NaFlex's); it is called with the
-            row number as ``index``.
-        views: Augmented views per image (use 1 with a deterministic eval transform).
-        image_column: Name of the image column.
-        label_column: Name of the label column.
-        batch_size: Images per backbone forward pass.
-        accelerator: An ``accelerate.Accelerator``: whole batches are split across its processes and
-            gathered, so every process returns ALL features, in order. Its ``mixed_precision`` applies.
-        show_progress: Show progress (on the local main process only): a bar on a terminal, else a log line
-            now and then.
-        num_workers: DataLoader worker processes per process; 0 decodes in the main process. ``None``
-            (default): feeding a GPU, one per available core, up to 8; with the backbone on the CPU, one per 8
-            cores (its threads need the rest); one per 32 images at most either way (see
-            ``peft_clip_adapter.fewshot.inputs.loader.default_num_workers``).
-        views_on_device: Make the views on the model's device from the decoded images, with the same boxes
-            as on the CPU (the library's fixed-size transforms only; SigLIP 2 NaFlex views are made on the
-            CPU by its processor, with a warning when this is ``True``). ``None`` (default): on a GPU yes,
-            on the CPU no. The two agree to one 8-bit level per pixel.
-        mixed_precision: ``"no"``, ``"bf16"``, ``"fp16"`` (or ``"fp8"``, autocast to bf16): run the backbone
-            under ``torch.autocast``. ``None`` (default): the accelerator's setting, else ``"no"``.
-        features_dtype: Dtype of the returned features: float32 (default), float16 or bfloat16.
-
-    Returns:
-        A ``FeatureSet`` with ``[views, len(dataset), D]`` features (on CPU) and the labels.
+        model: A ``PeftModel`` around a dual encoder, or the plain model, in any dtype.
+        transform: An ``ImageTransform``, called with the row number as ``index``.
+        views: Augmented views per image (1 with an eval transform).
+        accelerator: Whole batches are split across its processes and gathered, so every process returns all
+            features, in order; its ``mixed_precision`` applies.
+        show_progress: A bar on a terminal (local main process only), else a log line now and then.
+        num_workers: DataLoader workers per process (0: decode in the main process). ``None``: for a GPU one per
+            core up to 8, for a CPU backbone one per 8 cores; at most one per 32 images.
+        views_on_device: Make the views on the model's device (fixed-size transforms only; agrees with the CPU
+            to one 8-bit level). ``None``: yes on a GPU, no on the CPU.
+        mixed_precision: ``"no"``, ``"bf16"``, ``"fp16"`` (``"fp8"`` autocasts to bf16). ``None``: the
+            accelerator's setting, else ``"no"``.
+        features_dtype: float32, float16 or bfloat16.
 
     Raises:
-        ValueError: for ``views`` or ``batch_size`` < 1, a negative ``num_workers``, an unknown
-            ``mixed_precision`` or ``features_dtype``, a missing column (the message lists the columns
-            there are), an empty dataset, non-integer labels, an unreadable image (named, also when a worker
-            read it), or a model without a vision tower.
-        RuntimeError: if a DataLoader worker process died.
-
-    Example:
-        >>> import tempfile
-        >>> from transformers import AutoProcessor, CLIPModel
-        >>> from peft_clip_adapter.fewshot.data import build_eval_transform
-        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip, write_shapes_dataset
-        >>> path = build_tiny_clip(tempfile.mkdtemp())
-        >>> root = write_shapes_dataset(tempfile.mkdtemp(), images_per_class=2)
-        >>> dataset = datasets.load_dataset("imagefolder", data_dir=root, split="train")
-        >>> transform = build_eval_transform(AutoProcessor.from_pretrained(path).image_processor)
-        >>> feature_set = extract_image_features(CLIPModel.from_pretrained(path), dataset, transform, num_workers=0)
-        >>> tuple(feature_set.features.shape), feature_set.labels.tolist()
-        ((1, 8, 32), [0, 0, 1, 1, 2, 2, 3, 3])
+        ValueError: for ``views`` or ``batch_size`` < 1, a negative ``num_workers``, an unknown precision or
+            dtype, a missing column (listing those there are), an empty dataset, non-integer labels, an
+            unreadable image (named), or a model without a vision tower.
+        RuntimeError: if a DataLoader worker died.
     """
     _check_extraction_args(
         dataset, views=views, batch_size=batch_size, image_column=image_column, label_column=label_column
@@ -333,20 +276,8 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
 def model_fingerprint(model: nn.Module) -> str:
     """A hash of everything in ``model`` that shapes its frozen image embeddings.
 
-    Covers the config (minus where it was loaded from) and every parameter and buffer except adapters
-    and the text side (``text_*`` modules, ``logit_scale``), by name, dtype, shape and value. peft's
-    wrapping is ignored, so a ``PeftModel`` and its plain base model share a fingerprint.
-
-    Args:
-        model: A CLIP model, a ``PeftModel`` around one, or any module.
-
-    Returns:
-        A hex digest string.
-
-    Example:
-        >>> a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-        >>> model_fingerprint(a) == model_fingerprint(a), model_fingerprint(a) == model_fingerprint(b)
-        (True, False)
+    The config (minus where it was loaded from) and every parameter and buffer except adapters and the text side,
+    by name, dtype, shape and value; a ``PeftModel`` and its base model share a fingerprint.
     """
     inner = unwrap_model(model)
     digest = hashlib.sha256()
@@ -368,30 +299,11 @@ def model_fingerprint(model: nn.Module) -> str:
 
 
 def dataset_fingerprint(dataset: datasets.Dataset, image_column: str = "image", label_column: str = "label") -> str:
-    """A hash of the exact rows of ``dataset``: its ``datasets`` fingerprint, its labels and its images' content.
+    """A hash of the exact rows: the ``datasets`` fingerprint, the labels and every image's bytes.
 
-    The ``datasets`` fingerprint changes with every ``select`` / ``map`` / ``shuffle``; the labels and the
-    bytes of every image are hashed too (the file's content for images stored as paths), so two samples of
-    one split never share a key, and an image replaced on disk under the same path, even with the same
-    modification time, gives a new key. Hashing reads every image once: SHA-256 runs at about 1 GB/s on
-    one core of a current CPU (``python benchmarks/cache_key.py`` measures it against an extraction on
-    your machine), a small fraction of decoding the same images.
-
-    Args:
-        dataset: A ``datasets.Dataset``.
-        image_column: Name of its image column.
-        label_column: Name of its label column.
-
-    Returns:
-        A hex digest string.
-
-    Raises:
-        ValueError: if a label is not a non-negative integer (as ``dataset_labels``).
-
-    Example:
-        >>> data = datasets.Dataset.from_dict({"image": [b"a", b"b"], "label": [0, 1]})
-        >>> dataset_fingerprint(data) == dataset_fingerprint(data.select([1, 0]))
-        False
+    Two samples of one split never share a key, and an image replaced on disk under the same path and mtime gives a
+    new one. Reading every image costs about 1 GB/s of SHA-256 per core (``benchmarks/cache_key.py``), a small
+    fraction of decoding them. Raises ``ValueError`` as ``dataset_labels``.
     """
     digest = hashlib.sha256()
     digest.update(f"{dataset._fingerprint}|{len(dataset)}|".encode())
@@ -433,40 +345,21 @@ def _key_of(components: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def _as_os_error(error: SafetensorError) -> OSError:
+    """safetensors reports I/O failures (a full disk) as its own error type: make them the ``OSError`` they
+    are, so the atomic writer names the file."""
+    found = re.search(r"os error (\d+)", str(error))
+    code = int(found.group(1)) if found else errno.EIO
+    return OSError(code, os.strerror(code) if found else str(error))
+
+
 class FeatureCache:
     """An on-disk cache of ``FeatureSet`` s, one safetensors file per key, never silently stale.
 
-    The key hashes the model (``model_fingerprint``, which covers its dtype), the dataset rows
-    (``dataset_fingerprint``), the image and label columns, the transform's ``description`` (which covers
-    how it decodes), the number of views, where the views are made (CPU or device), the autocast dtype and
-    the stored dtype: a change in any of them is a new file. The number of DataLoader workers and of
-    processes is not in the key: it does not change the features. Files are written atomically (temporary
-    file + ``os.replace``) and carry a checksum, so a truncated or damaged file is detected, logged and
-    recomputed.
-
-    Args:
-        cache_dir: Folder for the cache files (created when first written).
-
-    Raises:
-        ValueError: from ``load_or_extract`` / ``key_components`` for a transform without a
-            ``description`` or bad extraction arguments (see ``extract_image_features``).
-
-    Example:
-        >>> import tempfile
-        >>> from transformers import AutoProcessor, CLIPModel
-        >>> from peft_clip_adapter.fewshot.data import build_eval_transform
-        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip, write_shapes_dataset
-        >>> path = build_tiny_clip(tempfile.mkdtemp())
-        >>> root = write_shapes_dataset(tempfile.mkdtemp(), images_per_class=1)
-        >>> dataset = datasets.load_dataset("imagefolder", data_dir=root, split="train")
-        >>> model = CLIPModel.from_pretrained(path)
-        >>> transform = build_eval_transform(AutoProcessor.from_pretrained(path).image_processor)
-        >>> cache = FeatureCache(tempfile.mkdtemp())
-        >>> first = cache.load_or_extract(model, dataset, transform)
-        >>> cache.last_hit
-        False
-        >>> torch.equal(cache.load_or_extract(model, dataset, transform).features, first.features), cache.last_hit
-        (True, True)
+    The key hashes the model, the rows, the columns, the transform's ``description``, the views, where views are
+    made, the autocast and stored dtypes: a change in any is a new file. Worker and process counts are not in
+    it (they do not change the features). Files are written atomically (``peft_clip_adapter.atomic``) and carry
+    a checksum, so a damaged file is detected, logged and recomputed. ``cache_dir`` is created on the first write.
     """
 
     def __init__(self, cache_dir: str | os.PathLike) -> None:
@@ -488,30 +381,8 @@ class FeatureCache:
     ) -> dict[str, Any]:
         """What the cache key is made of (also stored, readable, in each file's metadata).
 
-        Args:
-            model: The CLIP model (or PeftModel) the features come from; its weights are fingerprinted.
-            dataset: The rows to encode; their content is fingerprinted.
-            transform: The image transform; its ``description`` string identifies it.
-            views: Augmented views per image.
-            image_column: Name of the image column.
-            label_column: Name of the label column.
-            settings: How extraction runs (``inputs.loader.resolve_extraction``); ``None``: views
-                on the CPU, no autocast, float32 features.
-
-        Returns:
-            ``{"format", "model", "dataset", "image_column", "label_column", "transform", "views",
-            "views_made_on", "autocast", "features_dtype"}``.
-
-        Raises:
-            ValueError: if ``transform`` has no ``description`` string to identify it.
-
-        Example:
-            >>> import tempfile
-            >>> cache = FeatureCache(tempfile.mkdtemp())
-            >>> cache.key_components(torch.nn.Linear(2, 2), datasets.Dataset.from_dict({"label": [0]}), len, views=1)
-            Traceback (most recent call last):
-            ...
-            ValueError: builtin_function_or_method has no `description` string, ...
+        ``settings`` (from ``inputs.loader.resolve_extraction``) defaults to views on the CPU, no autocast, float32.
+        Raises ``ValueError`` if ``transform`` has no ``description`` string to identify it.
         """
         description = getattr(transform, "description", None)
         if not isinstance(description, str) or not description:
@@ -532,56 +403,15 @@ class FeatureCache:
         }
 
     def key(self, model: nn.Module, dataset: datasets.Dataset, transform, **kwargs: Any) -> str:
-        """The cache key (32 hex digits): a hash of ``key_components``.
-
-        Args:
-            model: As ``key_components``.
-            dataset: As ``key_components``.
-            transform: As ``key_components``.
-            **kwargs: ``views`` (required), ``image_column``, ``label_column``, ``settings``, as
-                ``key_components``.
-
-        Returns:
-            32 lowercase hex digits.
-
-        Raises:
-            ValueError: as ``key_components``.
-
-        Example:
-            See the class example; ``load_or_extract`` computes the key for you.
-        """
+        """The cache key, 32 hex digits: a hash of ``key_components`` (same arguments)."""
         return _key_of(self.key_components(model, dataset, transform, **kwargs))
 
     def path(self, key: str) -> Path:
-        """The file that holds (or will hold) the features of ``key``.
-
-        Args:
-            key: A key from ``key``.
-
-        Returns:
-            ``<cache_dir>/image-features-<key>.safetensors`` (it may not exist yet).
-
-        Example:
-            >>> FeatureCache("cache").path("0" * 32).name
-            'image-features-00000000000000000000000000000000.safetensors'
-        """
+        """``<cache_dir>/image-features-<key>.safetensors``, which may not exist yet."""
         return self.cache_dir / f"image-features-{key}.safetensors"
 
     def load(self, key: str) -> Optional[FeatureSet]:
-        """The cached ``FeatureSet`` of ``key``; ``None`` if absent, or damaged (logged as a warning).
-
-        Args:
-            key: A key from ``key``.
-
-        Returns:
-            The ``FeatureSet``, or ``None`` (absent, truncated, or its checksum or key does not match).
-
-        Example:
-            >>> import tempfile
-            >>> cache = FeatureCache(tempfile.mkdtemp())
-            >>> cache.load("0" * 32) is None
-            True
-        """
+        """The cached ``FeatureSet`` of ``key``; ``None`` if absent, or if damaged (logged as a warning)."""
         path = self.path(key)
         if not path.is_file():
             return None
@@ -597,40 +427,21 @@ class FeatureCache:
         return feature_set
 
     def save(self, key: str, feature_set: FeatureSet, components: Optional[dict[str, Any]] = None) -> Path:
-        """Write ``feature_set`` under ``key`` atomically; returns the file's path.
+        """Write ``feature_set`` under ``key`` all at once, or not at all; returns the file.
 
-        Args:
-            key: A key from ``key``.
-            feature_set: The features to store.
-            components: The key's ``key_components``, stored in the file's metadata for inspection.
-
-        Returns:
-            The written file, ``path(key)``.
-
-        Raises:
-            OSError: if ``cache_dir`` cannot be created or written.
-
-        Example:
-            >>> import tempfile
-            >>> cache = FeatureCache(tempfile.mkdtemp())
-            >>> feature_set = FeatureSet(torch.zeros(2, 3, 4), torch.tensor([0, 1, 1]))
-            >>> path = cache.save("0" * 32, feature_set)
-            >>> torch.equal(cache.load("0" * 32).features, feature_set.features)
-            True
+        ``components`` are stored in the metadata for inspection. A failed write (a full disk) raises ``OSError``
+        naming the file and leaves no partial one.
         """
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         metadata = {"key": key, "digest": _digest(feature_set), "components": json.dumps(components or {})}
         tensors = {"features": feature_set.features.contiguous(), "labels": feature_set.labels.contiguous()}
-        handle, temporary = tempfile.mkstemp(dir=self.cache_dir, prefix=".partial-", suffix=".safetensors")
-        os.close(handle)
-        try:
-            save_file(tensors, temporary, metadata=metadata)
-            apply_default_permissions(temporary)  # mkstemp makes 0600; a shared cache is read by the team
-            # Readers see either no file or a whole one, even if this process dies mid-write.
-            os.replace(temporary, self.path(key))
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        remove_abandoned(self.path(key))  # temporaries of runs killed mid-write (SIGKILL skips the cleanup)
+        # Readers see either no file or a whole one; a failed write names the file and leaves nothing.
+        with atomic_path(self.path(key)) as temporary:
+            try:
+                save_file(tensors, temporary, metadata=metadata)
+            except SafetensorError as error:
+                raise _as_os_error(error) from error
+            apply_default_permissions(temporary)  # safetensors writes 0600; a shared cache is read by the team
         return self.path(key)
 
     def load_or_extract(
@@ -650,38 +461,12 @@ class FeatureCache:
         mixed_precision: Optional[str] = None,
         features_dtype: torch.dtype = torch.float32,
     ) -> FeatureSet:
-        """The features of ``extract_image_features`` (same arguments), from disk when already computed.
+        """``extract_image_features`` (same arguments), from disk when already computed.
 
-        With an ``accelerator``, every process must call this; extraction (when needed) is shared across
-        them, the local main process writes the file, and every process returns all features.
-        ``last_hit`` and ``last_path`` then say whether the file was reused and which file it is. The file
-        is written only once extraction has finished: an interrupted run (Ctrl-C, a dead worker) leaves
-        no file behind, whole or partial.
-
-        Args:
-            model: As ``extract_image_features``.
-            dataset: As ``extract_image_features``.
-            transform: As ``extract_image_features``; it must have a ``description`` string.
-            views: As ``extract_image_features``.
-            image_column: As ``extract_image_features``.
-            label_column: As ``extract_image_features``.
-            batch_size: As ``extract_image_features``.
-            accelerator: As ``extract_image_features``.
-            show_progress: As ``extract_image_features``.
-            num_workers: As ``extract_image_features`` (not part of the key).
-            views_on_device: As ``extract_image_features``.
-            mixed_precision: As ``extract_image_features``.
-            features_dtype: As ``extract_image_features``.
-
-        Returns:
-            The ``FeatureSet`` (``[views, len(dataset), D]`` features and ``[len(dataset)]`` labels).
-
-        Raises:
-            ValueError: as ``extract_image_features``, or for a transform without ``description``.
-            RuntimeError: if a DataLoader worker process died (no file is written).
-
-        Example:
-            See the class example.
+        With an ``accelerator`` every process must call it; the local main process writes the file and every
+        process returns all features. ``last_hit`` and ``last_path`` say whether the file was reused and which it
+        is. The file is written only after extraction finished, so an interrupted run (Ctrl-C, a dead worker)
+        leaves no file. Raises as ``extract_image_features`` and ``key_components``.
         """
         columns = {"views": views, "image_column": image_column, "label_column": label_column}
         _check_extraction_args(dataset, batch_size=batch_size, **columns)

@@ -1,8 +1,7 @@
-"""What a run prints: progress bars on a terminal, periodic log lines elsewhere, and no warnings it cannot act on.
+"""What a run prints: progress bars on a terminal, periodic log lines elsewhere, no warnings it cannot act on.
 
-A tqdm bar redraws itself with carriage returns; in a log file or a CI log those become one huge line or
-fragments interleaved with the log records. ``progress`` therefore draws a bar only when stderr is a
-terminal, and otherwise logs a line every ``interval`` seconds and one at the end.
+A tqdm bar redraws itself with carriage returns, which in a log file or CI log become one huge line or
+fragments among the records; ``progress`` therefore draws a bar only when stderr is a terminal.
 """
 
 from __future__ import annotations
@@ -22,37 +21,15 @@ LOG_INTERVAL = 30.0
 
 
 def on_terminal() -> bool:
-    """Whether stderr (where bars and logs go) is an interactive terminal.
-
-    Returns:
-        ``True`` when a progress bar can redraw in place.
-
-    Example:
-        >>> isinstance(on_terminal(), bool)
-        True
-    """
+    """Whether stderr (where bars and logs go) is an interactive terminal."""
     return bool(getattr(sys.stderr, "isatty", None) and sys.stderr.isatty())
 
 
 class LogProgress:
-    """A tqdm-like progress counter that logs ``desc: n/total (p%), elapsed, remaining`` now and then.
+    """A tqdm-like counter that logs ``desc: n/total (p%), elapsed, remaining`` at most every ``interval`` seconds.
 
-    It supports what the toolkit uses of tqdm: iteration, ``update``, ``set_postfix`` and ``close``.
-
-    Args:
-        iterable: Items to yield while counting (optional; otherwise call ``update``).
-        total: Number of steps (default: ``len(iterable)`` when it has one).
-        desc: What is being counted, e.g. ``"Training"``.
-        initial: Steps already done (a resumed run).
-        interval: Least seconds between two lines; the last line is always written.
-        unit: The steps' unit in the line, e.g. ``"steps"``.
-
-    Example:
-        >>> counter = LogProgress(range(3), desc="Extracting features", unit="batches")
-        >>> list(counter)
-        [0, 1, 2]
-        >>> counter.n
-        3
+    Supports what the toolkit uses of tqdm: iteration, ``update``, ``set_postfix`` and ``close`` (which always
+    writes the last line). ``initial`` counts steps a resumed run already did.
     """
 
     def __init__(
@@ -80,48 +57,17 @@ class LogProgress:
         self.close()
 
     def update(self, n: int = 1) -> None:
-        """Count ``n`` more steps; log a line if ``interval`` seconds passed since the last one.
-
-        Args:
-            n: Steps done.
-
-        Returns:
-            None.
-
-        Example:
-            >>> counter = LogProgress(total=10, desc="Training")
-            >>> counter.update(4); counter.n
-            4
-        """
+        """Count ``n`` more steps; log a line if ``interval`` seconds passed since the last."""
         self.n += n
         if time.monotonic() - self._last >= self.interval:
             self._log()
 
     def set_postfix(self, refresh: bool = False, **values: Any) -> None:
-        """Show ``values`` (e.g. the loss) at the end of the next line.
-
-        Args:
-            refresh: Accepted for tqdm compatibility; lines keep their own pace.
-            **values: Names and values to show.
-
-        Returns:
-            None.
-
-        Example:
-            >>> counter = LogProgress(total=10, desc="Training")
-            >>> counter.set_postfix(epoch=2, loss="0.4321")
-        """
+        """Show ``values`` (e.g. the loss) at the end of the next line; ``refresh`` is for tqdm compatibility."""
         self._postfix = ", ".join(f"{name}={value}" for name, value in values.items())
 
     def close(self) -> None:
-        """Log the final line (once).
-
-        Returns:
-            None.
-
-        Example:
-            >>> LogProgress(total=2, desc="Training").close()
-        """
+        """Log the final line (once)."""
         if not self._closed:
             self._closed = True
             self._log()
@@ -153,16 +99,7 @@ def progress(
 ) -> Any:
     """A tqdm bar on a terminal, a ``LogProgress`` (a line every ``LOG_INTERVAL`` s) anywhere else.
 
-    Args:
-        iterable: Items to iterate over while counting (optional).
-        total: Number of steps (default: ``len(iterable)``).
-        desc: What is counted.
-        initial: Steps already done.
-        enabled: ``False`` (e.g. on all but the main process) counts silently.
-        unit: The steps' unit.
-
-    Returns:
-        An object with tqdm's ``update``, ``set_postfix`` and ``close`` that iterates over ``iterable``.
+    ``enabled=False`` (all but the main process) counts silently.
 
     Example:
         >>> sum(progress(range(4), desc="Summing", enabled=False))
@@ -181,24 +118,10 @@ def progress(
 
 @contextlib.contextmanager
 def quiet_peft_wrapping() -> Iterator[None]:
-    """Silence the one warning that wrapping any transformers 5 model with peft 0.21 prints.
+    """Silence the one warning that wrapping any transformers 5 model with peft prints; every other still shows.
 
     ``PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, which transformers 5 deprecated
-    (``FutureWarning``) in favour of ``is_activation_checkpointing``. Neither the user nor this package
-    can act on it; every other warning still shows.
-
-    Returns:
-        A context manager; warnings filters are restored on exit.
-
-    Example:
-        >>> import warnings
-        >>> with warnings.catch_warnings(record=True) as caught:
-        ...     warnings.simplefilter("always")
-        ...     with quiet_peft_wrapping():
-        ...         warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning)
-        ...         warnings.warn("something else", FutureWarning)
-        >>> [str(warning.message) for warning in caught]
-        ['something else']
+    (``FutureWarning``); neither the user nor this package can act on it. Filters are restored on exit.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

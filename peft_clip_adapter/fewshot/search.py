@@ -1,26 +1,13 @@
-"""Choose the residual ratio (and the learning rate) from the training shots alone, by k-fold cross-validation.
+"""Choose the residual ratio (and learning rate) from the training shots alone, by k-fold cross-validation.
 
-CLIP-Adapter's accuracy hinges on the ratio, and the paper's tables pick it per dataset with the test set in
-view; picked that way, the adapter can look better than it is, and picked badly it falls below zero-shot
-(Silva-Rodriguez et al., CVPR 2024). Here every candidate is judged on held-out *training* shots:
+Picked with the test set in view, the ratio flatters the adapter; picked badly, it falls below zero-shot
+(Silva-Rodriguez et al., CVPR 2024). Here every (candidate, fold) trains on the other folds with the
+trainer's recipe and is scored on its fold; the best pooled held-out accuracy wins (ties: lower loss, then
+grid order). The adapters are tiny and the features cached, so all ``candidates x folds`` adapters train as
+ONE batched model (weights ``[M, d/r, d]`` and ``[M, d, d/r]``); ``benchmarks/search_cost.py`` measures the
+cost. With one shot per class nothing can be held out and the paper's values are used::
 
-1. The ``N`` training images are split into ``k`` stratified folds (each class spread evenly).
-2. Every (candidate, fold) pair trains one adapter on the other folds' images with the trainer's recipe
-   (``TrainingRecipe``), and is scored on its fold's images (their eval-transform embeddings).
-3. The candidate with the best pooled held-out accuracy wins (ties: lower held-out loss, then grid order);
-   the caller then trains the final adapter on all shots with it.
-
-The adapters are tiny and the features are cached, so all ``candidates x folds`` adapters train together
-as ONE batched model: weights ``[M, d/r, d]`` and ``[M, d, d/r]``, batched matrix products and a single
-optimizer step over all of them. Where one adapter leaves the hardware idle (small widths, GPUs), ``M``
-adapters cost about what one does; where one adapter already keeps a CPU core busy (ViT-B's width),
-batching saves the per-step overhead only (``benchmarks/search_cost.py`` measures both). With one shot
-per class there is nothing to hold out: the fallback values (the paper's) are used, and the result says so.
-
-Example::
-
-    heads = CLIPAdapterClassifier.from_model(model, prompts)
-    result = search_hyperparameters(heads, train_set, eval_view, ratios=(0.2, 0.4, 0.6, 0.8))
+    result = search_hyperparameters(head, train_set, eval_view, ratios=(0.2, 0.4, 0.6, 0.8))
     set_ratio(model, result.ratio)  # then train on all shots with result.learning_rate
 """
 
@@ -57,21 +44,9 @@ _FOLD_STREAM = 0x5EA4C4  # keeps the fold draw independent of the k-shot sample 
 class SearchResult:
     """What a hyperparameter search tried, how each candidate scored, and what it chose.
 
-    Args:
-        ratio: The chosen ratio.
-        learning_rate: The chosen peak learning rate.
-        strategy: How the choice was made, in words (a k-fold search, or the fallback and why).
-        num_folds: Folds of the cross-validation (0 for the fallback).
-        ratio_grid: The ratios tried.
-        learning_rate_grid: The learning rates tried.
-        candidates: One entry per (ratio, learning rate): ``validation_accuracy`` (pooled over the
-            folds' held-out images), ``validation_loss`` and ``fold_accuracy``.
-        seconds: Wall time of the search.
-
-    Example:
-        >>> result = SearchResult(ratio=0.2, learning_rate=2e-3, strategy="fixed", num_folds=0)
-        >>> result.to_dict()["ratio"], result.to_dict()["candidates"]
-        (0.2, [])
+    ``strategy`` says how the choice was made (a k-fold search, or the fallback and why); ``num_folds`` is 0 for
+    the fallback. ``candidates`` holds one entry per (ratio, learning rate): ``validation_accuracy`` (pooled over
+    the folds), ``validation_loss`` and ``fold_accuracy``.
     """
 
     ratio: float
@@ -84,23 +59,11 @@ class SearchResult:
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        """The result as plain JSON-ready values (for ``all_results.json``), with the one-line ``summary``.
-
-        Returns:
-            A dict with every field and ``"summary"``.
-
-        Example:
-            >>> sorted(SearchResult(0.2, 2e-3, "fixed", 0).to_dict())[:4]
-            ['candidates', 'learning_rate', 'learning_rate_grid', 'num_folds']
-        """
+        """Every field as JSON-ready values (for ``all_results.json``), plus ``"summary"``."""
         return {**asdict(self), "summary": self.summary()}
 
     def summary(self) -> str:
-        """One line for logs and model cards: the grid's scores and the choice.
-
-        Returns:
-            E.g. ``"4-fold cross-validation on 16 shots per class: ratio 0.2 0.812, ratio 0.4 0.844; chose ratio
-            0.4, learning rate 0.002"`` (each candidate's pooled held-out accuracy).
+        """One line for logs and model cards: each candidate's held-out accuracy and the choice.
 
         Example:
             >>> SearchResult(0.2, 2e-3, "the paper's values (1 shot per class)", 0).summary()
@@ -126,26 +89,10 @@ def _candidate_name(candidate: dict[str, Any], ratios: Sequence[float], learning
 
 
 def stratified_folds(labels: torch.Tensor, num_folds: int, *, seed: int = 0) -> torch.Tensor:
-    """Assign each image to one of ``num_folds`` folds, spreading every class evenly over the folds.
+    """Fold ids ``[N]`` in ``[0, num_folds)``: each class shuffled by ``(seed, class)`` and dealt out in turn.
 
-    Each class's images are shuffled by a generator seeded with ``(seed, class)`` and dealt out in turn,
-    so every fold holds ``floor`` or ``ceil`` of ``count / num_folds`` images of each class.
-
-    Args:
-        labels: ``[N]`` int64 class ids.
-        num_folds: ``k``, at least 2 and at most the smallest class's count.
-        seed: Seed of the draw.
-
-    Returns:
-        ``[N]`` int64 fold ids in ``[0, num_folds)``.
-
-    Raises:
-        ValueError: if ``num_folds < 2`` or a class has fewer images than folds.
-
-    Example:
-        >>> folds = stratified_folds(torch.tensor([0, 0, 1, 1, 0, 1]), 3)
-        >>> sorted(folds[torch.tensor([0, 1, 4])].tolist()), sorted(folds[torch.tensor([2, 3, 5])].tolist())
-        ([0, 1, 2], [0, 1, 2])
+    Every fold holds ``floor`` or ``ceil`` of ``count / num_folds`` images of each class. Raises ``ValueError`` if
+    ``num_folds < 2`` or a class has fewer images than folds.
     """
     classes, counts = torch.unique(labels, return_counts=True)
     if num_folds < 2 or num_folds > int(counts.min()):
@@ -162,29 +109,12 @@ def stratified_folds(labels: torch.Tensor, num_folds: int, *, seed: int = 0) -> 
 
 
 class BatchedAdapterHeads(nn.Module):
-    """``M`` independent CLIP-Adapter heads evaluated at once: one ratio and one set of adapter weights each.
+    """``M`` independent CLIP-Adapter heads evaluated at once, each with its own ratio and adapter weights.
 
-    Member ``m`` computes exactly what ``CLIPAdapterClassifier`` computes with adapters of ratio
-    ``ratios[m]``: the vision adapter on the image embedding, the text adapter on every prompt embedding,
-    normalisation, the template mean and CLIP's logit scale. Weights are stacked, ``[M, d/r, d]`` (down)
-    and ``[M, d, d/r]`` (up) per branch, and applied with batched matrix products.
-
-    Args:
-        class_embeddings: ``[C, T, D]`` frozen prompt embeddings.
-        logit_scale: CLIP's ``logit_scale`` (log of the inverse temperature).
-        ratios: ``[M]`` residual ratios, one per member.
-        vision_init: ``(down [d/r, D], up [D, d/r])`` weights every member's vision adapter starts from, or
-            ``None`` for no vision adapter.
-        text_init: The same for the text adapter.
-
-    Raises:
-        ValueError: with neither adapter, or weights whose width is not ``D``.
-
-    Example:
-        >>> init = (torch.randn(2, 8), torch.randn(8, 2))
-        >>> heads = BatchedAdapterHeads(torch.randn(3, 1, 8), 0.0, [0.2, 0.6], vision_init=init)
-        >>> heads(torch.randn(2, 5, 8)).shape  # [M, B, D] -> [M, B, C]
-        torch.Size([2, 5, 3])
+    Member ``m`` computes what ``CLIPAdapterClassifier`` does with ratio ``ratios[m]``; weights are stacked
+    ``[M, d/r, D]`` (down) and ``[M, D, d/r]`` (up) per branch and applied with batched matrix products.
+    ``vision_init`` / ``text_init`` are the ``(down [d/r, D], up [D, d/r])`` every member starts from, ``None``
+    for no such adapter. Raises ``ValueError`` with neither, or weights whose width is not ``D``.
     """
 
     def __init__(
@@ -234,16 +164,7 @@ class BatchedAdapterHeads(nn.Module):
         return ratio * residual + (1.0 - ratio) * features
 
     def text_weights(self) -> torch.Tensor:
-        """Each member's class prototypes ``[M, C, D]`` (unit rows), as ``CLIPAdapterClassifier.text_weights``.
-
-        Returns:
-            ``[M, C, D]``.
-
-        Example:
-            >>> init = (torch.randn(2, 8), torch.randn(8, 2))
-            >>> BatchedAdapterHeads(torch.randn(3, 2, 8), 0.0, [0.2], text_init=init).text_weights().shape
-            torch.Size([1, 3, 8])
-        """
+        """Each member's class prototypes ``[M, C, D]`` (unit rows), as ``CLIPAdapterClassifier.text_weights``."""
         classes, templates, width = self.class_embeddings.shape
         prompts = self.class_embeddings.reshape(1, classes * templates, width).expand(self.num_members, -1, -1)
         prompts = self._adapt("text", prompts).reshape(self.num_members, classes, templates, width)
@@ -251,35 +172,12 @@ class BatchedAdapterHeads(nn.Module):
         return F.normalize(prototypes, dim=-1)
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        """Logits ``[M, B, C]`` from raw pooled image embeddings ``[M, B, D]`` (member ``m`` sees row ``m``).
-
-        Args:
-            image_features: ``[M, B, D]`` embeddings before any adapter.
-
-        Returns:
-            ``[M, B, C]`` float32 logits, scaled by ``exp(logit_scale)``.
-
-        Example:
-            See the class example.
-        """
+        """Logits ``[M, B, C]`` from raw pooled embeddings ``[M, B, D]`` (member ``m`` sees row ``m``)."""
         features = F.normalize(self._adapt("vision", image_features.float()), dim=-1)  # [M, B, D]
         return self.logit_scale.exp() * torch.bmm(features, self.text_weights().transpose(1, 2))  # [M, B, C]
 
     def adapter_weights(self, member: int) -> dict[str, torch.Tensor]:
-        """Member ``member``'s trained weights, keyed ``"{branch}_down"`` / ``"{branch}_up"``.
-
-        Args:
-            member: Index in ``[0, M)``.
-
-        Returns:
-            Detached copies, shaped like the ``nn.Linear`` weights of ``CLIPAdapterLayer``.
-
-        Example:
-            >>> init = (torch.ones(2, 8), torch.ones(8, 2))
-            >>> heads = BatchedAdapterHeads(torch.randn(3, 1, 8), 0.0, [0.2, 0.6], vision_init=init)
-            >>> {name: tuple(weight.shape) for name, weight in heads.adapter_weights(1).items()}
-            {'vision_down': (2, 8), 'vision_up': (8, 2)}
-        """
+        """Member ``member``'s weights, detached: ``{"vision_down": [h, D], "vision_up": [D, h], ...}``."""
         return {name: weight[member].detach().clone() for name, weight in self.branches.items()}
 
 
@@ -290,34 +188,13 @@ def train_batched(
     learning_rates: Sequence[float],
     recipe: TrainingRecipe,
 ) -> torch.Tensor:
-    """Train every member of ``heads`` on its own rows of ``train_features``, all in one batched loop.
+    """Train member ``m`` of ``heads`` on rows ``member_rows[m]`` of ``train_features``, all members in one loop.
 
-    Member ``m`` follows the trainer's recipe on the rows ``member_rows[m]`` exactly as if it were trained
-    alone: epoch ``e`` uses view ``e % V`` and shuffles the member's rows with the seed ``recipe.seed + e``
-    (as Accelerate's seedable sampler does), global batches of ``recipe.batch_size`` (the last incomplete
-    one dropped), cross-entropy, SGD with momentum and weight decay, and ``recipe``'s schedule peaking at
-    ``learning_rates[m]``. Members with fewer steps per epoch sit out the extra steps (no update at all).
-
-    Args:
-        heads: The members, e.g. freshly built (all from the same initial weights).
-        train_features: ``V`` cached views of ``N`` training images with their labels.
-        member_rows: ``M`` tensors of row indices into the ``N`` images.
-        learning_rates: ``M`` peak learning rates.
-        recipe: Epochs, batch, optimizer settings, schedule and seed.
-
-    Returns:
-        ``[M, epochs]`` each member's mean training loss per epoch.
-
-    Raises:
-        ValueError: if the counts of rows, learning rates and members disagree, or a member has no rows.
-
-    Example:
-        >>> features = FeatureSet(torch.randn(2, 6, 8), torch.tensor([0, 1, 2, 0, 1, 2]))
-        >>> init = (torch.rand(2, 8), torch.rand(8, 2))
-        >>> heads = BatchedAdapterHeads(torch.randn(3, 1, 8), 0.0, [0.2, 0.6], vision_init=init)
-        >>> rows = [torch.arange(6), torch.tensor([0, 1, 2])]
-        >>> train_batched(heads, features, rows, [0.1, 0.1], TrainingRecipe(num_train_epochs=3)).shape
-        torch.Size([2, 3])
+    Each member follows the trainer's recipe as if alone: epoch ``e`` uses view ``e % V`` and shuffles with seed
+    ``recipe.seed + e`` (as Accelerate's seedable sampler), global batches of ``recipe.batch_size`` (the last
+    incomplete one dropped), cross-entropy, SGD with momentum and weight decay, the schedule peaking at
+    ``learning_rates[m]``. Members with fewer steps per epoch sit the extra steps out. Returns ``[M, epochs]``
+    mean training losses. Raises ``ValueError`` if the counts disagree or a member has no rows.
     """
     members = heads.num_members
     if not len(member_rows) == len(learning_rates) == members:
@@ -421,38 +298,21 @@ def search_hyperparameters(
     num_folds: int = DEFAULT_NUM_FOLDS,
     fallback: tuple[float, float] = (0.2, 2e-3),
 ) -> SearchResult:
-    """Pick the ratio and peak learning rate with the best k-fold cross-validated accuracy on the shots.
+    """The ratio and peak learning rate with the best k-fold cross-validated accuracy on the shots.
 
-    Every candidate of ``ratios x learning_rates`` trains on each fold's complement, starting from the
-    classifier's current adapter weights (the ones the final run starts from), all in one batched model
-    (``train_batched``); each is then scored on its fold's held-out images. The classifier itself is not
-    changed.
+    Every candidate of ``ratios x learning_rates`` trains from the classifier's current adapter weights on each
+    fold's complement (``train_batched``), then is scored on the fold; the classifier is not changed.
 
     Args:
-        classifier: The head whose adapters (vision, text or both), prompts and logit scale are searched.
+        classifier: The head whose adapters, prompts and logit scale are searched.
         train_features: ``V`` cached augmented views of the ``N`` training images.
-        eval_features: ``[N, D]`` eval-transform embeddings of the same images, in the same order (what the
-            held-out images are scored on, as test images are).
-        ratios: Candidate ratios in ``[0, 1]``.
-        learning_rates: Candidate peak learning rates (> 0).
-        recipe: The trainer's recipe (epochs, batch, SGD settings, schedule, seed); default: the paper's.
+        eval_features: ``[N, D]`` eval-transform embeddings of the same images, in the same order.
+        recipe: The trainer's recipe; default: the paper's.
         num_folds: ``k``; lowered to the shots per class when fewer.
-        fallback: ``(ratio, learning_rate)`` used when a class has a single shot (nothing to hold out).
-            A value searched over a grid of one is that value.
+        fallback: ``(ratio, learning_rate)`` when a class has a single shot; a grid of one value is that value.
 
-    Returns:
-        A ``SearchResult`` with the choice, every candidate's scores and the time taken.
-
-    Raises:
-        ValueError: for an empty grid, a ratio outside ``[0, 1]``, a learning rate <= 0, ``num_folds < 2``,
-            a classifier without adapters, or ``eval_features`` that do not match the training images.
-
-    Example:
-        >>> heads = CLIPAdapterClassifier(torch.randn(3, 1, 8), 0.0)  # no adapter: nothing to search
-        >>> search_hyperparameters(heads, FeatureSet(torch.randn(1, 6, 8), torch.arange(6) % 3), torch.randn(6, 8))
-        Traceback (most recent call last):
-        ...
-        ValueError: The classifier has no adapter to search for; build it from a model with CLIP-Adapter layers.
+    Raises ``ValueError`` for an empty grid, a ratio outside ``[0, 1]``, a learning rate <= 0, ``num_folds < 2``,
+    a classifier without adapters, or ``eval_features`` that do not match the training images.
     """
     start = time.perf_counter()
     recipe = recipe or TrainingRecipe()
@@ -543,28 +403,10 @@ def _initial_weights(layer) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def set_ratio(model: nn.Module, ratio: float) -> None:
-    """Set the residual ratio of a model's active CLIP-Adapter(s), in every adapted layer and in its config.
+    """Set the ratio of a model's active CLIP-Adapter(s), in every adapted layer and in its config.
 
-    The adapter weights are left as they are (they do not depend on the ratio), so a model built with
-    another ratio and then given ``ratio`` trains and saves exactly like one built with ``ratio``.
-
-    Args:
-        model: A ``PeftModel`` made with ``CLIPAdapterConfig``.
-        ratio: The new ratio, in ``[0, 1]``.
-
-    Raises:
-        ValueError: for a ratio outside ``[0, 1]`` or a model without CLIP-Adapter layers.
-
-    Example:
-        >>> import tempfile
-        >>> from peft import get_peft_model
-        >>> from transformers import CLIPModel
-        >>> from peft_clip_adapter import CLIPAdapterConfig
-        >>> from peft_clip_adapter.testing.tiny_models import build_tiny_clip
-        >>> model = get_peft_model(CLIPModel.from_pretrained(build_tiny_clip(tempfile.mkdtemp())), CLIPAdapterConfig())
-        >>> set_ratio(model, 0.6)
-        >>> model.peft_config["default"].ratio, adapter_layers(model)["vision"].clip_adapter_ratio["default"]
-        (0.6, 0.6)
+    The weights do not depend on the ratio, so the model then trains and saves like one built with ``ratio``.
+    Raises ``ValueError`` for a ratio outside ``[0, 1]`` or a model without CLIP-Adapter layers.
     """
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1] (the residual blend), got {ratio}.")

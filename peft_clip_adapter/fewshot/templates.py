@@ -41,22 +41,13 @@ ENSEMBLE_TEMPLATES: tuple[str, ...] = (
 
 
 def templates_for(name: str) -> list[str]:
-    """Templates by name: a dataset key of ``DATASET_TEMPLATES``, ``"ensemble"`` or ``"default"``.
+    """A new list of templates: a key of ``DATASET_TEMPLATES`` (``"eurosat"``, ...), ``"ensemble"`` or ``"default"``.
 
-    Args:
-        name: A key of ``DATASET_TEMPLATES`` (``"eurosat"``, ``"dtd"``, ...), ``"ensemble"`` or ``"default"``.
-
-    Returns:
-        A new list of template strings, each with one ``{}``.
-
-    Raises:
-        ValueError: for an unknown name (the message lists the known ones).
+    Raises ``ValueError`` for an unknown name, listing the known ones.
 
     Example:
         >>> templates_for("eurosat")
         ['a centered satellite photo of {}.']
-        >>> len(templates_for("ensemble"))
-        7
     """
     if name == "ensemble":
         return list(ENSEMBLE_TEMPLATES)
@@ -69,38 +60,15 @@ def templates_for(name: str) -> list[str]:
 
 
 def clean_classname(name: str) -> str:
-    """Class names as the reference code writes them in prompts: underscores become spaces.
-
-    Args:
-        name: A class name, e.g. a folder name.
-
-    Returns:
-        ``name`` with every ``_`` replaced by a space and surrounding whitespace stripped.
-
-    Example:
-        >>> clean_classname("Annual_Crop")
-        'Annual Crop'
-    """
+    """A class name as the reference code writes it in prompts: ``_`` -> space, whitespace stripped."""
     return name.replace("_", " ").strip()
 
 
 def fill_template(template: Template, classname: str) -> str:
-    """One prompt: ``template`` applied to ``classname``.
+    """One prompt: ``template`` (a string with one ``{}``, or a callable) applied to ``classname`` as given.
 
-    Args:
-        template: A string with one ``{}``, or a callable ``classname -> prompt``.
-        classname: The class name to put in (used as given; see ``clean_classname``).
-
-    Returns:
-        The prompt.
-
-    Raises:
-        ValueError: if a string template has no ``{}`` placeholder, or other fields (a second ``{}``,
-            ``{name}``, an unpaired brace) that ``str.format`` cannot fill with the class name alone.
-
-    Example:
-        >>> fill_template("{} texture.", "banded")
-        'banded texture.'
+    Raises ``ValueError`` for a string without ``{}``, or with fields ``str.format`` cannot fill with the class
+    name alone (a second ``{}``, ``{name}``, an unpaired brace).
     """
     if callable(template):
         return template(classname)
@@ -116,25 +84,7 @@ def fill_template(template: Template, classname: str) -> str:
 
 
 def as_template_list(templates: Union[Template, Sequence[Template]]) -> list[Template]:
-    """Normalise one template, or several, into a non-empty list.
-
-    Args:
-        templates: One template (a string or a callable) or a sequence of them.
-
-    Returns:
-        A new list of the templates.
-
-    Raises:
-        ValueError: for an empty sequence.
-
-    Example:
-        >>> as_template_list("{} texture."), as_template_list(("a {}.", "the {}."))
-        (['{} texture.'], ['a {}.', 'the {}.'])
-        >>> as_template_list([])
-        Traceback (most recent call last):
-        ...
-        ValueError: Pass at least one prompt template.
-    """
+    """One template, or several, as a new non-empty list; ``ValueError`` for an empty sequence."""
     if isinstance(templates, str) or callable(templates):
         return [templates]
     result = list(templates)

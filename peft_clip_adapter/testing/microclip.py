@@ -1,18 +1,11 @@
-"""A micro-CLIP, pretrained contrastively on generated captioned scenes, for offline demonstrations and tests.
+"""A micro-CLIP pretrained contrastively on generated captioned scenes, for offline demonstrations and tests.
 
-``build_tiny_clip`` (``peft_clip_adapter.testing.tiny_models``) makes a randomly initialised CLIP: its zero-shot
-accuracy is chance, so it only shows the mechanics. ``build_micro_clip`` takes that same small
-architecture and pretrains it the way CLIP was pretrained, with the symmetric contrastive loss over
-image-caption pairs, on the scenes of ``peft_clip_adapter.testing.scenes``: shapes with colours, sizes, textures
-and positions, captioned by a small grammar. A few (shape, colour) pairs are never shown, so that
-few-shot tasks can ask for held-out combinations. The result is a real, if small, vision-language model:
-its zero-shot classifier works well above chance, and CLIP-Adapter with the paper's recipe improves it
-(``peft_clip_adapter.testing.scene_tasks``).
-
-It is built, not shipped: the build is deterministic (fixed seed and a fixed number of CPU threads, so
-the same torch build on the same machine gives the same weights) and takes about a minute on two CPU
-cores; the trainer caches it after the first build. Building keeps the weights reproducible from this
-file alone and follows ``transformers``' format changes, at the price of that minute::
+``tiny_models.build_tiny_clip`` is randomly initialised, so its zero-shot accuracy is chance.
+``build_micro_clip`` pretrains that small architecture as CLIP was pretrained (symmetric contrastive loss
+over image-caption pairs) on ``testing.scenes``, with a few (shape, colour) pairs never shown: a real, small
+vision-language model whose zero-shot is well above chance and which CLIP-Adapter improves
+(``testing.scene_tasks``). It is built, not shipped: deterministic (fixed seed and CPU thread count) and about
+a minute on two cores, so the weights are reproducible from this file and follow transformers' format::
 
     path = build_micro_clip("micro-clip")
     model, processor = CLIPModel.from_pretrained(path), AutoProcessor.from_pretrained(path)
@@ -51,42 +44,24 @@ PRETRAINING_FILE = "pretraining.json"
 class PretrainingConfig:
     """Size and schedule of the micro-CLIP's pretraining.
 
-    Args:
-        steps: Optimizer steps.
-        batch_size: Image-caption pairs per step (the contrastive loss's negatives).
-        pool_size: Captioned scenes rendered up front; the steps go through them in shuffled passes (drawing
-            and tokenizing once costs less than once per step). A short run renders no more than it uses.
-        learning_rate: AdamW's peak rate, reached after ``warmup_steps`` and decayed on a cosine.
-        warmup_steps: Linear warm-up steps.
-        weight_decay: AdamW weight decay (not applied to the logit scale).
-        logit_scale_lr_multiplier: The temperature learns this much faster than the weights, so that it
-            can grow towards CLIP's clamp of 100 within a short run.
-        image_size: Side of the square images.
-        hidden_size: Width of both transformer towers.
-        projection_dim: Width of the joint embedding space (what CLIP-Adapter adapts).
-        seed: Seeds the initial weights and every scene.
-        num_threads: CPU threads used while pretraining. Fixed, because matrix products may sum in another
-            order with another thread count, so the weights are reproducible for a fixed value only.
-
-    Raises:
-        ValueError: for a count below 1, a batch of one, a pool smaller than a batch, or a rate <= 0.
-
-    Example:
-        >>> PretrainingConfig().projection_dim
-        64
+    Raises ``ValueError`` for a count below 1, a batch of one, a pool smaller than a batch, or a rate <= 0.
     """
 
     steps: int = 500
-    batch_size: int = 256
+    batch_size: int = 256  # image-caption pairs per step: the contrastive loss's negatives
+    # Captioned scenes rendered and tokenized up front (cheaper than per step), gone through in shuffled passes;
+    # a short run renders no more than it uses.
     pool_size: int = 32768
-    learning_rate: float = 3e-3
+    learning_rate: float = 3e-3  # AdamW's peak, after a linear warm-up, then a cosine decay
     warmup_steps: int = 30
-    weight_decay: float = 0.05
+    weight_decay: float = 0.05  # not applied to the logit scale
+    # The temperature learns this much faster, to grow towards CLIP's clamp of 100 within a short run.
     logit_scale_lr_multiplier: float = 10.0
     image_size: int = 32
-    hidden_size: int = 64
-    projection_dim: int = 64
-    seed: int = 0
+    hidden_size: int = 64  # both transformer towers
+    projection_dim: int = 64  # the joint embedding space: what CLIP-Adapter adapts
+    seed: int = 0  # the initial weights and every scene
+    # Fixed: another thread count may sum matrix products in another order, so weights reproduce for one value.
     num_threads: int = 1
 
     def __post_init__(self) -> None:
@@ -99,25 +74,10 @@ class PretrainingConfig:
 
 
 def build_micro_clip(save_directory: str | os.PathLike, config: PretrainingConfig = PretrainingConfig()) -> str:
-    """Pretrain a micro-CLIP on generated scenes and save it with its processor to ``save_directory``.
+    """Pretrain a micro-CLIP and save it with its processor to ``save_directory``; returns ``str(save_directory)``.
 
-    The folder loads like a Hub checkpoint (``CLIPModel.from_pretrained``, ``AutoProcessor.from_pretrained``)
-    and also holds ``pretraining.json``: the config, the final training loss and logit scale, and the
-    wall time of the run.
-
-    Args:
-        save_directory: Folder to write (created if needed).
-        config: Model size and pretraining schedule.
-
-    Returns:
-        ``str(save_directory)``, for ``from_pretrained``.
-
-    Example:
-        >>> import tempfile
-        >>> from transformers import CLIPModel
-        >>> path = build_micro_clip(tempfile.mkdtemp(), PretrainingConfig(steps=2, batch_size=8))
-        >>> CLIPModel.from_pretrained(path).config.projection_dim
-        64
+    The folder loads like a Hub checkpoint and also holds ``pretraining.json``: the config, the final loss and
+    logit scale, and the run's wall time.
     """
     from transformers import AutoProcessor, CLIPModel
 

@@ -1,19 +1,15 @@
 """Few-shot classification tasks drawn from the scene generator, written as image folders.
 
-Each task names its classes by the words the micro-CLIP learned (``peft_clip_adapter.testing.microclip``), so its
-zero-shot classifier is meaningful, and each leaves room for an adapter:
+Classes are named by words the micro-CLIP learned, so zero-shot is meaningful, and each task leaves room
+for an adapter:
 
-- ``held-out-pairs``: 12 colour-shape pairs: the 6 combinations pretraining never showed
-  (``microclip.HELD_OUT_PAIRS``) and 6 seen ones that swap their colours, so every shape comes in two
-  colours and every colour on two shapes, and both words must be read. Zero-shot composes the unseen
-  pairs from their words, less well than the seen ones.
-- ``dusk-pairs``: 9 pairs (red, blue or yellow x circle, square or triangle; three of them held out)
-  under the ``dusk`` shift (dim, blurred, noisy), never seen in pretraining: zero-shot drops, and the
-  few shots, taken under the same shift, show the adapter the way back. The trainer's offline default.
+- ``held-out-pairs``: 12 colour-shape pairs, the 6 pretraining never showed (``microclip.HELD_OUT_PAIRS``)
+  and 6 seen ones with swapped colours, so both words must be read.
+- ``dusk-pairs``: 9 pairs under the ``dusk`` shift (dim, blurred, noisy) pretraining never saw: zero-shot
+  drops, and shots under the same shift show the adapter the way back. The trainer's offline default.
 
-The folders load with ``datasets.load_dataset("imagefolder", data_dir=root)``::
-
-    write_task_dataset("dusk-train", SCENE_TASKS["dusk-pairs"], images_per_class=16, seed=0)
+``write_task_dataset("dusk-train", SCENE_TASKS["dusk-pairs"], images_per_class=16, seed=0)`` writes a
+folder ``datasets.load_dataset("imagefolder", data_dir=...)`` reads.
 """
 
 from __future__ import annotations
@@ -32,23 +28,11 @@ from peft_clip_adapter.testing.scenes import COLOURS, SHAPES, apply_shift, rende
 
 @dataclass(frozen=True)
 class SceneTask:
-    """A few-shot task over generated scenes: its classes, what each class fixes, and the image shift.
+    """A few-shot task over generated scenes: its classes, the attributes each class fixes, and the image shift.
 
-    Args:
-        name: The task's key in ``SCENE_TASKS``.
-        classes: Class names, used as folder names and in the prompts.
-        constraints: Per class, the attributes it fixes: ``{"shape": "circle", "colour": "red"}``; the other
-            attributes are drawn at random.
-        shift: An image shift of ``peft_clip_adapter.testing.scenes.SHIFTS``.
-        description: One line about the task.
-
-    Raises:
-        ValueError: for a constraint on an unknown attribute or value, or as many classes as constraints.
-
-    Example:
-        >>> task = SCENE_TASKS["dusk-pairs"]
-        >>> len(task.classes), task.classes[0], task.constraints[0], task.shift
-        (9, 'red circle', {'shape': 'circle', 'colour': 'red'}, 'dusk')
+    ``constraints[i]`` is class ``i``'s fixed attributes, e.g. ``{"shape": "circle", "colour": "red"}``; the rest
+    are drawn at random. Raises ``ValueError`` for an unknown attribute or value, or a count of constraints that
+    differs from the classes'.
     """
 
     name: str
@@ -113,22 +97,7 @@ SCENE_TASKS: dict[str, SceneTask] = {
 def render_task_images(
     task: SceneTask, images_per_class: int, generator: torch.Generator, *, image_size: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Render ``images_per_class`` images of every class of ``task``, shift included.
-
-    Args:
-        task: The task.
-        images_per_class: Images per class.
-        generator: The random source of the free attributes, the rendering and the shift.
-        image_size: Side of the square images.
-
-    Returns:
-        ``([C * n, 3, H, W] uint8 images, [C * n] int64 labels)``, class by class.
-
-    Example:
-        >>> images, labels = render_task_images(SCENE_TASKS["dusk-pairs"], 2, torch.Generator().manual_seed(0))
-        >>> images.shape, labels.tolist()[:6]
-        (torch.Size([18, 3, 32, 32]), [0, 0, 1, 1, 2, 2])
-    """
+    """``images_per_class`` images of every class, shifted: ``([C * n, 3, H, W] uint8, [C * n] int64 labels)``."""
     chunks = []
     for constraint in task.constraints:
         scenes = sample_scenes(images_per_class, generator)
@@ -149,27 +118,9 @@ def render_task_images(
 def write_task_dataset(
     root: str | os.PathLike, task: SceneTask, *, images_per_class: int, seed: int = 0, image_size: int = 32
 ) -> str:
-    """Write ``task``'s images as an image folder: ``root/<class name>/<n>.png``.
+    """Write the task as an image folder ``root/<class name>/<n>.png``; returns ``str(root)``.
 
-    Args:
-        root: Folder to write.
-        task: The task (e.g. ``SCENE_TASKS["dusk-pairs"]``).
-        images_per_class: Images per class.
-        seed: Seed of the images (use different seeds for training and held-out folders).
-        image_size: Side of the square images.
-
-    Returns:
-        ``str(root)``.
-
-    Raises:
-        ValueError: for ``images_per_class < 1``.
-
-    Example:
-        >>> import tempfile
-        >>> from datasets import load_dataset
-        >>> root = write_task_dataset(tempfile.mkdtemp(), SCENE_TASKS["dusk-pairs"], images_per_class=1)
-        >>> load_dataset("imagefolder", data_dir=root, split="train").features["label"].names[:3]
-        ['blue circle', 'blue square', 'blue triangle']
+    Use different seeds for training and held-out folders. Raises ``ValueError`` for ``images_per_class < 1``.
     """
     if images_per_class < 1:
         raise ValueError(f"images_per_class must be at least 1, got {images_per_class}.")

@@ -1,17 +1,15 @@
-"""Generated captioned images: one shape per image, with a colour, size, texture and position, and a caption.
+"""Generated captioned images: one shape per image, with a colour, size, texture, position, and a caption.
 
-A small world that a CLIP can learn from scratch in a minute on a CPU (``peft_clip_adapter.testing.microclip``) and
-that few-shot tasks are drawn from (``peft_clip_adapter.testing.scene_tasks``). Everything is a pure function of a
-``torch.Generator``, so the same seed gives the same pixels and captions on every run::
+A small world a CLIP learns from scratch in a minute on a CPU (``testing.microclip``) and few-shot tasks are
+drawn from (``testing.scene_tasks``). Everything is a pure function of a ``torch.Generator``::
 
     generator = torch.Generator().manual_seed(0)
     scenes = sample_scenes(8, generator)
     images = render_scenes(scenes, generator)  # [8, 3, 32, 32] uint8
     captions = caption_scenes(scenes, generator)  # "a photo of a large red striped circle on the left."
 
-Captions come from a small grammar: a template (``"a photo of a {}."``, ...) around a noun phrase that
-always names the shape and names the other attributes with fixed probabilities, so that the model
-learns each word on its own and in combination.
+Captions always name the shape and name the other attributes with fixed probabilities, so the model learns
+each word alone and in combination.
 """
 
 from __future__ import annotations
@@ -61,22 +59,9 @@ _MENTION = {"size": 0.5, "colour": 0.85, "texture": 0.5, "position": 0.4}
 
 @dataclass(frozen=True)
 class Scenes:
-    """The attributes of ``N`` scenes, as indices into ``SHAPES``, ``COLOURS``, ``SIZES``, ... .
+    """The attributes of ``N`` scenes: ``[N]`` int64 indices into ``SHAPES``, ``COLOURS``, ... ``POSITIONS``.
 
-    Args:
-        shape: ``[N]`` int64 indices into ``SHAPES``.
-        colour: ``[N]`` indices into ``COLOURS`` (in its order).
-        size: ``[N]`` indices into ``SIZES``.
-        texture: ``[N]`` indices into ``TEXTURES``.
-        position: ``[N]`` indices into ``POSITIONS``.
-
-    Raises:
-        ValueError: for attributes of different lengths or indices out of range.
-
-    Example:
-        >>> scenes = Scenes(*(torch.tensor([0, 1]) for _ in range(5)))
-        >>> len(scenes), scenes.describe(1)
-        (2, 'large green striped square on the left')
+    Raises ``ValueError`` for attributes of different lengths or indices out of range.
     """
 
     shape: torch.Tensor
@@ -105,18 +90,7 @@ class Scenes:
         return len(self.shape)
 
     def describe(self, index: int) -> str:
-        """Every attribute of scene ``index`` in words (the longest caption the grammar makes).
-
-        Args:
-            index: The scene.
-
-        Returns:
-            E.g. ``"small red plain circle in the center"``.
-
-        Example:
-            >>> Scenes(*(torch.tensor([value]) for value in (2, 2, 0, 2, 2))).describe(0)
-            'small blue checkered triangle on the right'
-        """
+        """Every attribute of scene ``index`` in words, e.g. ``"small red plain circle in the center"``."""
         colour = list(COLOURS)[self.colour[index]]
         return (
             f"{SIZES[self.size[index]]} {colour} {TEXTURES[self.texture[index]]} {SHAPES[self.shape[index]]} "
@@ -125,15 +99,7 @@ class Scenes:
 
 
 def vocabulary() -> list[str]:
-    """Every word a caption or a task's prompt can use, for the tokenizer.
-
-    Returns:
-        The attribute words and the words of the position phrases and templates, sorted.
-
-    Example:
-        >>> {"circle", "striped", "photo", "left"} <= set(vocabulary())
-        True
-    """
+    """Every word a caption or a task's prompt can use, sorted (for the tokenizer)."""
     words = {*SHAPES, *COLOURS, *SIZES, *TEXTURES}
     for text in (*POSITION_PHRASES.values(), *CAPTION_TEMPLATES):
         words.update(text.replace("{}", " ").replace(".", " ").split())
@@ -141,24 +107,9 @@ def vocabulary() -> list[str]:
 
 
 def sample_scenes(count: int, generator: torch.Generator, *, exclude_pairs: Sequence[tuple[str, str]] = ()) -> Scenes:
-    """Draw ``count`` scenes with every attribute uniform, avoiding the (shape, colour) ``exclude_pairs``.
+    """Draw ``count`` scenes with uniform attributes, redrawing the colour of any (shape, colour) in ``exclude_pairs``.
 
-    Args:
-        count: Number of scenes.
-        generator: The random source (seed it for reproducible scenes).
-        exclude_pairs: ``(shape, colour)`` names never drawn together (the colour is redrawn).
-
-    Returns:
-        The scenes' attributes.
-
-    Raises:
-        ValueError: for an unknown shape or colour in ``exclude_pairs``, or pairs that leave a shape no
-            colour.
-
-    Example:
-        >>> scenes = sample_scenes(500, torch.Generator().manual_seed(0), exclude_pairs=[("circle", "red")])
-        >>> bool(((scenes.shape == 0) & (scenes.colour == 0)).any())
-        False
+    Raises ``ValueError`` for an unknown name in ``exclude_pairs``, or pairs that leave a shape no colour.
     """
     excluded = torch.zeros(len(SHAPES), len(COLOURS), dtype=torch.bool)
     for shape, colour in exclude_pairs:
@@ -185,21 +136,7 @@ def sample_scenes(count: int, generator: torch.Generator, *, exclude_pairs: Sequ
 
 
 def render_scenes(scenes: Scenes, generator: torch.Generator, *, image_size: int = 32) -> torch.Tensor:
-    """Draw the scenes: a jittered shape over a random, slightly noisy background.
-
-    Args:
-        scenes: What to draw.
-        generator: The random source of the jitter (centre, radius, colour) and the background.
-        image_size: Side of the square images, in pixels.
-
-    Returns:
-        ``[N, 3, image_size, image_size]`` uint8 images.
-
-    Example:
-        >>> generator = torch.Generator().manual_seed(0)
-        >>> render_scenes(sample_scenes(4, generator), generator).shape
-        torch.Size([4, 3, 32, 32])
-    """
+    """Draw the scenes, ``[N, 3, image_size, image_size]`` uint8: a jittered shape over a slightly noisy background."""
     count, side = len(scenes), image_size
     ys, xs = torch.meshgrid(torch.arange(side) + 0.5, torch.arange(side) + 0.5, indexing="ij")  # [H, W]
     offsets = torch.tensor([[0.0, 0.0], [-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]]) * 0.2 * side
@@ -244,20 +181,7 @@ def _shape_mask(shape: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.
 
 
 def caption_scenes(scenes: Scenes, generator: torch.Generator) -> list[str]:
-    """One caption per scene from the grammar: a template around the shape and some of its attributes.
-
-    Args:
-        scenes: The scenes to describe.
-        generator: Chooses the template and which attributes are named.
-
-    Returns:
-        ``N`` captions, e.g. ``"a picture of a small striped ring on the left."``.
-
-    Example:
-        >>> generator = torch.Generator().manual_seed(0)
-        >>> caption_scenes(Scenes(*(torch.tensor([0]) for _ in range(5))), generator)
-        ['an image of a small red plain circle in the center.']
-    """
+    """One caption per scene from the grammar, e.g. ``"a picture of a small striped ring on the left."``."""
     mention = torch.rand(len(scenes), 4, generator=generator)
     thresholds = torch.tensor([_MENTION["size"], _MENTION["colour"], _MENTION["texture"], _MENTION["position"]])
     named = (mention < thresholds).tolist()
@@ -276,27 +200,10 @@ def caption_scenes(scenes: Scenes, generator: torch.Generator) -> list[str]:
 
 
 def apply_shift(images: torch.Tensor, shift: str, generator: torch.Generator) -> torch.Tensor:
-    """Apply an image-level distribution shift to rendered scenes.
+    """An image-level distribution shift of ``[N, 3, H, W]`` uint8 scenes (the input itself for ``"none"``).
 
-    ``"dusk"`` dims the image to 55 % of its brightness, blurs it with a 3 x 3 box filter and adds Gaussian
-    sensor noise (sigma 6 of 255).
-
-    Args:
-        images: ``[N, 3, H, W]`` uint8 images from ``render_scenes``.
-        shift: One of ``SHIFTS``.
-        generator: The noise's random source.
-
-    Returns:
-        The shifted ``[N, 3, H, W]`` uint8 images (the input itself for ``"none"``).
-
-    Raises:
-        ValueError: for an unknown shift.
-
-    Example:
-        >>> generator = torch.Generator().manual_seed(0)
-        >>> images = render_scenes(sample_scenes(2, generator), generator)
-        >>> bool(apply_shift(images, "dusk", generator).float().mean() < images.float().mean())
-        True
+    ``"dusk"`` dims to 55 % brightness, blurs with a 3 x 3 box and adds Gaussian noise (sigma 6 of 255).
+    Raises ``ValueError`` for a shift not in ``SHIFTS``.
     """
     if shift not in SHIFTS:
         raise ValueError(f"Unknown shift {shift!r}; choose one of {SHIFTS}.")

@@ -1,9 +1,8 @@
 """Tiny dual encoders and a small labelled image folder, built locally with no download.
 
-They make the package demonstrable and testable on a machine with no access to the Hugging Face Hub:
-the few-shot trainer's default run, the tests and the documentation snippets use them through the same
-``from_pretrained`` / ``load_dataset`` code paths as a real checkpoint and a real dataset. The tiny
-models are randomly initialised, so their zero-shot accuracy is near chance; they only show the mechanics.
+The trainer's offline run, the tests and the docs' snippets load them through the same ``from_pretrained`` /
+``load_dataset`` paths as a real checkpoint and dataset. Randomly initialised, their zero-shot accuracy is
+near chance: they show the mechanics only.
 """
 
 from __future__ import annotations
@@ -71,38 +70,14 @@ def build_tiny_model(
     image_size: int = 32,
     seed: int = 0,
 ) -> str:
-    """Save a randomly initialised tiny dual encoder and its processor to ``save_directory``.
+    """Save a randomly initialised tiny dual encoder and its processor; returns ``str(save_directory)``.
 
-    The folder then loads like a Hub checkpoint: ``AutoModel.from_pretrained(path)`` (``CLIPModel``,
-    ``SiglipModel`` or ``Siglip2Model``) and ``AutoProcessor.from_pretrained(path)``. The tokenizer is a
-    word-level vocabulary over ``words``, the dataset class names and the words of the shipped prompt
-    templates; other words map to the unknown token. SigLIP's tokenizer ends each prompt with ``</s>``
-    and pads with it to 64 tokens, as the released checkpoints; SigLIP 2's processor makes NaFlex inputs
-    (``pixel_values`` ``[N, 256, 768]``, ``pixel_attention_mask``, ``spatial_shapes``); CLAP's processor
-    turns up to one second of ``CLAP_SAMPLING_RATE`` (8 kHz) audio into ``input_features``.
-
-    Args:
-        save_directory: Folder to write (created if needed).
-        family: ``"clip"``, ``"siglip"``, ``"siglip2"`` (NaFlex) or ``"clap"`` (audio and text).
-        words: Extra words the tokenizer should know.
-        projection_dim: Width ``d`` of the pooled embeddings (what the adapter sees); for SigLIP it is
-            the vision tower's width, which its attention-pooling head keeps.
-        hidden_size: Width of both towers (of the text tower for SigLIP).
-        image_size: Input resolution of the vision tower (CLIP and SigLIP).
-        seed: Seed of the random initialisation, so the same arguments give the same weights.
-
-    Returns:
-        ``str(save_directory)``, for ``from_pretrained``.
-
-    Raises:
-        ValueError: for an unknown ``family``.
-
-    Example:
-        >>> import tempfile
-        >>> from transformers import AutoModel
-        >>> path = build_tiny_model(tempfile.mkdtemp(), family="siglip")
-        >>> type(AutoModel.from_pretrained(path)).__name__
-        'SiglipModel'
+    ``family`` is ``"clip"``, ``"siglip"``, ``"siglip2"`` (NaFlex) or ``"clap"`` (audio and text); another raises
+    ``ValueError``. The tokenizer is word-level over ``words``, the shapes' class names and the shipped templates'
+    words (others map to the unknown token). SigLIP pads with ``</s>`` to 64 tokens as the released checkpoints;
+    SigLIP 2's processor makes NaFlex inputs (``pixel_values`` ``[N, 256, 768]``); CLAP's turns up to one second
+    of ``CLAP_SAMPLING_RATE`` audio into ``input_features``. ``projection_dim`` is the pooled width the adapter
+    sees (SigLIP: the vision width, which its pooling head keeps); the same ``seed`` gives the same weights.
     """
     import torch
 
@@ -148,28 +123,7 @@ def build_tiny_clip(
     image_size: int = 32,
     seed: int = 0,
 ) -> str:
-    """Save a randomly initialised tiny ``CLIPModel`` and its ``CLIPProcessor`` to ``save_directory``.
-
-    ``build_tiny_model(save_directory, family="clip", ...)``; see there.
-
-    Args:
-        save_directory: Folder to write (created if needed).
-        words: Extra words the tokenizer should know.
-        projection_dim: Width ``d`` of the pooled embeddings (what the adapter sees).
-        hidden_size: Width of both towers.
-        image_size: Input resolution of the vision tower.
-        seed: Seed of the random initialisation, so the same arguments give the same weights.
-
-    Returns:
-        ``str(save_directory)``, for ``from_pretrained``.
-
-    Example:
-        >>> import tempfile
-        >>> from transformers import CLIPModel
-        >>> path = build_tiny_clip(tempfile.mkdtemp())
-        >>> CLIPModel.from_pretrained(path).config.projection_dim
-        32
-    """
+    """``build_tiny_model(save_directory, family="clip", ...)``: a tiny ``CLIPModel`` and ``CLIPProcessor``."""
     return build_tiny_model(
         save_directory,
         family="clip",
@@ -348,34 +302,11 @@ def write_shapes_dataset(
     image_size: int = 48,
     seed: int = 0,
 ) -> str:
-    """Write an image folder (``root/<class name>/<n>.png``) of coloured shapes on noisy backgrounds.
+    """Write an image folder ``root/<class name>/<n>.png`` of coloured shapes; returns ``str(root)``.
 
-    Each class is one shape in one colour (``"red circle"``, ...), drawn at a random position and size
-    over a random background, so that the classes are easy to tell apart from pixels but no two images
-    are alike. The folder loads with ``datasets.load_dataset("imagefolder", data_dir=root)``, which
-    turns the folder names into a ``ClassLabel``.
-
-    Args:
-        root: Folder to write.
-        images_per_class: Images written per class.
-        classes: Class names of the form ``"<colour> <shape>"`` with colours red, green, blue, yellow
-            and shapes circle, square, triangle, cross.
-        image_size: Side of the square images, in pixels.
-        seed: Seed for positions, sizes and backgrounds.
-
-    Returns:
-        ``str(root)``.
-
-    Raises:
-        ValueError: for a class name that is not ``"<colour> <shape>"`` with a known colour and shape.
-
-    Example:
-        >>> import tempfile
-        >>> from datasets import load_dataset
-        >>> root = write_shapes_dataset(tempfile.mkdtemp(), images_per_class=2)
-        >>> dataset = load_dataset("imagefolder", data_dir=root, split="train")
-        >>> dataset.features["label"].names
-        ['blue triangle', 'green square', 'red circle', 'yellow cross']
+    Each class (``"<colour> <shape>"``: red, green, blue, yellow; circle, square, triangle, cross) is one shape in
+    one colour at a random position and size over a noisy background: easy to tell apart, no two images alike.
+    Raises ``ValueError`` for another class name.
     """
     rng = random.Random(seed)
     for name in classes:

@@ -1,11 +1,8 @@
-"""Reading images as RGB, whatever form a ``datasets`` image column gives them in.
+"""Reading images as 8-bit RGB, whatever form a ``datasets`` image column gives them in.
 
-CLIP sees 8-bit RGB. Datasets hold grayscale, palette, CMYK, 16-bit and transparent images too, and an
-``Image(decode=False)`` column gives ``{"path", "bytes"}`` dicts; :func:`load_image` turns any of them into
-RGB the way CLIP's image processor does (transparency composited on white), and names the file when it
-cannot be read. :func:`load_image_draft` does the same but lets libjpeg decode a large JPEG at 1/2, 1/4
-or 1/8 scale (PIL's draft mode) when the caller needs fewer pixels: a 12 MP photo then costs a fraction of
-its full decode.
+Grayscale, palette, CMYK, 16-bit and transparent images become RGB as CLIP's processor makes them
+(transparency on white), and an unreadable file is named. ``load_image_draft`` lets libjpeg decode a large
+JPEG at 1/2, 1/4 or 1/8 scale when fewer pixels will do: a 12 MP photo then costs a fraction of its decode.
 """
 
 from __future__ import annotations
@@ -27,27 +24,10 @@ _DRAFT_SCALES = (8, 4, 2)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL image to 8-bit RGB, the way CLIP's image processor does.
+    """Any PIL image as 8-bit RGB, the way CLIP's image processor converts it.
 
-    Transparent images (RGBA, LA, PA, or a palette with a transparent colour) are composited on white;
-    16-bit grayscale is scaled to 8 bits instead of being clipped; float (``F``) images are read as [0, 1]
-    when they fit, else as [0, 255]. An RGB image is returned as is.
-
-    Args:
-        image: A PIL image of any mode.
-
-    Returns:
-        An RGB image of the same size.
-
-    Raises:
-        ValueError: for a mode PIL cannot convert to RGB, naming it.
-
-    Example:
-        >>> from PIL import Image
-        >>> to_rgb(Image.new("RGBA", (2, 2), (255, 0, 0, 0))).getpixel((0, 0))  # fully transparent -> white
-        (255, 255, 255)
-        >>> to_rgb(Image.new("L", (2, 2), 7)).getpixel((0, 0))
-        (7, 7, 7)
+    Transparency is composited on white, 16-bit scaled (not clipped), float read as [0, 1] when it fits.
+    Raises ``ValueError`` naming a mode PIL cannot convert.
     """
     if image.mode == "RGB":
         return image
@@ -74,19 +54,10 @@ def _to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
 
 
 class DecodedImage(NamedTuple):
-    """An image read by :func:`load_image_draft`: the RGB pixels and the scale they were decoded at.
+    """An image read by ``load_image_draft``: RGB pixels decoded at ``scale`` (1, 2, 4 or 8) and the full ``size``.
 
-    Attributes:
-        image: The RGB image, ``ceil(width / scale) x ceil(height / scale)`` pixels.
-        scale: 1 (full size), 2, 4 or 8: pixel ``(x, y)`` of ``image`` covers the source pixels
-            ``[x * scale, (x + 1) * scale)`` horizontally and likewise vertically.
-        size: ``(width, height)`` of the source image at full size.
-
-    Example:
-        >>> from PIL import Image
-        >>> decoded = DecodedImage(Image.new("RGB", (4, 3)), 1, (4, 3))
-        >>> decoded.scale, decoded.size
-        (1, (4, 3))
+    Pixel ``(x, y)`` of ``image`` covers source pixels ``[x * scale, (x + 1) * scale)``; ``size`` is
+    ``(width, height)`` at full size.
     """
 
     image: Image.Image
@@ -112,33 +83,10 @@ def _source(value: Any) -> tuple[Any, str]:
 
 
 def load_image_draft(value: Any, max_scale: Callable[[int, int], float] | None = None) -> DecodedImage:
-    """Read one image like :func:`load_image`, decoding a JPEG at reduced scale where the caller allows it.
+    """``load_image``, but a JPEG decoded at the largest of 1/8, 1/4, 1/2 scale up to ``max_scale(width, height)``.
 
-    ``max_scale(width, height)`` gets the full size from the file's header, before any pixel is decoded,
-    and returns the largest reduction the caller can use (for instance, how many times larger than the
-    output the smallest crop of the image is). A JPEG is then decoded at the largest of 1/8, 1/4 or 1/2
-    scale that does not exceed it, through libjpeg's DCT scaling, which costs a fraction of a full decode
-    and is itself an antialiased reduction. Other formats, and images given as PIL images, come at full
-    size.
-
-    Args:
-        value: Anything :func:`load_image` reads.
-        max_scale: ``(width, height) -> float``; ``None`` decodes at full size.
-
-    Returns:
-        A :class:`DecodedImage`: the RGB image, the scale used (1, 2, 4 or 8) and the full size.
-
-    Raises:
-        ValueError: as :func:`load_image`, naming the file.
-
-    Example:
-        >>> import io
-        >>> from PIL import Image
-        >>> buffer = io.BytesIO()
-        >>> Image.new("RGB", (800, 600), "red").save(buffer, format="JPEG")
-        >>> decoded = load_image_draft(buffer.getvalue(), lambda width, height: height / 224)
-        >>> decoded.image.size, decoded.scale, decoded.size
-        ((400, 300), 2, (800, 600))
+    ``max_scale`` gets the full size from the header before any pixel is decoded; ``None`` (and other formats,
+    and PIL images) decode at full size. libjpeg's DCT scaling is itself an antialiased reduction.
     """
     if isinstance(value, Image.Image):
         return DecodedImage(to_rgb(value), 1, value.size)
@@ -166,26 +114,9 @@ def load_image_draft(value: Any, max_scale: Callable[[int, int], float] | None =
 
 
 def load_image(value: Any) -> Image.Image:
-    """Read one image, whatever form a ``datasets`` image column gives it in, as an RGB PIL image.
+    """One image as a fully decoded RGB PIL image, whatever form a ``datasets`` column gives it in.
 
-    Args:
-        value: A PIL image (a decoded ``Image`` column), a ``{"path", "bytes"}`` dict (an ``Image(decode=False)``
-            column; the bytes are used when present, else the file), a file path, or raw encoded bytes.
-
-    Returns:
-        The image in RGB (see :func:`to_rgb`), fully decoded.
-
-    Raises:
-        ValueError: for a file or bytes that cannot be read as an image, naming the file, or for a value of
-            another type.
-
-    Example:
-        >>> import io
-        >>> from PIL import Image
-        >>> buffer = io.BytesIO()
-        >>> Image.new("P", (3, 2)).save(buffer, format="PNG")
-        >>> image = load_image({"path": "tiny.png", "bytes": buffer.getvalue()})
-        >>> image.mode, image.size
-        ('RGB', (3, 2))
+    A PIL image, a ``{"path", "bytes"}`` dict (bytes first), a path or encoded bytes. Raises ``ValueError``
+    naming a file that cannot be read, or for a value of another type.
     """
     return load_image_draft(value).image

@@ -1,31 +1,12 @@
-"""The input pipeline of feature extraction: DataLoader workers decode each image once and make its views.
+"""Feature extraction's input pipeline: DataLoader workers decode each image once and make all its views.
 
-``extract_image_features`` hands the frozen backbone ``V`` views of ``N`` images. Decoding and augmenting
-them in the main process, between forward passes, leaves a GPU idle most of the time, so here:
-
-- Rows are cut into fixed batches by index (batch ``b`` is rows ``[b*B, (b+1)*B)``); Accelerate
-  processes take whole batches, and every forward pass is view ``v`` of one whole batch. The backbone
-  therefore sees the same inputs for any number of workers and processes, and the features are
-  bitwise identical (:func:`row_batches`, :func:`split_batches`).
-- A torch ``DataLoader`` with ``num_workers`` processes (default: :func:`default_num_workers`) reads
-  chunks of a batch ahead of the backbone; a worker decodes an image once and returns all its views.
-  On CUDA the chunks come in pinned memory and are copied without blocking.
-- With a :class:`~peft_clip_adapter.fewshot.inputs.transforms.ResizedCropTransform` (the library's train and eval
-  transforms), the views can be made on the accelerator (``views_on_device``): the worker only decodes
-  (a large JPEG at reduced scale) and :func:`~.resample.render_views` resamples the same
-  boxes there. Otherwise workers make the 8-bit views with PIL. Either way the views are normalised by
-  the same table look-up, on the device.
-- The backbone runs under ``torch.autocast`` when mixed precision is asked for (Accelerate's
-  ``--mixed_precision``); the features are stored as ``features_dtype`` (float32 by default).
-- What the backbone receives is a dict of keyword arguments, stacked per name across a batch: the
-  fixed-size transforms give ``pixel_values``; the SigLIP 2 NaFlex transform
-  (:class:`~peft_clip_adapter.fewshot.inputs.transforms.NaFlexTransform`) returns its processor's ``pixel_values``,
-  ``pixel_attention_mask`` and ``spatial_shapes``, and a transform of your own may return such a dict too:
-  it travels the same way. NaFlex views are always made on the CPU, by the processor, in the workers.
-
-A worker's error reaches the caller as the same ``ValueError`` the main process would raise (naming the
-unreadable file), not as a worker traceback; a worker that dies is reported as such, and nothing is
-cached from an interrupted extraction.
+Decoding in the main process between forward passes leaves a GPU idle, so workers read chunks of a batch
+ahead of the backbone (pinned memory on CUDA). Rows are cut into fixed batches by index and processes take
+whole batches, so the backbone sees the same inputs, and the features are bitwise identical, for any number
+of workers and processes. With the library's fixed-size transforms the views can be made on the accelerator
+(the worker only decodes; ``resample.render_views`` makes the same boxes); NaFlex views are always made by
+the processor in the workers. A worker's ``ValueError`` reaches the caller with its own message (naming the
+unreadable file), and a dead worker is reported as such.
 """
 
 from __future__ import annotations
@@ -90,16 +71,7 @@ CPU_CORES_PER_WORKER = 8
 
 
 def cores_per_process() -> int:
-    """The CPU cores this process may use: ``os.sched_getaffinity`` (what a container or ``taskset`` grants),
-    shared among the ``LOCAL_WORLD_SIZE`` processes Accelerate launched on this machine; at least 1.
-
-    Returns:
-        The core count.
-
-    Example:
-        >>> cores_per_process() >= 1
-        True
-    """
+    """CPU cores this process may use: its affinity mask shared among ``LOCAL_WORLD_SIZE`` processes (>= 1)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
@@ -107,23 +79,10 @@ def cores_per_process() -> int:
 def default_num_workers(num_chunks: Optional[int] = None, device: Union[str, torch.device] = "cuda") -> int:
     """DataLoader workers per process by default.
 
-    Feeding an accelerator, decoding is the bottleneck: one worker per core of :func:`cores_per_process`,
-    at least 1 and at most 8. On the CPU the backbone needs those cores for its own threads and decoding
-    is a small part of the work (a few milliseconds per view against tens to hundreds for a ViT): one
-    worker per ``CPU_CORES_PER_WORKER`` cores, so none on a small machine. Given the number of chunks to
-    read, a worker gets at least ``CHUNKS_PER_WORKER`` of them, since starting one costs about a tenth of a
-    second: a handful of images is read in the main process.
-
-    Args:
-        num_chunks: Chunks of ``CHUNK_ROWS`` rows this process will read, or ``None``.
-        device: Where the backbone runs.
-
-    Returns:
-        The worker count.
-
-    Example:
-        >>> 1 <= default_num_workers() <= 8, default_num_workers(num_chunks=2)
-        (True, 0)
+    Feeding an accelerator, decoding is the bottleneck: one per core, 1 to 8. With a CPU backbone, which needs
+    the cores for its threads and spends tens of milliseconds per view against decoding's few: one per
+    ``CPU_CORES_PER_WORKER`` cores. Given ``num_chunks``, each worker gets at least ``CHUNKS_PER_WORKER`` chunks,
+    since starting one costs about 0.1 s.
     """
     cores = cores_per_process()
     if torch.device(device).type == "cpu":
@@ -136,13 +95,6 @@ def default_num_workers(num_chunks: Optional[int] = None, device: Union[str, tor
 def row_batches(num_rows: int, batch_size: int) -> list[list[int]]:
     """The fixed batches of extraction: batch ``b`` holds rows ``[b * batch_size, (b + 1) * batch_size)``.
 
-    Args:
-        num_rows: Rows of the dataset.
-        batch_size: Rows per backbone forward pass.
-
-    Returns:
-        The batches, each a list of row indices, in order.
-
     Example:
         >>> row_batches(5, 2)
         [[0, 1], [2, 3], [4]]
@@ -151,19 +103,7 @@ def row_batches(num_rows: int, batch_size: int) -> list[list[int]]:
 
 
 def split_batches(batches: list[list[int]], accelerator=None) -> list[list[int]]:
-    """This process's share of ``batches``: whole batches, contiguous, as Accelerate splits a list.
-
-    Args:
-        batches: From :func:`row_batches`.
-        accelerator: An ``accelerate.Accelerator``, or ``None`` (one process: all batches).
-
-    Returns:
-        The batches this process encodes (maybe none, with more processes than batches).
-
-    Example:
-        >>> split_batches(row_batches(5, 2))
-        [[0, 1], [2, 3], [4]]
-    """
+    """This process's share of ``batches``: whole batches, contiguous, as Accelerate splits a list (maybe none)."""
     if accelerator is None or accelerator.num_processes == 1:
         return batches
     with accelerator.split_between_processes(list(range(len(batches)))) as mine:
@@ -172,18 +112,9 @@ def split_batches(batches: list[list[int]], accelerator=None) -> list[list[int]]
 
 @dataclass(frozen=True)
 class ExtractionSettings:
-    """How extraction runs: the parts that change the features, and the worker count (which does not).
+    """How extraction runs: what changes the features (enters the cache key), and the worker count (which does not).
 
-    Args:
-        views_on_device: Make the views on the model's device from decoded images (else PIL in workers).
-        mixed_precision: ``"no"``, ``"bf16"``, ``"fp16"`` or ``"fp8"`` (autocast of the backbone).
-        features_dtype: Dtype the features are returned (and cached) in.
-        num_workers: DataLoader worker processes (0: decode in the main process).
-
-    Example:
-        >>> settings = ExtractionSettings(False, "bf16", torch.float32, 2)
-        >>> settings.key_components()
-        {'views_made_on': 'cpu', 'autocast': 'bfloat16', 'features_dtype': 'float32'}
+    ``mixed_precision`` is the backbone's autocast (Accelerate's names); ``num_workers`` -1 lets the loader pick.
     """
 
     views_on_device: bool
@@ -193,26 +124,11 @@ class ExtractionSettings:
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
-        """The dtype the backbone autocasts to, or ``None``.
-
-        Returns:
-            ``torch.bfloat16``, ``torch.float16`` or ``None``.
-
-        Example:
-            >>> ExtractionSettings(False, "fp8", torch.float32, 0).autocast_dtype
-            torch.bfloat16
-        """
+        """The dtype the backbone autocasts to (fp8 autocasts to bf16), or ``None``."""
         return AUTOCAST_DTYPES[self.mixed_precision]
 
     def key_components(self) -> dict[str, str]:
-        """What of these settings enters a feature-cache key: all that changes the features, not the workers.
-
-        Returns:
-            ``{"views_made_on", "autocast", "features_dtype"}``.
-
-        Example:
-            See the class example.
-        """
+        """``{"views_made_on", "autocast", "features_dtype"}``: what of these settings enters a feature-cache key."""
         autocast = self.autocast_dtype
         return {
             "views_made_on": "device" if self.views_on_device else "cpu",
@@ -232,19 +148,7 @@ def _check_num_workers(num_workers: Any) -> None:
 
 
 def device_views_possible(transform: Any) -> bool:
-    """Whether ``transform``'s views can be made on the accelerator (:func:`render_views` reproduces them).
-
-    Args:
-        transform: An image transform.
-
-    Returns:
-        ``True`` for a :class:`~.transforms.ResizedCropTransform` with a fixed output size
-        and a filter :func:`~peft_clip_adapter.fewshot.inputs.resample.supports_filter` knows.
-
-    Example:
-        >>> device_views_possible(len)
-        False
-    """
+    """Whether ``render_views`` can make ``transform``'s views (a fixed-size ``ResizedCropTransform``)."""
     return (
         isinstance(transform, ResizedCropTransform)
         and transform.output_size is not None
@@ -264,28 +168,10 @@ def resolve_extraction(
 ) -> ExtractionSettings:
     """Check the extraction options and fill in their defaults for this transform, device and accelerator.
 
-    Args:
-        transform: The image transform.
-        device: Where the backbone runs.
-        num_workers: DataLoader workers; ``None``: :func:`default_num_workers` for the device.
-        views_on_device: ``None``: on the device when it is an accelerator and the transform allows it.
-            ``True`` with a SigLIP 2 NaFlex transform: on the CPU, with a warning (only its processor
-            makes those views).
-        mixed_precision: ``None``: the accelerator's ``mixed_precision``, else ``"no"``.
-        features_dtype: float32 (default), float16 or bfloat16.
-        accelerator: An ``accelerate.Accelerator``, or ``None``.
-
-    Returns:
-        The :class:`ExtractionSettings` (``num_workers`` still ``-1`` for "default": the loader picks it,
-        knowing how many chunks there are).
-
-    Raises:
-        ValueError: for a negative or non-integer ``num_workers``, an unknown ``mixed_precision`` or
-            ``features_dtype``, or ``views_on_device=True`` with a transform that cannot.
-
-    Example:
-        >>> resolve_extraction(len, torch.device("cpu"), num_workers=0, mixed_precision="bf16")
-        ExtractionSettings(views_on_device=False, mixed_precision='bf16', features_dtype=torch.float32, num_workers=0)
+    ``views_on_device=None`` means on the device when it is an accelerator and the transform allows it; ``True``
+    with a NaFlex transform warns and stays on the CPU. ``mixed_precision=None`` takes the accelerator's. Raises
+    ``ValueError`` for a bad ``num_workers``, an unknown ``mixed_precision`` or ``features_dtype``, or
+    ``views_on_device=True`` with a transform whose views the device cannot make.
     """
     _check_num_workers(num_workers)
     if mixed_precision is None:
@@ -431,30 +317,11 @@ def encode_views(
     width: int,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Frozen embeddings of every view of the rows of ``batches``: ``[V, rows, D]`` on the CPU.
+    """Frozen embeddings ``[V, rows, D]`` of every view of the rows of ``batches``, on the CPU.
 
-    Args:
-        model: The CLIP model (or ``PeftModel``); its adapters are disabled while it runs.
-        images: The dataset, with ``image_column`` undecoded (``{"path", "bytes"}``).
-        batches: This process's batches (:func:`split_batches`), in order.
-        transform: The image transform; ``transform(image, index=row, view=v)``.
-        views: Views per image.
-        image_column: The image column's name.
-        device: Where the backbone runs.
-        settings: From :func:`resolve_extraction`.
-        width: The embedding width ``D``.
-        progress: Show progress: a bar on a terminal, a log line now and then elsewhere.
-
-    Returns:
-        ``[V, sum(len(b) for b in batches), D]`` in ``settings.features_dtype``; row ``i`` is the ``i``-th row
-        of the concatenated batches.
-
-    Raises:
-        ValueError: the first error a worker met (an unreadable image, named), in row order.
-        RuntimeError: if a worker process died.
-
-    Example:
-        See ``peft_clip_adapter.fewshot.features.extract_image_features``, which calls it.
+    In ``settings.features_dtype``; ``images`` has its image column undecoded; row ``i`` of the result is the
+    ``i``-th row of the concatenated batches. Raises the first ``ValueError`` a worker met, in row order, or
+    ``RuntimeError`` if a worker died.
     """
     chunks = [
         list(batch[start : start + CHUNK_ROWS]) for batch in batches for start in range(0, len(batch), CHUNK_ROWS)

@@ -1,17 +1,12 @@
 """Views made on the accelerator: PIL's antialiased resize of many boxes as two batched matrix products.
 
-Feature extraction can decode each image once on the CPU, ship the 8-bit pixels to the GPU, and make
-every view there (:func:`render_views`): the CPU then spends about ``decode / V`` per view instead of a
-PIL resize per view. A resize with a box is separable: along each axis, output pixel ``j`` is a weighted
-sum of the source pixels around its centre, with PIL's filter stretched by the downscale factor
-(antialiasing) and normalised. :func:`axis_weights` builds those weights exactly as PIL's
-``precompute_coeffs`` does (same centres, support, truncation and 22-bit fixed-point coefficients), so a
-view is ``Wy @ image @ Wx^T`` per channel, horizontal pass first and rounded to 8 bits after each pass.
-Where PIL runs its two passes in that order too, the result is PIL's except where float32 accumulation
-lands on the other side of a rounding tie (about 1 pixel in 10^5, by one level); recent Pillow releases
-sometimes run the vertical pass first, and the intermediate rounding then differs: photographs stay
-within one level, pure pixel noise within a few. Flips reverse the rows of ``Wx``; windows past the
-resized image (an eval crop larger than the image) get zero rows, which is PIL's black padding.
+Extraction can decode each image once on the CPU, ship the 8-bit pixels to the GPU and make every view there
+(``render_views``), so the CPU spends about ``decode / V`` per view. A resize with a box is separable:
+``axis_weights`` builds PIL's ``precompute_coeffs`` weights exactly (centres, support, 22-bit fixed point),
+so a view is ``Wy @ image @ Wx^T`` per channel, horizontal pass first and rounded to 8 bits after each pass.
+That is PIL's result except on float32 rounding ties (about 1 pixel in 10^5, by one level); where recent
+Pillow runs the vertical pass first, photographs stay within one level. Flips reverse the rows of ``Wx``;
+windows past the resized image get zero rows (PIL's black padding).
 """
 
 from __future__ import annotations
@@ -42,18 +37,7 @@ _CHUNK_BYTES = 1 << 28
 
 
 def supports_filter(resample: int) -> bool:
-    """Whether :func:`render_views` reproduces PIL filter ``resample`` (all but the MKS kernels).
-
-    Args:
-        resample: A PIL ``Image.Resampling`` value.
-
-    Returns:
-        ``True`` for nearest, box, bilinear, Hamming, bicubic and Lanczos.
-
-    Example:
-        >>> supports_filter(Image.Resampling.BICUBIC), supports_filter(Image.Resampling.MKS2021)
-        (True, False)
-    """
+    """Whether ``render_views`` reproduces PIL filter ``resample`` (every filter but the MKS kernels)."""
     return int(resample) in _SUPPORT or int(resample) == Image.Resampling.NEAREST
 
 
@@ -91,38 +75,13 @@ def axis_weights(
     in_max: int,
     resample: int,
 ) -> torch.Tensor:
-    """Resampling weights along one axis for ``N`` views: ``[N, out_size, in_max]`` float32.
+    """Resampling weights along one axis for ``N`` views: ``[N, out_size, in_max]`` float32 on ``start``'s device.
 
-    Row ``j`` of view ``n`` holds PIL's coefficients for output pixel ``j + offset[n]`` of the source
-    interval ``[start[n], end[n])`` resampled to ``resized[n]`` pixels; rows outside ``[0, resized[n])``
-    are zero (black padding), rows are reversed where ``flip[n]``, and columns at or past ``in_size[n]``
-    are zero (padding of a batch of images of several sizes).
-
-    Args:
-        in_size: ``[N]`` source length (pixels) of each view's image.
-        start: ``[N]`` start of the box along this axis (source pixels, float).
-        end: ``[N]`` end of the box.
-        resized: ``[N]`` length the box is resampled to.
-        offset: ``[N]`` first resampled pixel of the output window.
-        flip: ``[N]`` bool: reverse the output.
-        out_size: Length of the output window.
-        in_max: Columns of the result (the padded source length).
-        resample: A PIL filter (see :func:`supports_filter`).
-
-    Returns:
-        ``[N, out_size, in_max]`` float32 weights on ``start``'s device; each non-zero row sums to 1 (to
-        PIL's 22-bit coefficient precision).
-
-    Raises:
-        ValueError: for a filter :func:`supports_filter` refuses.
-
-    Example:
-        >>> one = torch.ones(1)
-        >>> weights = axis_weights(torch.tensor([4]), 0 * one, 4 * one, torch.tensor([2]), torch.tensor([0]),
-        ...     torch.tensor([False]), out_size=2, in_max=4, resample=Image.Resampling.BOX)
-        >>> weights[0]
-        tensor([[0.5000, 0.5000, 0.0000, 0.0000],
-                [0.0000, 0.0000, 0.5000, 0.5000]])
+    Row ``j`` of view ``n`` holds PIL's coefficients for output pixel ``j + offset[n]`` of the source interval
+    ``[start[n], end[n])`` resampled to ``resized[n]`` pixels (each such row sums to 1); rows outside
+    ``[0, resized[n])`` are zero (black padding), rows are reversed where ``flip[n]``, and columns at or past
+    ``in_size[n]`` are zero (a batch of images of several sizes). All arguments but the last three are ``[N]``.
+    Raises ``ValueError`` for a filter ``supports_filter`` refuses.
     """
     if not supports_filter(resample):
         raise ValueError(f"resample={resample} has no device implementation; make these views on the CPU.")
@@ -171,24 +130,17 @@ def axis_weights(
 
 @dataclass
 class ViewBatch:
-    """Decoded 8-bit images and the boxes of their views, as tensors: what the accelerator needs.
+    """Decoded 8-bit images and their views' boxes as tensors: what the accelerator needs.
 
-    Made in DataLoader workers by :meth:`collate`, pinned and copied to the device as a whole.
+    Made in DataLoader workers by ``collate``, pinned and copied to the device as a whole.
 
-    Args:
+    Attributes:
         images: ``[k, 3, H_max, W_max]`` uint8, zero-padded at the bottom and right.
         sizes: ``[k, 2]`` int64 ``(height, width)`` of each decoded image.
         boxes: ``[k, V, 4]`` float64 ``(left, top, right, bottom)`` in decoded pixels.
         resized: ``[k, V, 2]`` int64 ``(height, width)`` each box is resampled to.
         offsets: ``[k, V, 2]`` int64 ``(top, left)`` of the output window.
         flips: ``[k, V]`` bool.
-
-    Example:
-        >>> from peft_clip_adapter.fewshot.inputs.transforms import ViewBox
-        >>> image = torch.zeros(3, 4, 6, dtype=torch.uint8)
-        >>> batch = ViewBatch.collate([image], [[ViewBox((0.0, 0.0, 6.0, 4.0), (2, 3), (0, 0), False)]])
-        >>> tuple(batch.images.shape), batch.sizes.tolist(), tuple(batch.boxes.shape)
-        ((1, 3, 4, 6), [[4, 6]], (1, 1, 4))
     """
 
     images: torch.Tensor
@@ -200,18 +152,7 @@ class ViewBatch:
 
     @classmethod
     def collate(cls, images: list[torch.Tensor], boxes: list[list[ViewBox]]) -> ViewBatch:
-        """Pad ``images`` (each ``[3, h, w]`` uint8) into one tensor and tabulate their views' boxes.
-
-        Args:
-            images: One decoded image per row.
-            boxes: Per row, its views' ``ViewBox`` es (decoded pixels).
-
-        Returns:
-            The batch, on the CPU.
-
-        Example:
-            See the class example.
-        """
+        """Pad ``images`` (each ``[3, h, w]`` uint8) into one CPU batch with their views' boxes (decoded pixels)."""
         height = max(image.shape[1] for image in images)
         width = max(image.shape[2] for image in images)
         padded = torch.zeros(len(images), 3, height, width, dtype=torch.uint8)
@@ -227,32 +168,11 @@ class ViewBatch:
         )
 
     def pin_memory(self) -> ViewBatch:
-        """The batch in page-locked memory (the DataLoader calls this with ``pin_memory=True``).
-
-        Returns:
-            A pinned copy.
-
-        Example:
-            On a machine with a GPU (pinning needs one), ``batch.pin_memory().to("cuda", non_blocking=True)``
-            copies the batch while the host goes on.
-        """
+        """A copy in page-locked memory (the DataLoader calls this with ``pin_memory=True``; pinning needs a GPU)."""
         return ViewBatch(**{field.name: getattr(self, field.name).pin_memory() for field in fields(self)})
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ViewBatch:
-        """The batch on ``device`` (asynchronously from pinned memory with ``non_blocking``).
-
-        Args:
-            device: Target device.
-            non_blocking: Passed to ``Tensor.to``.
-
-        Returns:
-            The moved batch.
-
-        Example:
-            >>> image = torch.zeros(3, 2, 2, dtype=torch.uint8)
-            >>> ViewBatch.collate([image], [[]]).to("cpu").images.device
-            device(type='cpu')
-        """
+        """The batch on ``device``; asynchronous from pinned memory with ``non_blocking``."""
         return ViewBatch(
             **{field.name: getattr(self, field.name).to(device, non_blocking=non_blocking) for field in fields(self)}
         )
@@ -264,31 +184,10 @@ def _round_to_8_bits(values: torch.Tensor) -> torch.Tensor:
 
 
 def render_views(batch: ViewBatch, *, output_size: tuple[int, int], resample: int) -> torch.Tensor:
-    """Every view of every image in ``batch``, as PIL would make them: ``[V, k, 3, H, W]`` uint8.
+    """Every view of every image in ``batch`` as PIL would make it: ``[V, k, 3, H, W]`` uint8 on ``batch``'s device.
 
-    Runs where ``batch`` is (a GPU, or the CPU): per chunk of images, one batched product per axis,
-    horizontal first and rounded to 8 bits after each pass, as PIL's two-pass resize.
-
-    Args:
-        batch: Images and boxes (from :meth:`ViewBatch.collate`, moved to the device).
-        output_size: ``(H, W)`` of every view.
-        resample: A PIL filter (see :func:`supports_filter`).
-
-    Returns:
-        ``[V, k, 3, H, W]`` uint8 on ``batch``'s device.
-
-    Raises:
-        ValueError: for a filter :func:`supports_filter` refuses.
-
-    Example:
-        >>> from peft_clip_adapter.fewshot.inputs.transforms import ViewBox
-        >>> image = torch.arange(16, dtype=torch.uint8).reshape(1, 4, 4).expand(3, 4, 4).contiguous()
-        >>> views = [ViewBox((0.0, 0.0, 4.0, 4.0), (2, 2), (0, 0), False),
-        ...          ViewBox((0.0, 0.0, 4.0, 4.0), (2, 2), (0, 0), True)]
-        >>> pixels = render_views(ViewBatch.collate([image], [views]), output_size=(2, 2),
-        ...                       resample=Image.Resampling.BOX)
-        >>> pixels[:, 0, 0].tolist()  # 2 x 2 means of the 4 x 4 ramp, then the same mirrored
-        [[[3, 5], [11, 13]], [[5, 3], [13, 11]]]
+    Per chunk of images, one batched product per axis, horizontal first and rounded to 8 bits after each pass.
+    Raises ``ValueError`` for a filter ``supports_filter`` refuses.
     """
     height, width = output_size
     count, views = batch.boxes.shape[:2]

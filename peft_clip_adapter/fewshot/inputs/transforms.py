@@ -1,22 +1,11 @@
-"""Image transforms: a PIL image -> the vision tower's input (a normalised ``[3, H, W]`` float32 tensor).
+"""Image transforms: an image -> the vision tower's input, with the model's own processor settings.
 
-Both transforms use the model's own image processor settings (sizes, resample filter, rescale factor,
-mean and std), read from it, never hard-coded, and need only PIL and torch:
-
-- :func:`build_eval_transform`: the processor's resize and center crop; equals the processor's output.
-- :func:`build_train_transform`: the paper's random-resized-crop (bicubic) and horizontal flip, then the
-  processor's rescale and normalisation. View ``v`` of image ``i`` is a pure function of
-  ``(seed, i, v)``, on any process, so augmented views can be cached as frozen features.
-
-For a fixed-size processor (CLIP, SigLIP) both are a :class:`ResizedCropTransform`: every view is one box
-of the source image resampled to the output size (plus, for eval, a center window of it), then flipped or
-not, then normalised. That split lets feature extraction decode an image once for all its views, decode a
-large JPEG at the reduced scale the smallest box allows (:func:`~.images.load_image_draft`),
-and make the views on the accelerator with the same boxes (:mod:`peft_clip_adapter.fewshot.inputs.resample`).
-
-For SigLIP 2 NaFlex, whose processor sizes each image's patch grid from the image itself, both are a
-:class:`NaFlexTransform`: the same random box and flip, then the processor itself, which returns the
-model's inputs by name (``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``).
+``build_eval_transform`` is the processor's resize and center crop; ``build_train_transform`` the paper's
+random-resized-crop (bicubic) and flip. View ``v`` of image ``i`` is a pure function of ``(seed, i, v)`` on
+any process, so augmented views can be cached as frozen features. For a fixed-size processor (CLIP, SigLIP)
+every view is a box of the source resampled to the output size, so extraction decodes an image once for all
+its views (a large JPEG at reduced scale) and can make them on the accelerator (``inputs.resample``). For
+SigLIP 2 NaFlex the processor itself makes the inputs (``NaFlexTransform``).
 """
 
 from __future__ import annotations
@@ -49,21 +38,7 @@ __all__ = [
 
 
 def check_index(name: str, value: Any) -> None:
-    """Check a seed, an image index or a view number: an integer >= 0.
-
-    Args:
-        name: What ``value`` is, for the error message.
-        value: The value to check.
-
-    Raises:
-        ValueError: naming ``name`` and ``value`` unless ``value`` is an integer >= 0 (not a bool).
-
-    Example:
-        >>> check_index("view", -1)
-        Traceback (most recent call last):
-        ...
-        ValueError: view must be an integer >= 0, got -1.
-    """
+    """Raise ``ValueError`` naming ``name`` unless ``value`` (a seed, image index or view) is an integer >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
 
@@ -201,24 +176,12 @@ def _per_channel(values: float | Sequence[float]) -> tuple[float, ...]:
 
 
 class ImageTransform(abc.ABC):
-    """An image -> ``[3, H, W]`` float32 tensor transform (or -> the model's inputs by name), for the vision tower.
+    """An image -> ``[3, H, W]`` float32 (or the model's inputs by name) transform for the vision tower.
 
-    ``transform(image, index=i, view=v)`` takes anything :func:`load_image` reads. ``index`` (the image's
-    row) and ``view`` (the augmentation number) pick the random augmentation of a train transform; an eval
-    transform ignores them. ``description`` identifies the transform's settings in feature-cache keys.
-    ``build_train_transform`` and ``build_eval_transform`` return instances; a subclass of your own needs a
-    stable ``description`` and ``__call__``. Feature extraction decodes each image once (with
-    :func:`load_image`) and calls ``__call__`` with the decoded PIL image for every view. ``__call__`` may
-    also return a dict of tensors (as :class:`NaFlexTransform` does): they are then stacked per name and
-    passed to the model as keyword arguments (:func:`stack_model_inputs`).
-
-    Example:
-        >>> class Gray(ImageTransform):
-        ...     description = "gray 8 px"
-        ...     def __call__(self, image, *, index=0, view=0):
-        ...         return torch.full((3, 8, 8), 0.5)
-        >>> Gray()(None).shape, Gray()
-        (torch.Size([3, 8, 8]), Gray(gray 8 px))
+    ``transform(image, index=i, view=v)`` takes anything ``load_image`` reads; ``index`` and ``view`` pick a
+    train transform's augmentation and an eval transform ignores them. A subclass needs ``__call__`` and a stable
+    ``description``, which keys the feature cache. A dict returned by ``__call__`` is stacked per name and passed
+    to the model as keyword arguments (``stack_model_inputs``).
     """
 
     description: str
@@ -232,23 +195,13 @@ class ImageTransform(abc.ABC):
 
 
 def stack_model_inputs(outputs: Sequence[torch.Tensor | dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack what a transform returned for several images (or views) into the model's keyword inputs.
+    """Stack per-image transform outputs into the model's keyword inputs: ``{name: [len(outputs), ...]}``.
 
-    A tensor is ``pixel_values``; a dict (a NaFlex processor's ``pixel_values``, ``pixel_attention_mask``
-    and ``spatial_shapes``) is stacked name by name.
-
-    Args:
-        outputs: One transform output per image, all of the same kind (at least one).
-
-    Returns:
-        ``{name: [len(outputs), ...]}``.
+    A tensor becomes ``pixel_values``; dicts (NaFlex) are stacked name by name.
 
     Example:
         >>> stack_model_inputs([torch.zeros(3, 8, 8)] * 2)["pixel_values"].shape
         torch.Size([2, 3, 8, 8])
-        >>> view = {"pixel_values": torch.zeros(16, 192), "spatial_shapes": torch.tensor([2, 8])}
-        >>> {name: tuple(value.shape) for name, value in stack_model_inputs([view] * 3).items()}
-        {'pixel_values': (3, 16, 192), 'spatial_shapes': (3, 2)}
     """
     if isinstance(outputs[0], dict):
         return {name: torch.stack([output[name] for output in outputs]) for name in outputs[0]}
@@ -258,21 +211,7 @@ def stack_model_inputs(outputs: Sequence[torch.Tensor | dict[str, torch.Tensor]]
 def move_model_inputs(
     inputs: dict[str, torch.Tensor], device: torch.device | str, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """The model's inputs on ``device``, floating-point ones in the model's ``dtype`` (masks and shapes stay integers).
-
-    Args:
-        inputs: From :func:`stack_model_inputs`.
-        device: The model's device.
-        dtype: The model's floating-point dtype.
-
-    Returns:
-        The moved inputs, by the same names.
-
-    Example:
-        >>> inputs = {"pixel_values": torch.zeros(1, 4), "spatial_shapes": torch.tensor([[2, 2]])}
-        >>> {name: value.dtype for name, value in move_model_inputs(inputs, "cpu", torch.bfloat16).items()}
-        {'pixel_values': torch.bfloat16, 'spatial_shapes': torch.int64}
-    """
+    """The inputs on ``device``, floating-point ones cast to ``dtype`` (masks and shapes stay integers)."""
     return {
         name: value.to(device, dtype=dtype if value.is_floating_point() else value.dtype)
         for name, value in inputs.items()
@@ -280,18 +219,13 @@ def move_model_inputs(
 
 
 class ViewBox(NamedTuple):
-    """Where one view of an image comes from: a box of the source, resampled, windowed and maybe flipped.
+    """Where one view comes from: a box of the source, resampled, windowed and maybe flipped.
 
     Attributes:
-        box: ``(left, top, right, bottom)`` of the source region, in source pixels at full size (floats).
+        box: ``(left, top, right, bottom)`` in source pixels at full size (floats).
         resized: ``(height, width)`` the box is resampled to.
-        offset: ``(top, left)`` of the output window inside the resampled box; the window may reach past
-            it (an eval crop larger than the resized image), and is black there, as PIL's ``crop``.
+        offset: ``(top, left)`` of the output window in the resampled box; black where it reaches past it.
         flip: Whether the window is then mirrored left to right.
-
-    Example:
-        >>> ViewBox(box=(0.0, 0.0, 64.0, 48.0), resized=(32, 42), offset=(0, 5), flip=False).offset
-        (0, 5)
     """
 
     box: tuple[float, float, float, float]
@@ -301,29 +235,11 @@ class ViewBox(NamedTuple):
 
 
 class ResizedCropTransform(ImageTransform):
-    """A transform whose every view is a resampled box of the image: the train and eval transforms.
+    """A transform whose every view is a resampled box of the image: the fixed-size train and eval transforms.
 
-    A subclass says which box each view takes (:meth:`view_box`) and how small a box it can ever take
-    (:meth:`max_scale`); this class decodes (a large JPEG at the reduced scale the smallest box allows,
-    if ``draft``), resamples with PIL's filter, windows, flips and normalises, all with the model's own
-    image processor settings. Feature extraction decodes each image once for all its views, and can make
-    the views on the accelerator instead (:func:`.resample.render_views`), with the same
-    boxes.
-
-    Args:
-        steps: The processor's settings (read once with ``_ProcessorSteps.from_processor``).
-        resample: PIL filter of the resize.
-        draft: Decode a JPEG at 1/2, 1/4 or 1/8 scale when every box the transform can cut still holds at
-            least the output's pixels at that scale.
-
-    Example:
-        >>> from PIL import Image
-        >>> from transformers import CLIPImageProcessor
-        >>> processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-        >>> transform = build_train_transform(processor, seed=0)
-        >>> isinstance(transform, ResizedCropTransform), tuple(transform.crops(Image.new("RGB", (64, 48)),
-        ...     index=0, views=[0, 1]).shape)
-        (True, (2, 3, 32, 32))
+    Subclasses say which box a view takes (``view_box``) and how small a box can be (``max_scale``); this class
+    decodes (a large JPEG at the reduced scale that allows, if ``draft``), resamples with PIL's ``resample``
+    filter, windows, flips and normalises.
     """
 
     def __init__(self, steps: _ProcessorSteps, *, resample: int, draft: bool) -> None:
@@ -331,13 +247,7 @@ class ResizedCropTransform(ImageTransform):
 
     @property
     def output_size(self) -> tuple[int, int] | None:
-        """``(height, width)`` of every view, or ``None`` when it depends on the image (no crop, no fixed size).
-
-        Example:
-            >>> from transformers import CLIPImageProcessor
-            >>> build_eval_transform(CLIPImageProcessor(crop_size={"height": 24, "width": 24})).output_size
-            (24, 24)
-        """
+        """``(height, width)`` of every view, or ``None`` when it depends on the image."""
         try:
             return self.steps.output_size
         except ValueError:
@@ -345,82 +255,21 @@ class ResizedCropTransform(ImageTransform):
 
     @abc.abstractmethod
     def view_box(self, width: int, height: int, *, index: int, view: int) -> ViewBox:
-        """The :class:`ViewBox` of view ``view`` of image ``index``, for a source of ``width x height`` pixels.
-
-        Args:
-            width: Source width at full size.
-            height: Source height at full size.
-            index: The image's row.
-            view: The augmentation number.
-
-        Returns:
-            The view's box, resampled size, window offset and flip.
-
-        Example:
-            See :meth:`max_scale`.
-        """
+        """The ``ViewBox`` of view ``view`` of image ``index``, for a ``width x height`` source."""
 
     @abc.abstractmethod
     def max_scale(self, width: int, height: int) -> float:
         """How many times larger than its resampled size the smallest box of such an image can be.
 
-        Decoding at a scale up to this keeps every box at or above the output's resolution.
-
-        Args:
-            width: Source width at full size.
-            height: Source height at full size.
-
-        Returns:
-            ``min(box width / resized width, box height / resized height)`` over every possible box.
-
-        Example:
-            >>> from transformers import CLIPImageProcessor
-            >>> transform = build_eval_transform(CLIPImageProcessor())  # 224 px
-            >>> transform.view_box(4000, 3000, index=0, view=0).resized, round(transform.max_scale(4000, 3000), 2)
-            ((224, 298), 13.39)
+        Decoding at up to this scale keeps every box at or above the output's resolution.
         """
 
     def decode(self, image: Any) -> DecodedImage:
-        """Read ``image`` (anything :func:`load_image` reads), at reduced scale where ``draft`` allows.
-
-        Args:
-            image: A PIL image, file path, encoded bytes or ``{"path", "bytes"}`` dict.
-
-        Returns:
-            The :class:`~peft_clip_adapter.fewshot.inputs.images.DecodedImage` (pixels, scale, full size).
-
-        Raises:
-            ValueError: for an unreadable image, naming the file.
-
-        Example:
-            >>> from PIL import Image
-            >>> from transformers import CLIPImageProcessor
-            >>> build_eval_transform(CLIPImageProcessor()).decode(Image.new("RGB", (8, 6))).scale
-            1
-        """
+        """Read ``image`` as ``load_image`` does, at reduced scale where ``draft`` allows."""
         return load_image_draft(image, self.max_scale if self.draft else None)
 
     def view_boxes(self, decoded: DecodedImage, *, index: int, views: Sequence[int]) -> list[ViewBox]:
-        """The boxes of ``views`` of image ``index``, in the pixels of ``decoded`` (its scale applied).
-
-        Args:
-            decoded: The image, from :meth:`decode`.
-            index: The image's row.
-            views: View numbers.
-
-        Returns:
-            One :class:`ViewBox` per view; ``box`` divided by the decoding scale.
-
-        Raises:
-            ValueError: for a negative or non-integer index or view.
-
-        Example:
-            >>> from PIL import Image
-            >>> from transformers import CLIPImageProcessor
-            >>> transform = build_eval_transform(CLIPImageProcessor())
-            >>> transform.view_boxes(transform.decode(Image.new("RGB", (448, 224))), index=0, views=[0])[0].box
-            (0.0, 0.0, 448.0, 224.0)
-        """
+        """The boxes of ``views`` of image ``index`` in the decoded image's pixels (its scale applied)."""
         check_index("index", index)
         boxes = []
         for view in views:
@@ -430,23 +279,7 @@ class ResizedCropTransform(ImageTransform):
         return boxes
 
     def render(self, decoded: DecodedImage, box: ViewBox) -> Image.Image:
-        """One view as an 8-bit RGB PIL image: the box resampled (PIL, ``resample``), windowed, flipped.
-
-        Args:
-            decoded: The image, from :meth:`decode`.
-            box: One of :meth:`view_boxes` (in the decoded image's pixels).
-
-        Returns:
-            The view, ``output_size`` (or the resampled size, when there is no window).
-
-        Example:
-            >>> from PIL import Image
-            >>> from transformers import CLIPImageProcessor
-            >>> transform = build_eval_transform(CLIPImageProcessor())
-            >>> decoded = transform.decode(Image.new("RGB", (448, 224)))
-            >>> transform.render(decoded, transform.view_boxes(decoded, index=0, views=[0])[0]).size
-            (224, 224)
-        """
+        """One view as an 8-bit RGB PIL image: the box resampled, windowed and flipped."""
         image = decoded.image
         height, width = box.resized
         if box.box != (0.0, 0.0, float(image.width), float(image.height)) or (width, height) != image.size:
@@ -461,43 +294,13 @@ class ResizedCropTransform(ImageTransform):
         return image
 
     def crops(self, image: Any, *, index: int, views: Sequence[int]) -> torch.Tensor:
-        """Decode ``image`` once and make the given views, un-normalised: ``[V, 3, H, W]`` uint8.
-
-        Args:
-            image: Anything :func:`load_image` reads.
-            index: The image's row.
-            views: View numbers.
-
-        Returns:
-            ``[len(views), 3, H, W]`` uint8; :meth:`normalise` turns it into the model's input.
-
-        Raises:
-            ValueError: for an unreadable image (named), or a bad index or view.
-
-        Example:
-            See the class example.
-        """
+        """Decode ``image`` once and make ``views``, un-normalised: ``[len(views), 3, H, W]`` uint8."""
         decoded = self.decode(image)
         pixels = [np.asarray(self.render(decoded, box)) for box in self.view_boxes(decoded, index=index, views=views)]
         return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()  # [V, 3, H, W]
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Rescale and normalise 8-bit views as the processor does: ``[..., 3, H, W]`` uint8 -> float32.
-
-        A table look-up with the processor's arithmetic, so the result is the same bits on any device.
-
-        Args:
-            pixels: ``[..., 3, H, W]`` uint8 views, on any device.
-
-        Returns:
-            ``[..., 3, H, W]`` float32 on the same device.
-
-        Example:
-            >>> from transformers import CLIPImageProcessor
-            >>> transform = build_eval_transform(CLIPImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3))
-            >>> transform.normalise(torch.tensor([0, 255], dtype=torch.uint8).reshape(1, 1, 2).expand(3, 1, 2))[0]
-            tensor([[-1.,  1.]])
-        """
+        """Rescale and normalise ``[..., 3, H, W]`` uint8 -> float32 on the same device, bit-exact on any device."""
         return self.steps.normalise(pixels)
 
     def __call__(self, image: Any, *, index: int = 0, view: int = 0) -> torch.Tensor:
@@ -602,23 +405,10 @@ def _random_resized_crop_box(
 
 
 def is_naflex_processor(processor: Any) -> bool:
-    """Whether ``processor`` makes SigLIP 2 NaFlex inputs, whose size depends on the image.
+    """Whether ``processor`` (or its ``.image_processor``) makes SigLIP 2 NaFlex inputs, sized from each image.
 
-    A NaFlex image processor (``Siglip2ImageProcessor``) resizes each image to the largest grid of
-    ``patch_size`` pixels that keeps its aspect ratio within ``max_num_patches`` patches, and returns
-    ``pixel_values`` ``[N, max_num_patches, 3 * p * p]``, ``pixel_attention_mask`` and ``spatial_shapes``.
-    :func:`build_train_transform` and :func:`build_eval_transform` return a :class:`NaFlexTransform` for it.
-
-    Args:
-        processor: An image processor, or a processor holding one (``.image_processor``).
-
-    Returns:
-        ``True`` when it has ``patch_size`` and ``max_num_patches`` and makes ``spatial_shapes``.
-
-    Example:
-        >>> from transformers import CLIPImageProcessor, Siglip2ImageProcessorPil
-        >>> is_naflex_processor(Siglip2ImageProcessorPil()), is_naflex_processor(CLIPImageProcessor())
-        (True, False)
+    Such a processor returns ``pixel_values`` ``[N, max_num_patches, 3 * p * p]``, ``pixel_attention_mask`` and
+    ``spatial_shapes``.
     """
     image_processor = getattr(processor, "image_processor", processor)
     return (
@@ -629,42 +419,14 @@ def is_naflex_processor(processor: Any) -> bool:
 
 
 class NaFlexTransform(ImageTransform):
-    """SigLIP 2 NaFlex views: the paper's random crop and flip (train views), then the model's own processor.
+    """SigLIP 2 NaFlex views: the paper's random crop and flip (train), then the model's own processor.
 
-    A NaFlex processor sizes its output from the image it is given (see :func:`is_naflex_processor`), so
-    there is no fixed size to crop to. A train view is therefore a box of the source image, the same
-    random box and flip that :func:`build_train_transform` takes for a fixed-size processor with the same
-    seed (view ``v`` of image ``i`` is a pure function of ``(seed, i, v)``), cut out at full resolution
-    and flipped; the processor then makes the model's inputs from it, resizing it with ``resample``. The
-    crop keeps its aspect ratio on the patch grid instead of being stretched to a square. An eval view is
-    the processor's output for the whole image. Either way the inputs are the processor's own, computed
-    by the processor object itself, so a torchvision-backed processor gives what it gives everywhere.
-
-    Calling the transform returns the model's inputs by name, which feature extraction stacks and passes
-    to ``get_image_features``: ``pixel_values`` ``[max_num_patches, 3 * p * p]`` float32,
-    ``pixel_attention_mask`` ``[max_num_patches]`` int32 (1 on the image's patches) and ``spatial_shapes``
-    ``[2]`` int64 (rows and columns of patches).
-
-    The views are made on the CPU (in the DataLoader workers): the device path of feature extraction
-    resamples boxes to one fixed size, which NaFlex does not have. The source is decoded in full (JPEG
-    draft decoding does not apply), since the processor picks the output's size from the pixels it gets.
-
-    Args:
-        image_processor: A NaFlex image processor, or a processor holding one (``.image_processor``).
-        augmentation: The train views' random crop and flip (as :func:`build_train_transform` makes it);
-            ``None`` for eval views.
-        resample: PIL filter of the processor's resize of a train view; ``None``: the processor's own.
-
-    Raises:
-        ValueError: for a processor that does not make NaFlex inputs.
-
-    Example:
-        >>> from PIL import Image
-        >>> from transformers import Siglip2ImageProcessorPil
-        >>> processor = Siglip2ImageProcessorPil(patch_size=8, max_num_patches=16)
-        >>> inputs = build_train_transform(processor, seed=0)(Image.new("RGB", (64, 32)), index=0, view=1)
-        >>> {name: tuple(value.shape) for name, value in inputs.items()}
-        {'pixel_values': (16, 192), 'pixel_attention_mask': (16,), 'spatial_shapes': (2,)}
+    A train view is the same box and flip ``build_train_transform`` takes for a fixed-size processor with the
+    same seed, cut at full resolution (keeping its aspect ratio on the patch grid); an eval view is the whole
+    image. Returns ``pixel_values`` ``[max_num_patches, 3 * p * p]`` float32, ``pixel_attention_mask``
+    ``[max_num_patches]`` int32 and ``spatial_shapes`` ``[2]`` int64. Views are made on the CPU and decoded in
+    full, since the processor sizes the output from the pixels it gets. ``augmentation=None`` makes eval views.
+    Raises ``ValueError`` for a processor that does not make NaFlex inputs.
     """
 
     def __init__(
@@ -685,25 +447,7 @@ class NaFlexTransform(ImageTransform):
         self.description = f"naflex {views} full-decode then {type(image_processor).__name__} {settings}"
 
     def view_crop(self, width: int, height: int, *, index: int, view: int) -> tuple[tuple[int, int, int, int], bool]:
-        """The box of the source that view ``view`` of image ``index`` shows, and whether it is flipped.
-
-        Args:
-            width: Source width.
-            height: Source height.
-            index: The image's row.
-            view: The augmentation number.
-
-        Returns:
-            ``((left, top, right, bottom), flip)`` in source pixels; the whole image unflipped for eval views.
-
-        Raises:
-            ValueError: for a negative or non-integer index or view.
-
-        Example:
-            >>> from transformers import Siglip2ImageProcessorPil
-            >>> build_eval_transform(Siglip2ImageProcessorPil()).view_crop(64, 32, index=3, view=1)
-            ((0, 0, 64, 32), False)
-        """
+        """``((left, top, right, bottom), flip)`` of view ``view`` of image ``index``; the whole image for eval."""
         check_index("index", index)
         check_index("view", view)
         if self.augmentation is None:
@@ -726,34 +470,10 @@ class NaFlexTransform(ImageTransform):
 def build_eval_transform(image_processor: Any, *, draft: bool = True) -> ImageTransform:
     """The processor's own resize and center crop, then its rescale and normalisation.
 
-    The result equals ``image_processor(images=image).pixel_values[0]`` (to float rounding), written with
-    PIL and torch only. A JPEG at least twice the resized size is decoded at reduced scale (``draft``):
-    a 12 MP photo for a 224 px model is decoded at 1/8, where the processor would decode all 12 MP and
-    resize them; the result differs from the processor's by the difference of the two antialiased
-    reductions. For a SigLIP 2 NaFlex processor (:func:`is_naflex_processor`) the transform is the
-    processor itself: a :class:`NaFlexTransform` returning its three inputs for the whole image.
-
-    Args:
-        image_processor: The model's image processor (``CLIPImageProcessor``, ``SiglipImageProcessor``,
-            ``Siglip2ImageProcessor``, ...), or a processor holding one.
-        draft: Decode large JPEGs at 1/2, 1/4 or 1/8 scale, never below the resized size. ``False``
-            decodes every image in full. (Fixed-size processors only: NaFlex decodes in full.)
-
-    Returns:
-        A :class:`ResizedCropTransform` (a :class:`NaFlexTransform` for NaFlex) that ignores ``index`` and
-        ``view``.
-
-    Raises:
-        ValueError: for an object that is not an image processor, or a resize rule other than
-            ``{"shortest_edge": n}`` or ``{"height": h, "width": w}``.
-
-    Example:
-        >>> from PIL import Image
-        >>> from transformers import CLIPImageProcessor
-        >>> processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-        >>> pixels = build_eval_transform(processor)(Image.new("RGB", (64, 48), "white"))
-        >>> pixels.shape, pixels.dtype
-        (torch.Size([3, 32, 32]), torch.float32)
+    Equals ``image_processor(images=image).pixel_values[0]`` to float rounding, with PIL and torch only. With
+    ``draft`` a JPEG at least twice the resized size is decoded at 1/2, 1/4 or 1/8 scale (never below the resized
+    size). A NaFlex processor gets a ``NaFlexTransform``. Raises ``ValueError`` for something that is not an image
+    processor, or a size other than ``{"shortest_edge": n}`` or ``{"height": h, "width": w}``.
     """
     if is_naflex_processor(image_processor):
         return NaFlexTransform(image_processor)
@@ -772,48 +492,13 @@ def build_train_transform(
 ) -> ImageTransform:
     """The paper's train augmentation: random-resized-crop and horizontal flip, then the processor's scaling.
 
-    The crop covers a random ``scale`` share of the image with a random aspect ratio in ``ratio`` (the
-    rule of torchvision's ``RandomResizedCrop``), is resampled to the processor's crop size (one PIL
-    resize of the crop's box) and flipped with probability ``flip_probability``; then the processor's
-    rescale and mean/std normalisation apply. The randomness of ``transform(image, index=i, view=v)``
-    comes from ``(seed, i, v)`` alone. With ``draft``, a JPEG so large that even the smallest crop
-    ``scale`` and ``ratio`` allow holds twice the output's pixels is decoded at reduced scale (a 12 MP
-    photo at 1/2 for 224 px and ``scale[0] = 0.08``).
-
-    For a SigLIP 2 NaFlex processor (:func:`is_naflex_processor`), which has no fixed size to resample the
-    crop to, the same box is cut out and flipped, and the processor then makes its three inputs from it,
-    resizing with ``resample`` (a :class:`NaFlexTransform`).
-
-    Args:
-        image_processor: The model's image processor, or a processor holding one.
-        seed: Seed of the augmentations (integer >= 0).
-        scale: Range of the crop's share of the image area, ``0 < low <= high <= 1``.
-        ratio: Range of the crop's aspect ratio (width / height), ``0 < low <= high``.
-        flip_probability: Probability of a horizontal flip, in [0, 1].
-        resample: PIL filter of the crop's resize (bicubic, as in the paper).
-        draft: Decode large JPEGs at 1/2, 1/4 or 1/8 scale, never below the resolution the smallest crop
-            needs. ``False`` decodes every image in full. (Fixed-size processors only: NaFlex decodes in
-            full.)
-
-    Returns:
-        A :class:`ResizedCropTransform` (a :class:`NaFlexTransform` for NaFlex), deterministic in
-        ``(seed, index, view)``.
-
-    Raises:
-        ValueError: for a bad seed, scale, ratio or flip probability, or a processor without a fixed output
-            size.
-
-    Example:
-        >>> import torch
-        >>> from PIL import Image
-        >>> from transformers import CLIPImageProcessor
-        >>> processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-        >>> transform = build_train_transform(processor, seed=0)
-        >>> image = Image.effect_noise((64, 48), 40)
-        >>> torch.equal(transform(image, index=3, view=1), transform(image, index=3, view=1))
-        True
-        >>> torch.equal(transform(image, index=3, view=1), transform(image, index=3, view=2))
-        False
+    The crop covers a random ``scale`` share of the area with an aspect ratio (width / height) in ``ratio``
+    (torchvision's ``RandomResizedCrop`` rule), resampled with ``resample`` to the processor's crop size and
+    flipped with probability ``flip_probability``. View ``v`` of image ``i`` depends on ``(seed, i, v)`` alone.
+    With ``draft`` a JPEG is decoded at reduced scale when even the smallest possible crop keeps twice the
+    output's pixels. A NaFlex processor gets a ``NaFlexTransform`` with the same boxes. Raises ``ValueError``
+    for a bad seed, ``scale`` (``0 < low <= high <= 1``), ``ratio`` (``0 < low <= high``), flip probability, or a
+    processor without a fixed output size.
     """
     check_index("seed", seed)
     if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
