@@ -399,6 +399,17 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--train_val_split must be in (0, 1), got {args.train_val_split}.")
     if args.num_warmup_steps is not None and args.num_warmup_steps < 0:
         raise ValueError(f"--num_warmup_steps must be >= 0, got {args.num_warmup_steps}.")
+    if args.templates and len(args.templates) == 1 and "{}" not in args.templates[0]:
+        known = ["default", "ensemble", *_template_set_names()]
+        if args.templates[0] not in known:
+            raise ValueError(
+                f"Unknown template set {args.templates[0]!r}; choose one of {known} or pass template strings."
+            )
+    elif args.templates and any("{}" not in value for value in args.templates):
+        raise ValueError(
+            f"--templates {[value for value in args.templates if '{}' not in value]} have no '{{}}' placeholder: "
+            "pass one template-set name or prompt strings like 'a photo of a {}.'."
+        )
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         raise ValueError(
             f"--dataloader_num_workers must be >= 0 (0 decodes images in the main process), got "
@@ -598,15 +609,7 @@ def resolve_templates(args: argparse.Namespace) -> list[str]:
         hint = "".join(char for char in (args.dataset_name or args.train_dir or "").lower() if char.isalnum())
         known = [name for name in DATASET_TEMPLATES if name.replace("_", "") in hint]
         values = [max(known, key=len)] if known else ["default"]
-    if len(values) == 1 and "{}" not in values[0]:
-        return templates_for(values[0])
-    bad = [value for value in values if "{}" not in value]
-    if bad:
-        raise ValueError(
-            f"--templates {bad} have no '{{}}' placeholder: pass one template-set name or prompt strings like "
-            "'a photo of a {}.'."
-        )
-    return list(values)
+    return templates_for(values[0]) if len(values) == 1 and "{}" not in values[0] else list(values)
 
 
 def build_classifier(args: argparse.Namespace, peft_model, processor, names: list[str], templates: list[str]):
