@@ -21,7 +21,7 @@ import torch
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
-fewshot, fresh_accelerate_state = helpers.fewshot, helpers.fresh_accelerate_state  # fixtures
+
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def _args(tiny_clip_path: str, shapes_dir: str, run: Path, per_device_batch: int
     return [*argv, "--ratio", "auto", "--ratio_grid", "0.2", "0.6"]
 
 
-def test_two_processes_match_one_process(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+def test_two_processes_match_one_process(tiny_clip_path, shapes_dir, tmp_path):
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -56,7 +56,7 @@ def test_two_processes_match_one_process(fewshot, tiny_clip_path, shapes_dir, tm
     assert finished.returncode == 0, finished.stderr[-4000:]
     two = json.loads((tmp_path / "two" / "out" / "all_results.json").read_text())
 
-    one = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path / "one", per_device_batch=16))
+    one = helpers.run_fewshot(_args(tiny_clip_path, shapes_dir, tmp_path / "one", per_device_batch=16)).results
 
     assert (two["num_processes"], one["num_processes"]) == (2, 1)
     assert two["num_eval_images"] == one["num_eval_images"] == 8  # none duplicated, none dropped
