@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Optional
 
@@ -219,3 +220,37 @@ def check_checkpoint_files(folder: str | os.PathLike, process_index: int = 0, hi
                 f"{path} cannot be loaded safely ({type(error).__name__}: {reason}): it is damaged, or holds objects "
                 f"that weights-only loading refuses because loading them could run code.{hint}"
             ) from error
+
+
+def prepare_output_dir(
+    accelerator: Any, output_dir: str | os.PathLike, *, overwrite: bool, resuming: bool, also_remove: tuple = ()
+) -> None:
+    """Refuse an ``output_dir`` holding another run's files unless ``overwrite`` (or ``resuming``), then create it.
+
+    Overwriting removes the previous run's checkpoints, killed saves' temporaries and ``also_remove`` (names
+    in the folder, e.g. tracking logs), so that neither ``latest`` nor the logs can mix two runs.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.is_file():
+        raise ValueError(f"--output_dir {output_dir} is a file; pass a folder.")
+    entries = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
+    if entries and not (overwrite or resuming):
+        # Resuming is only worth suggesting when there is a checkpoint to resume from.
+        resume = ", --resume_from_checkpoint latest to continue that run" if find_checkpoints(output_dir) else ""
+        raise ValueError(
+            f"--output_dir {output_dir} already holds another run's files ({', '.join(entries[:5])}"
+            f"{', ...' if len(entries) > 5 else ''}). Pass --overwrite_output_dir to replace them{resume}, "
+            "or choose another --output_dir."
+        )
+    accelerator.wait_for_everyone()  # every process has checked before anything is removed
+    if accelerator.is_main_process:
+        if entries and overwrite and not resuming:
+            stale = [
+                *find_checkpoints(output_dir),
+                *output_dir.glob(".*.tmp-*"),
+                *(output_dir / n for n in also_remove),
+            ]
+            for path in stale:
+                shutil.rmtree(path, ignore_errors=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()

@@ -107,6 +107,19 @@ def image_batch_inputs(
     return pixels
 
 
+def check_images(dataset: Any, image_column: str) -> None:
+    """Decode every image once, so that an unreadable file fails by name before end-to-end training starts."""
+    import datasets
+
+    from peft_clip_adapter.fewshot.inputs.images import load_image
+
+    raw = dataset.select_columns([image_column])
+    if isinstance(raw.features[image_column], datasets.Image):
+        raw = raw.cast_column(image_column, datasets.Image(decode=False))
+    for value in raw[image_column]:
+        load_image(value)
+
+
 @torch.no_grad()
 def evaluate(classifier: nn.Module, eval_set: FeatureSet, loader: Any, accelerator: Any) -> dict[str, Any]:
     """Top-1 and per-class accuracy, and each image's predicted class, over the cached eval features.
@@ -143,6 +156,20 @@ def one_thread_on_cpu(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def search_on_main_process(accelerator: Any, classifier: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``search.search_hyperparameters(classifier, *args, **kwargs)`` on the main process, its result broadcast,
+    so that every process trains with the same values."""
+    from accelerate.utils import broadcast_object_list
+
+    from peft_clip_adapter.fewshot.search import search_hyperparameters
+
+    found = [None]
+    if accelerator.is_main_process:
+        with one_thread_on_cpu(accelerator.device):
+            found = [search_hyperparameters(classifier, *args, **kwargs)]
+    return broadcast_object_list(found)[0]
 
 
 def train_loop(
@@ -323,13 +350,15 @@ def save_plot(path: str | os.PathLike, results: dict[str, Any]) -> None:
         plt.close(figure)
 
 
-def check_hub_access(repo_id: str, *, token: Optional[str] = None) -> str:
+def check_hub_access(repo_id: str, *, token: Optional[str] = None, base_model: Optional[str] = None) -> str:
     """Before any data is loaded: reach the Hub, check the login and create ``repo_id``; return its full id.
+
+    With ``base_model`` (a Hub id), its card is fetched too, so that the adapter's card can inherit its licence.
 
     Raises:
         ValueError: offline, not logged in, a refused token, a bad id or no network, each with what to do.
     """
-    from huggingface_hub import HfApi, constants
+    from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalTokenNotFoundError
     from huggingface_hub.utils import validate_repo_id
 
@@ -373,4 +402,11 @@ def check_hub_access(repo_id: str, *, token: Optional[str] = None) -> str:
             f"{upload_later}."
         ) from error
     logger.info("Will push to %s as %s", repo_id, user)
+    if base_model and not os.path.exists(base_model):
+        try:
+            hf_hub_download(base_model, "README.md", token=token)
+        except Exception:  # best effort: the card then has no licence, and says so
+            logger.warning(
+                "The base model's card is unavailable, so the adapter's card has no licence; pass --license."
+            )
     return repo_id
