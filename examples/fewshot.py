@@ -1,13 +1,12 @@
 """Few-shot image classification with CLIP-Adapter, on Accelerate.
 
 Trains a CLIP-Adapter (Gao et al., https://arxiv.org/abs/2110.04544) on k labelled images per class and
-reports zero-shot accuracy before and adapter accuracy after, on held-out images. The frozen CLIP
-backbone runs once per training image and augmented view (and once per eval image); the features are
-cached on disk and the adapter trains on them, so the paper's 200 epochs cost seconds.
+reports zero-shot accuracy before and adapter accuracy after, on held-out images. The frozen backbone runs
+once per training image and augmented view (and once per eval image); the features are cached on disk and
+the adapter trains on them, so the paper's 200 epochs cost seconds.
 
 One CPU, with no arguments (no network): a micro-CLIP pretrained on generated captioned scenes (built
-once, about a minute on 2 cores, then cached) and a generated few-shot task, trained with the paper's
-recipe; it prints zero-shot and adapter accuracy on held-out images::
+once, about a minute on 2 cores, then cached) and a generated few-shot task, with the paper's recipe::
 
     python examples/fewshot.py
 
@@ -17,8 +16,7 @@ One process (CPU or one GPU) on a real model and your own image folders::
         --train_dir data/eurosat/train --validation_dir data/eurosat/val --templates eurosat \\
         --shots 16 --output_dir runs/eurosat-16shot
 
-Two CPU processes (gloo). ``accelerate launch --cpu --num_processes 2`` silently runs ONE process; this
-runs two::
+Two CPU processes (gloo; ``accelerate launch --cpu --num_processes 2`` silently runs ONE process)::
 
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \\
         --dynamo_backend no examples/fewshot.py --cpu --per_device_train_batch_size 16
@@ -27,18 +25,11 @@ N GPUs on one machine (the default global batch of 32 is split across them)::
 
     accelerate launch --multi_gpu --num_processes N examples/fewshot.py --model_name_or_path ... ...
 
-Several machines (run on each, with its own --machine_rank; M machines x G GPUs each)::
-
-    accelerate launch --multi_gpu --num_machines M --num_processes $((M * G)) --machine_rank R \\
-        --main_process_ip <ip of rank 0> --main_process_port 29500 examples/fewshot.py ...
-
 Recipe (the paper's, from CoOp's config): SGD (lr 2e-3, momentum 0.9, weight decay 5e-4), global
 batch 32, 200 epochs, cosine schedule after 1 warm-up epoch at a constant 1e-5, ratio 0.2, reduction 4.
-Epoch ``e`` trains on augmented view ``e % views`` of every image (fixed by ``--seed``); ``--end_to_end``
-re-runs the backbone on every step on the same views and gives the same adapter to float tolerance.
-The seeded sampler drops the last incomplete batch (as CoOp), so 2 processes x 8 images and 1 process x
-16 images train the same adapter. ``--torch_dtype bfloat16`` and ``--mixed_precision bf16`` run the
-backbone in bf16 on a GPU; the cached features stay float32.
+Epoch ``e`` trains on view ``e % views`` of every image; ``--end_to_end`` re-runs the backbone on every
+step on the same views and gives the same adapter. The seeded sampler drops the last incomplete batch
+(as CoOp), so 2 processes x 8 images and 1 process x 16 images train the same adapter.
 """
 
 from __future__ import annotations
@@ -413,42 +404,6 @@ def load_model(args: argparse.Namespace):
         ), processor
 
 
-def load_data(args: argparse.Namespace):
-    """The k-shot training sample, the full held-out split and the class names, checked."""
-    import datasets
-
-    from peft_clip_adapter.fewshot import data
-
-    splits = data.load_image_classification_data(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_dir=args.train_dir,
-        validation_dir=args.validation_dir,
-        image_column=args.image_column_name,
-        label_column=args.label_column_name,
-        validation_fraction=args.train_val_split,
-        seed=args.seed,
-    )
-    for split in ("train", "validation"):
-        data.check_columns(splits[split], args.image_column_name, args.label_column_name)
-    label = args.label_column_name
-    names = data.class_names(splits["train"], label)
-    if not isinstance(splits["train"].features[label], datasets.ClassLabel):
-        # Class ids alone make prompts like "a photo of a 0.": training still works, zero-shot cannot.
-        logger.warning(
-            f"Label column {label!r} holds integer ids without class names, so the prompts name the classes "
-            f"{names[:5]}. The zero-shot accuracy means little; give the names with "
-            f"dataset.cast_column({label!r}, ClassLabel(names=...))."
-        )
-    if len(names) < 2:
-        raise ValueError(
-            f"The training data has {len(names)} class ({names}) in column {label!r}; classification needs at "
-            "least 2 classes."
-        )
-    train = data.sample_few_shot(splits["train"], args.shots, label_column=label, seed=args.seed)
-    return train, splits["validation"], names
-
-
 def resolve_templates(args: argparse.Namespace) -> list[str]:
     """The prompt templates: a named set, explicit strings, or the dataset's own set when its name is known."""
     from peft_clip_adapter.fewshot.templates import DATASET_TEMPLATES, templates_for
@@ -461,30 +416,17 @@ def resolve_templates(args: argparse.Namespace) -> list[str]:
     return templates_for(values[0]) if len(values) == 1 and "{}" not in values[0] else list(values)
 
 
-def build_classifier(peft_model, processor, names: list[str], templates: list[str]):
-    """The prompt classifier sharing the model's adapters; identical class prototypes are refused."""
-    from peft_clip_adapter.fewshot import classifier
-
-    class_embeddings = classifier.encode_class_prompts(peft_model, processor, names, templates)  # [C, T, D]
-    # Identical prototypes are a ValueError; nearly identical ones a warning.
-    bar = classifier.NEAR_DUPLICATE_COSINE
-    near_duplicates = classifier.check_class_prototypes(class_embeddings, names, near_duplicate_cosine=bar)
-    if near_duplicates:
-        pairs = "; ".join(f"{a!r} / {b!r} ({cosine:.4f})" for a, b, cosine in near_duplicates)
-        logger.warning(
-            f"Classes with nearly identical prompt embeddings (cosine > {bar:.2f}): {pairs}. The classifier will "
-            "hardly tell them apart; check the class names and --templates."
-        )
-    return classifier.CLIPAdapterClassifier.from_model(peft_model, class_embeddings)
-
-
 def choose_hyperparameters(args, accelerator, peft_model, classifier, train_set, train_eval_set, global_batch):
     """--ratio / --learning_rate auto: k-fold cross-validation on the training shots, then set the winners."""
     from peft_clip_adapter.fewshot.recipe import TrainingRecipe
     from peft_clip_adapter.fewshot.search import set_ratio
     from peft_clip_adapter.fewshot.training import search_on_main_process
 
-    flags = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainingRecipe)}
+    flags = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(TrainingRecipe)
+        if field.name != "batch_size"
+    }
     result = search_on_main_process(
         accelerator,
         classifier,
@@ -492,7 +434,7 @@ def choose_hyperparameters(args, accelerator, peft_model, classifier, train_set,
         train_eval_set.features[0],
         ratios=args.ratio_grid if args.ratio == "auto" else [args.ratio],
         learning_rates=args.learning_rate_grid if args.learning_rate == "auto" else [args.learning_rate],
-        recipe=TrainingRecipe(**{**flags, "batch_size": global_batch}),
+        recipe=TrainingRecipe(batch_size=global_batch, **flags),
         num_folds=args.search_folds,
         fallback=(PAPER_DEFAULTS["ratio"], PAPER_DEFAULTS["learning_rate"]),
     )
@@ -565,25 +507,30 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     templates = resolve_templates(args)
     with accelerator.main_process_first():
         peft_model, processor = load_model(args)
-        train_dataset, eval_dataset, names = load_data(args)
+        train_dataset, eval_dataset, names = training.load_few_shot_data(
+            shots=args.shots,
+            seed=args.seed,
+            image_column=args.image_column_name,
+            label_column=args.label_column_name,
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            train_dir=args.train_dir,
+            validation_dir=args.validation_dir,
+            validation_fraction=args.train_val_split,
+        )
     peft_model.to(accelerator.device).eval()  # the backbone stays frozen (and in eval mode) throughout
     logger.info(
         f"{len(names)} classes, {len(train_dataset)} training images ({args.shots} shots), {len(eval_dataset)} "
         f"held-out images; templates {templates}"
     )
-    classifier = build_classifier(peft_model, processor, names, templates)
+    classifier = training.build_prompt_classifier(peft_model, processor, names, templates)
 
     # Frozen features, extracted once and cached ----------------------------------------------------------
     start = time.perf_counter()
     cache = FeatureCache(args.feature_cache_dir)
-    extract = dict(
-        image_column=args.image_column_name,
-        label_column=args.label_column_name,
-        batch_size=args.per_device_eval_batch_size,
-        accelerator=accelerator,  # the mixed precision comes from it
-        show_progress=True,
-        num_workers=args.dataloader_num_workers,
-    )
+    extract = dict(image_column=args.image_column_name, label_column=args.label_column_name, show_progress=True)
+    extract.update(batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers)
+    extract["accelerator"] = accelerator  # its device and mixed precision
     eval_transform = build_eval_transform(processor.image_processor)
     train_transform = build_train_transform(
         processor.image_processor, seed=args.seed, scale=(args.min_crop_scale, 1.0)
@@ -602,13 +549,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     num_processes, accumulation = accelerator.num_processes, args.gradient_accumulation_steps
     per_device = args.per_device_train_batch_size or max(1, GLOBAL_BATCH_SIZE // (num_processes * accumulation))
     global_batch, num_train = per_device * num_processes * accumulation, len(train_dataset)
-    # CoOp drops the last incomplete batch.
-    train_loader = DataLoader(
-        TensorDataset(torch.arange(num_train)),
-        per_device,
-        shuffle=True,
-        drop_last=num_train >= per_device * num_processes,
-    )
+    drop_last = num_train >= per_device * num_processes  # CoOp drops the last incomplete batch
+    train_loader = DataLoader(TensorDataset(torch.arange(num_train)), per_device, shuffle=True, drop_last=drop_last)
     eval_loader = DataLoader(TensorDataset(torch.arange(len(eval_dataset))), args.per_device_eval_batch_size)
     search = None
     if searching:

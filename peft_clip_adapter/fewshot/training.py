@@ -107,6 +107,61 @@ def image_batch_inputs(
     return pixels
 
 
+def load_few_shot_data(
+    *, shots: int, seed: int, image_column: str = "image", label_column: str = "label", **source: Any
+) -> tuple[Any, Any, list[str]]:
+    """The ``shots``-per-class training sample, the whole held-out split and the class names, checked.
+
+    ``source`` goes to ``data.load_image_classification_data`` (``dataset_name``, ``train_dir``, ...).
+
+    Raises:
+        ValueError: for a missing column, fewer than 2 classes, or fewer images in a class than ``shots``.
+    """
+    import datasets
+
+    from peft_clip_adapter.fewshot import data
+
+    splits = data.load_image_classification_data(
+        image_column=image_column, label_column=label_column, seed=seed, **source
+    )
+    for split in ("train", "validation"):
+        data.check_columns(splits[split], image_column, label_column)
+    names = data.class_names(splits["train"], label_column)
+    if not isinstance(splits["train"].features[label_column], datasets.ClassLabel):
+        # Class ids alone make prompts like "a photo of a 0.": training still works, zero-shot cannot.
+        logger.warning(
+            f"Label column {label_column!r} holds integer ids without class names, so the prompts name the classes "
+            f"{names[:5]}. The zero-shot accuracy means little; give the names with "
+            f"dataset.cast_column({label_column!r}, ClassLabel(names=...))."
+        )
+    if len(names) < 2:
+        raise ValueError(
+            f"The training data has {len(names)} class ({names}) in column {label_column!r}; classification needs "
+            "at least 2 classes."
+        )
+    train = data.sample_few_shot(splits["train"], shots, label_column=label_column, seed=seed)
+    return train, splits["validation"], names
+
+
+def build_prompt_classifier(model: nn.Module, processor: Any, names: list[str], templates: list[str]) -> nn.Module:
+    """The ``CLIPAdapterClassifier`` of ``model``'s adapters and the class prompts; identical classes are refused.
+
+    Nearly identical classes (cosine above ``classifier.NEAR_DUPLICATE_COSINE``) are a warning.
+    """
+    from peft_clip_adapter.fewshot import classifier
+
+    class_embeddings = classifier.encode_class_prompts(model, processor, names, templates)  # [C, T, D]
+    bar = classifier.NEAR_DUPLICATE_COSINE
+    near_duplicates = classifier.check_class_prototypes(class_embeddings, names, near_duplicate_cosine=bar)
+    if near_duplicates:
+        pairs = "; ".join(f"{a!r} / {b!r} ({cosine:.4f})" for a, b, cosine in near_duplicates)
+        logger.warning(
+            f"Classes with nearly identical prompt embeddings (cosine > {bar:.2f}): {pairs}. The classifier will "
+            "hardly tell them apart; check the class names and --templates."
+        )
+    return classifier.CLIPAdapterClassifier.from_model(model, class_embeddings)
+
+
 def check_images(dataset: Any, image_column: str) -> None:
     """Decode every image once, so that an unreadable file fails by name before end-to-end training starts."""
     import datasets

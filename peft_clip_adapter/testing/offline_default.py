@@ -33,11 +33,8 @@ def offline_default_folders(cache_dir: str | os.PathLike, task_name: str) -> tup
 def build_offline_default(cache_dir: str | os.PathLike, task_name: str) -> tuple[Path, Path, Path]:
     """Build whichever of the three folders is missing (the model takes about a minute on 2 cores).
 
-    Raises:
-        ValueError: for a task that is not in ``SCENE_TASKS``.
+    ``task_name`` is a key of ``scene_tasks.SCENE_TASKS``.
     """
-    if task_name not in SCENE_TASKS:
-        raise ValueError(f"Unknown offline task {task_name!r}; choose one of {sorted(SCENE_TASKS)}.")
     model_dir, train_dir, validation_dir = offline_default_folders(cache_dir, task_name)
     build_once(model_dir, lambda path: build_micro_clip(path, MICRO_CLIP_CONFIG))
     for folder, split, seed in ((train_dir, "train", 0), (validation_dir, "validation", 1)):
