@@ -1,8 +1,4 @@
-"""The trainer's offline default: a pretrained micro-CLIP and a generated few-shot task, built once in a cache.
-
-``python examples/fewshot.py`` with no model and no data trains on these; the tests and benchmarks use the
-same folders. Each folder is built beside its place and renamed into it whole (``peft_clip_adapter.atomic``).
-"""
+"""The trainer's offline default, built once in a cache: a pretrained micro-CLIP and a generated few-shot task."""
 
 from __future__ import annotations
 
@@ -31,10 +27,7 @@ def offline_default_folders(cache_dir: str | os.PathLike, task_name: str) -> tup
 
 
 def build_offline_default(cache_dir: str | os.PathLike, task_name: str) -> tuple[Path, Path, Path]:
-    """Build whichever of the three folders is missing (the model takes about a minute on 2 cores).
-
-    ``task_name`` is a key of ``scene_tasks.SCENE_TASKS``.
-    """
+    """Build the missing folders of ``SCENE_TASKS[task_name]`` (the model: about a minute on 2 cores)."""
     model_dir, train_dir, validation_dir = offline_default_folders(cache_dir, task_name)
     build_once(model_dir, lambda path: build_micro_clip(path, MICRO_CLIP_CONFIG))
     for folder, split, seed in ((train_dir, "train", 0), (validation_dir, "validation", 1)):
@@ -44,10 +37,9 @@ def build_offline_default(cache_dir: str | os.PathLike, task_name: str) -> tuple
 
 
 def build_once(target: Path, build: Callable[[Path], object]) -> None:
-    """Run ``build(path)`` on a temporary folder renamed to ``target`` when done, unless ``target`` exists.
+    """Unless ``target`` exists, ``build(path)`` a temporary folder and rename it to ``target`` whole.
 
-    Concurrent runs may build the same folder: each renames a whole build into place, so a reader never sees
-    a partial one, and a killed build leaves only a temporary that the next build beside it removes.
+    Concurrent builds each rename a whole build into place; a killed one leaves a temporary the next removes.
     """
     if target.is_dir():
         return
