@@ -50,6 +50,7 @@ def test_two_processes_match_one_process(tiny_clip_path, shapes_dir, tmp_path):
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         str(helpers.EXAMPLE), "--cpu", *_args(tiny_clip_path, shapes_dir, tmp_path / "two", per_device_batch=8),
+        "--checkpointing_steps", "epoch",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -78,5 +79,11 @@ def test_two_processes_match_one_process(tiny_clip_path, shapes_dir, tmp_path):
     assert sorted(expected) == sorted(actual)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+    # Each process wrote its random states into the checkpoint the main process renamed into place.
+    checkpoint = tmp_path / "two" / "out" / "epoch_6"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
+    assert not list((tmp_path / "two" / "out").glob(".*"))  # no temporary left
     # The adapter really trained (so equal adapters are not just equal initialisations).
     assert len(one["train_loss_per_epoch"]) == 6 and one["train_loss_per_epoch"][-1] < one["train_loss_per_epoch"][0]
