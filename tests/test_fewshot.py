@@ -292,6 +292,21 @@ def test_learning_rate_schedule_is_coops():
     )
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"views": 0}, r"LoopSettings.views must be a whole number >= 1 .*got 0"),
+        ({"checkpointing_steps": "often"}, r"LoopSettings.checkpointing_steps must be .*got 'often'"),
+        ({"learning_rate": 0.0}, r"LoopSettings.learning_rate must be > 0, got 0.0"),
+    ],
+)
+def test_loop_settings_refuse_bad_values(bad, message):
+    from peft_clip_adapter.fewshot.training import LoopSettings
+
+    with pytest.raises(ValueError, match=message):
+        LoopSettings(**{"num_train_epochs": 2, "views": 1, "learning_rate": 0.1, **bad})
+
+
 def test_a_loss_that_does_not_move_is_reported(caplog):
     from peft_clip_adapter.fewshot.training import warn_if_loss_stalled
 

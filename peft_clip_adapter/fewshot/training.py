@@ -1,4 +1,4 @@
-"""The few-shot training loop on Accelerate, its evaluation and what a run reports.
+"""A few-shot run's steps: its data and prompt classifier, the training loop on Accelerate, evaluation, results.
 
 ``examples/fewshot.py`` and the benchmarks train with ``train_loop``: CoOp's learning-rate schedule per
 optimizer step (``recipe.scheduled_learning_rate``), augmented view ``e % views`` in epoch ``e``, and
@@ -57,6 +57,19 @@ class LoopSettings:
     checkpointing_steps: Union[int, str, None] = None  # every N optimizer steps, "epoch", or never
     output_dir: str = "."  # where checkpoints go
     with_tracking: bool = False  # accelerator.log the metrics of every epoch
+
+    def __post_init__(self) -> None:
+        counts = {"num_train_epochs": self.num_train_epochs, "views": self.views}
+        counts["eval_every_epochs"] = self.eval_every_epochs
+        if self.checkpointing_steps != "epoch":
+            counts["checkpointing_steps"] = self.checkpointing_steps
+        for name, value in counts.items():
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(
+                    f"LoopSettings.{name} must be a whole number >= 1 (or 'epoch' for checkpoints), got {value!r}."
+                )
+        if not self.learning_rate > 0:
+            raise ValueError(f"LoopSettings.learning_rate must be > 0, got {self.learning_rate}.")
 
 
 class EndToEndHead(nn.Module):
