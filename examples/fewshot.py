@@ -372,38 +372,6 @@ def prepare_offline_default(args: argparse.Namespace, accelerator) -> None:
     )
 
 
-def load_model(args: argparse.Namespace):
-    """The frozen dual encoder with an adapter on --adapt, and its processor (tokenizer + image processor)."""
-    from accelerate.utils import set_seed
-    from peft import get_peft_model
-    from transformers import AutoModel, AutoProcessor
-
-    from peft_clip_adapter import CLIPAdapterConfig
-    from peft_clip_adapter.adapter_checks import from_pretrained_safetensors
-    from peft_clip_adapter.families import describe_towers, towers_by_branch
-    from peft_clip_adapter.fewshot.logs import quiet_peft_wrapping
-
-    # A pickle is refused, never unpickled.
-    model = from_pretrained_safetensors(AutoModel, args.model_name_or_path, dtype=args.torch_dtype)
-    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
-    missing = [branch for branch in ("vision", "text") if branch not in towers_by_branch(model)]
-    if missing:
-        raise ValueError(
-            f"{type(model).__name__} from {args.model_name_or_path} has no {' / '.join(missing)} tower with a pooled "
-            f"embedding (it has {describe_towers(model)}): the trainer classifies images by class-name prompts, so it "
-            "needs an image and a text tower. Use a CLIP or SigLIP checkpoint such as openai/clip-vit-base-patch16."
-        )
-    # With --ratio auto the search sets the ratio later (set_ratio); the initial weights do not depend on it.
-    ratio = PAPER_DEFAULTS["ratio"] if args.ratio == "auto" else args.ratio
-    # Seeded right here, so the adapter's initial weights depend on --seed alone (building the offline model
-    # on a first run reseeds torch, for one).
-    set_seed(args.seed)
-    with quiet_peft_wrapping():
-        return get_peft_model(
-            model, CLIPAdapterConfig(ratio=ratio, reduction=args.reduction, adapt=args.adapt)
-        ), processor
-
-
 def resolve_templates(args: argparse.Namespace) -> list[str]:
     """The prompt templates: a named set, explicit strings, or the dataset's own set when its name is known."""
     from peft_clip_adapter.fewshot.templates import DATASET_TEMPLATES, templates_for
@@ -506,18 +474,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     # Model, data and class prototypes: everything that can be wrong is checked here, before training -----
     templates = resolve_templates(args)
     with accelerator.main_process_first():
-        peft_model, processor = load_model(args)
+        # With --ratio auto the search sets the ratio later; the initial weights do not depend on it.
+        ratio = PAPER_DEFAULTS["ratio"] if args.ratio == "auto" else args.ratio
+        peft_model, processor = training.load_adapted_model(
+            args.model_name_or_path, dtype=args.torch_dtype, seed=args.seed, ratio=ratio, reduction=args.reduction,
+            adapt=args.adapt,
+        )  # fmt: skip
+        source = {name: getattr(args, name) for name in ("dataset_name", "dataset_config_name", "train_dir")}
         train_dataset, eval_dataset, names = training.load_few_shot_data(
-            shots=args.shots,
-            seed=args.seed,
-            image_column=args.image_column_name,
-            label_column=args.label_column_name,
-            dataset_name=args.dataset_name,
-            dataset_config_name=args.dataset_config_name,
-            train_dir=args.train_dir,
-            validation_dir=args.validation_dir,
-            validation_fraction=args.train_val_split,
-        )
+            shots=args.shots, seed=args.seed, image_column=args.image_column_name, label_column=args.label_column_name,
+            validation_dir=args.validation_dir, validation_fraction=args.train_val_split, **source,
+        )  # fmt: skip
     peft_model.to(accelerator.device).eval()  # the backbone stays frozen (and in eval mode) throughout
     logger.info(
         f"{len(names)} classes, {len(train_dataset)} training images ({args.shots} shots), {len(eval_dataset)} "

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Optional
@@ -60,6 +61,12 @@ def run_fewshot(
     if "--output_dir" in argv and finished.returncode == 0:
         results = json.loads((Path(argv[argv.index("--output_dir") + 1]) / "all_results.json").read_text())
     return SimpleNamespace(results=results, log=log, code=finished.returncode)
+
+
+def run_fewshot_pairwise(runs: list[list[str]]) -> list[SimpleNamespace]:
+    """``run_fewshot`` on each argv, two at a time: each run is mostly one thread, and CI has two cores."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(run_fewshot, runs))
 
 
 def fewshot_error(argv: list[str], match: str, **options) -> str:

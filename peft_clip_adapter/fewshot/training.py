@@ -120,6 +120,39 @@ def image_batch_inputs(
     return pixels
 
 
+def load_adapted_model(
+    name_or_path: str, *, dtype: str = "auto", seed: int = 0, **config: Any
+) -> tuple[nn.Module, Any]:
+    """A dual encoder from safetensors with a ``CLIPAdapterConfig(**config)`` adapter, and its processor.
+
+    The adapter's initial weights depend on ``seed`` alone. A pickled checkpoint is refused unread.
+
+    Raises:
+        ValueError: for a model without an image and a text tower, or a pickled checkpoint.
+    """
+    from accelerate.utils import set_seed
+    from peft import get_peft_model
+    from transformers import AutoModel, AutoProcessor
+
+    from peft_clip_adapter import CLIPAdapterConfig
+    from peft_clip_adapter.adapter_checks import from_pretrained_safetensors
+    from peft_clip_adapter.families import describe_towers, towers_by_branch
+    from peft_clip_adapter.fewshot.logs import quiet_peft_wrapping
+
+    model = from_pretrained_safetensors(AutoModel, name_or_path, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    missing = [branch for branch in ("vision", "text") if branch not in towers_by_branch(model)]
+    if missing:
+        raise ValueError(
+            f"{type(model).__name__} from {name_or_path} has no {' / '.join(missing)} tower with a pooled "
+            f"embedding (it has {describe_towers(model)}): the trainer classifies images by class-name prompts, so it "
+            "needs an image and a text tower. Use a CLIP or SigLIP checkpoint such as openai/clip-vit-base-patch16."
+        )
+    set_seed(seed)  # right here: building the offline model on a first run reseeds torch, for one
+    with quiet_peft_wrapping():
+        return get_peft_model(model, CLIPAdapterConfig(**config)), processor
+
+
 def load_few_shot_data(
     *, shots: int, seed: int, image_column: str = "image", label_column: str = "label", **source: Any
 ) -> tuple[Any, Any, list[str]]:
