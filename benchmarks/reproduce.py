@@ -6,9 +6,9 @@
     python benchmarks/reproduce.py --model_name_or_path ... --datasets eurosat --dataset_hub eurosat=<hub id>
     python benchmarks/reproduce.py --smoke     # offline: tiny CLIP + generated images, end to end in a minute
 
-Each cell (dataset, shots, seed) is one run of ``examples/fewshot.py`` (its ``main(argv)``, in this
-process): ``shots`` images per class sampled with ``seed`` from ``<data_root>/<folder>/train``, accuracy
-on ``<data_root>/<folder>/test`` (layout and sources in ``paper.py``). A dataset given as a Hub id
+Each cell (dataset, shots, seed) is one run of the command ``python examples/fewshot.py``: ``shots``
+images per class sampled with ``seed`` from ``<data_root>/<folder>/train``, accuracy on
+``<data_root>/<folder>/test`` (layout and sources in ``paper.py``). A dataset given as a Hub id
 (``--dataset_hub KEY=ID[:CONFIG]``) is exported once to that layout under ``--output_dir`` (its ``train``
 split and ``--hub_test_split``), then read the same way. The test split is only ever used
 for the final accuracy. The ratio (alpha) is chosen without it, by ``--hparams``:
@@ -33,14 +33,13 @@ are stronger, so expect numbers above the RN50 column. Real numbers need real we
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import math
 import statistics
+import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Optional
 
 from benchlib import markdown_table, write_results
@@ -169,23 +168,21 @@ def _smoke_setup(args: argparse.Namespace, trainer_args: list[str]) -> list[str]
     return [*SMOKE_TRAINER_ARGS, *trainer_args]
 
 
-def load_trainer() -> ModuleType:
-    """``examples/fewshot.py`` as a module (it is a script, not part of the package)."""
-    spec = importlib.util.spec_from_file_location("fewshot", TRAINER)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def run_trainer(trainer: ModuleType, argv: list[str], output_dir: Path, rerun: bool) -> dict[str, Any]:
-    """Results of the trainer on ``argv``: reused from ``output_dir`` if it ran with the same ``argv``."""
+def run_trainer(argv: list[str], output_dir: Path, rerun: bool) -> dict[str, Any]:
+    """Results of ``examples/fewshot.py`` on ``argv``, run as a command: reused from ``output_dir`` if it ran
+    with the same ``argv``."""
     cell_file, results_file = output_dir / CELL_FILE, output_dir / RESULTS_FILE
     finished = not rerun and cell_file.is_file() and results_file.is_file()
     if finished and json.loads(cell_file.read_text()) == argv:
         logger.info("reusing %s", output_dir)
         return json.loads(results_file.read_text())
     logger.info("fewshot.py %s", " ".join(argv))
-    trainer.main([*argv, "--output_dir", str(output_dir), "--overwrite_output_dir"])
+    command = [sys.executable, str(TRAINER), *argv, "--output_dir", str(output_dir), "--overwrite_output_dir"]
+    code = subprocess.run(command).returncode  # its log and any `error:` line go straight to ours
+    if code != 0:
+        raise RuntimeError(
+            f"examples/fewshot.py exited with code {code} on the cell {output_dir} (its error is above)."
+        )
     cell_file.write_text(json.dumps(argv))
     return json.loads(results_file.read_text())
 
@@ -219,7 +216,6 @@ def ratio_choice(results: dict[str, Any]) -> dict[str, Any]:
 
 def run_cells(args: argparse.Namespace, trainer_args: list[str]) -> list[dict[str, Any]]:
     """Every (dataset, shots, seed) cell: choose the ratio, train on the shots, test on the test split."""
-    trainer = load_trainer()
     runs = Path(args.output_dir) / "runs"
     cells = []
     for entry in args.datasets:
@@ -238,7 +234,7 @@ def run_cells(args: argparse.Namespace, trainer_args: list[str]) -> list[dict[st
                 workdir = runs / entry.key / f"{shots}-shot" / f"seed-{seed}"
                 argv = [*base_argv, "--train_dir", str(folder / "train"), "--validation_dir", str(folder / "test")]
                 argv += ["--shots", str(shots), "--seed", str(seed), *hparams_argv(args)]
-                results = run_trainer(trainer, argv, workdir / "final", args.rerun)
+                results = run_trainer(argv, workdir / "final", args.rerun)
                 cells.append(
                     {
                         "dataset": entry.key,

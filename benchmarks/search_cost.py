@@ -3,7 +3,7 @@
     python benchmarks/search_cost.py                 # both workloads, 3 repeats (what results/ holds)
     python benchmarks/search_cost.py --tiny          # seconds: 5 epochs, 1 repeat (the smoke test)
 
-Each workload runs ``examples/fewshot.py`` (its ``main(argv)``, in this process) on cached features, taking
+Each workload runs the command ``python examples/fewshot.py`` on cached features, taking
 turns: ``--ratio 0.2`` (one fixed-ratio training run: its ``train_seconds``) and ``--ratio auto`` (the
 search: ``hyperparameter_search.seconds``; then a final fit, again ``train_seconds``), and ``--ratio auto
 --learning_rate auto``. Features are extracted once before timing, so only training is compared. The
@@ -24,10 +24,11 @@ Results go to ``benchmarks/results/search_cost_cpu.json`` and ``.md`` (``search_
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -71,22 +72,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def load_trainer():
-    """``examples/fewshot.py`` as a module."""
-    spec = importlib.util.spec_from_file_location("fewshot", ROOT / "examples" / "fewshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def run_trainer(argv: list[str]) -> dict[str, Any]:
+    """The results (``all_results.json``) of ``examples/fewshot.py`` on ``argv``, run as a command."""
+    finished = subprocess.run([sys.executable, str(ROOT / "examples" / "fewshot.py"), *argv])
+    if finished.returncode != 0:
+        raise RuntimeError(f"examples/fewshot.py exited with code {finished.returncode} (its error is above).")
+    return json.loads((Path(argv[argv.index("--output_dir") + 1]) / "all_results.json").read_text())
 
 
-def prepare_workload(name: str, trainer, work_dir: Path) -> list[str]:
+def prepare_workload(name: str, work_dir: Path) -> list[str]:
     """Model and data flags of a workload, building what it needs once under ``work_dir``."""
+    from peft_clip_adapter.testing.offline_default import build_offline_default
     from peft_clip_adapter.testing.scene_tasks import SCENE_TASKS, write_task_dataset
     from peft_clip_adapter.testing.scenes import vocabulary
     from peft_clip_adapter.testing.tiny_models import build_tiny_clip
 
     if name == "micro-clip":
-        model, train, validation = trainer.build_offline_default(str(work_dir / "cache"), "dusk-pairs")
+        model, train, validation = build_offline_default(work_dir / "cache", "dusk-pairs")
     else:
         model = work_dir / "vit-b-width-clip"
         if not model.is_dir():
@@ -99,23 +101,13 @@ def prepare_workload(name: str, trainer, work_dir: Path) -> list[str]:
     return ["--model_name_or_path", str(model), "--train_dir", str(train), "--validation_dir", str(validation)]
 
 
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def measure(trainer, base_argv: list[str], args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
+def measure(base_argv: list[str], args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
     """Median seconds of training (and searching) per variant, taking turns, on features cached beforehand."""
     results: dict[str, dict[str, Any]] = {}
 
     def run(name: str) -> None:
         argv = [*base_argv, *VARIANTS[name], "--output_dir", str(work_dir / "runs" / name), "--overwrite_output_dir"]
-        try:
-            results[name] = trainer.main(argv)
-        finally:
-            _reset_accelerate()
+        results[name] = run_trainer(argv)
 
     run("ratio_auto")  # extracts and caches every feature the runs need (training views, eval views)
     times: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
@@ -205,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Measure every workload, print the table, write ``search_cost_cpu[_tiny].json`` / ``.md``."""
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
-    trainer = load_trainer()
+
     with tempfile.TemporaryDirectory() as scratch:
         work_dir = Path(args.work_dir or scratch)
         report: dict[str, Any] = {
@@ -217,9 +209,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         }
         for name in args.workloads:
             folder = work_dir / name
-            base = [*prepare_workload(name, trainer, folder), "--num_train_epochs", str(args.num_train_epochs)]
+            base = [*prepare_workload(name, folder), "--num_train_epochs", str(args.num_train_epochs)]
             base += ["--feature_cache_dir", str(folder / "features"), "--cpu"]
-            result = measure(trainer, base, args, folder)
+            result = measure(base, args, folder)
             result["width"] = 64 if name == "micro-clip" else 512
             report["workloads"][name] = result
     report["machine"]["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]

@@ -58,17 +58,11 @@ def shapes_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def offline_cache_dir(tmp_path_factory):
     """A --cache_dir holding the trainer's offline default: the pretrained micro-CLIP (about a minute, once
-    per session) and the generated task's images, built by the trainer's own builder."""
-    import importlib.util
-    from pathlib import Path
+    per session) and the generated task's images."""
+    from peft_clip_adapter.testing.offline_default import build_offline_default
 
-    spec = importlib.util.spec_from_file_location(
-        "fewshot_builder", Path(__file__).parents[1] / "examples" / "fewshot.py"
-    )
-    trainer = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(trainer)
     cache_dir = tmp_path_factory.mktemp("offline-cache")
-    trainer.build_offline_default(str(cache_dir), "dusk-pairs")
+    build_offline_default(cache_dir, "dusk-pairs")
     return cache_dir
 
 

@@ -5,23 +5,22 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
-import warnings
 from pathlib import Path
+from typing import Optional
 
 import pytest
-from accelerate import PartialState
 
 # pytest runs with --import-mode=importlib, so tests/ is not on sys.path: load the helpers by path.
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
-fewshot, fresh_accelerate_state, online_hub = helpers.fewshot, helpers.fresh_accelerate_state, helpers.online_hub
+fresh_accelerate_state, online_hub = helpers.fresh_accelerate_state, helpers.online_hub  # fixtures
 
 HEAVY = ("torch", "transformers", "datasets", "accelerate", "peft", "peft_clip_adapter")
 # Runs the script as `python examples/fewshot.py ARGS` would, then reports its exit code and which heavy
@@ -38,8 +37,9 @@ print("IMPORTED", sorted(name for name in {HEAVY!r} if name in sys.modules), "CO
 """
 
 
-def run_script(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def run_script(*args: str, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    env = {name: value for name, value in env.items() if value is not None}  # None: unset
     return subprocess.run(
         [sys.executable, "-c", RUN_SCRIPT, *args], capture_output=True, text=True, env=env, timeout=120
     )
@@ -64,14 +64,15 @@ def test_help_answers_before_the_heavy_imports_and_shows_every_default():
     assert "eurosat" in text and "oxford_pets" in text  # the template sets, read without importing the package
 
 
-def test_every_flag_states_its_default(fewshot):
-    parser = fewshot.build_parser()
-    formatter = parser._get_formatter()
-    for action in parser._actions:
-        if action.option_strings == ["-h", "--help"] or action.default is False:
-            continue  # a switch is off unless given
-        text = formatter._get_help_string(action) % {"default": action.default}
-        assert "default" in text.lower(), action.option_strings
+def test_every_flag_states_its_default():
+    options = run_script("--help").stdout.split("how to launch:")[0]
+    entries = re.split(r"\n(?=  -)", options)[1:]  # one per option: "  --flag METAVAR  help ..."
+    assert len(entries) > 40
+    for entry in entries:
+        flag, *rest = entry.split(maxsplit=1)
+        switch = re.match(r"\s*  ", entry[len(flag) + 2 :]) is not None  # no metavar: --cpu, --debug, ...
+        if flag not in ("-h,", "--help") and not switch:
+            assert "default" in " ".join(rest).lower(), flag
 
 
 def test_a_bad_flag_is_one_error_line_before_the_heavy_imports():
@@ -84,41 +85,43 @@ def test_a_bad_flag_is_one_error_line_before_the_heavy_imports():
     )
 
 
-def test_the_template_sets_shown_are_the_packages(fewshot):
+def test_the_template_sets_shown_are_the_packages():
     from peft_clip_adapter.fewshot.templates import DATASET_TEMPLATES
 
-    assert fewshot._template_set_names() == sorted(DATASET_TEMPLATES)
+    text = " ".join(run_script("--help").stdout.split())
+    assert "(default, ensemble, " + ", ".join(sorted(DATASET_TEMPLATES)) + ")" in text
 
 
 # -----------------------------------------------------------------------------
 # User errors after the heavy imports: one line, exit code 2; --debug and bugs keep their tracebacks
 
 
-def test_a_user_error_is_one_line_and_exit_code_2(fewshot, tiny_clip_path, tmp_path, capsys):
+def test_a_user_error_is_one_line_and_exit_code_2(tiny_clip_path, tmp_path):
     argv = ["--model_name_or_path", tiny_clip_path, "--train_dir", str(tmp_path / "missing")]
-    with pytest.raises(SystemExit) as exit:
-        fewshot.run_cli(fewshot.main, [*argv, "--output_dir", str(tmp_path / "out")])
-    assert exit.value.code == 2
-    assert capsys.readouterr().err == f"error: train_dir={str(tmp_path / 'missing')!r} is not a folder.\n"
-    with pytest.raises(ValueError, match="is not a folder"):
-        fewshot.run_cli(fewshot.main, [*argv, "--output_dir", str(tmp_path / "out2"), "--debug"])
+    line = helpers.fewshot_error([*argv, "--output_dir", str(tmp_path / "out")], "is not a folder")
+    assert line == f"error: train_dir={str(tmp_path / 'missing')!r} is not a folder."
+    debug = helpers.run_fewshot(["--ratio", "2", "--debug"], expect_code=1)  # --debug: the traceback
+    assert "Traceback" in debug.log and "ValueError: --ratio must be in [0, 1]" in debug.log
 
 
-def test_other_processes_stay_silent_and_bugs_keep_their_traceback(fewshot, monkeypatch, capsys):
-    def bad_value(argv):
-        raise ValueError("bad value\n  on two lines")
-
-    with pytest.raises(SystemExit):
-        fewshot.run_cli(bad_value, [])
-    assert capsys.readouterr().err == "error: bad value on two lines\n"
-    monkeypatch.setenv("RANK", "1")
-    with pytest.raises(SystemExit) as exit:
-        fewshot.run_cli(bad_value, [])
-    assert exit.value.code == 2 and capsys.readouterr().err == ""
-    fewshot.build_parser().print_help()  # `accelerate launch ... --help`: process 0 alone prints it
-    assert capsys.readouterr().out == ""
-    with pytest.raises(ZeroDivisionError):
-        fewshot.run_cli(lambda argv: 1 / 0, [])
+def test_other_processes_stay_silent_and_bugs_keep_their_traceback():
+    other = subprocess.run(
+        [sys.executable, str(helpers.EXAMPLE), "--ratio", "2"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RANK": "1"},
+    )
+    assert (other.returncode, other.stdout, other.stderr) == (2, "", "")  # process 0 alone reports the error
+    other = subprocess.run(
+        [sys.executable, str(helpers.EXAMPLE), "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RANK": "1"},
+    )
+    assert (other.returncode, other.stdout) == (0, "")  # `accelerate launch ... --help`: process 0 alone prints it
+    bug = "import argparse\nargparse.ArgumentParser.parse_args = lambda self, argv=None: 1 / 0\n"
+    finished = helpers.run_fewshot(["--shots", "2"], prelude=bug, expect_code=1)
+    assert "Traceback" in finished.log and "ZeroDivisionError" in finished.log and "error: " not in finished.log
 
 
 @pytest.mark.slow  # accelerate launch: two fresh interpreters
@@ -142,47 +145,38 @@ def test_two_launched_processes_print_one_error_line(tmp_path):
     assert 'examples/fewshot.py", line' not in output  # no traceback from the script itself
 
 
-def test_occupied_output_suggests_resuming_only_with_a_checkpoint(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+def test_occupied_output_suggests_resuming_only_with_a_checkpoint(tiny_clip_path, shapes_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "all_results.json").write_text("{}")
-    with pytest.raises(ValueError) as error:
-        fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path))
-    assert "--resume_from_checkpoint" not in str(error.value)
-    assert str(error.value).endswith("Pass --overwrite_output_dir to replace them, or choose another --output_dir.")
+    line = helpers.fewshot_error(_args(tiny_clip_path, shapes_dir, tmp_path), r"already holds another run's files")
+    assert "--resume_from_checkpoint" not in line
+    assert line.endswith(
+        "(all_results.json). Pass --overwrite_output_dir to replace them, or choose another --output_dir."
+    )
     (out / "step_5").mkdir()
     (out / "step_5" / "trainer_state.json").write_text(json.dumps({"completed_steps": 5}))
-    with pytest.raises(
-        ValueError, match=r"--overwrite_output_dir to replace them, --resume_from_checkpoint latest to"
-    ):
-        fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path))
+    match = r"--overwrite_output_dir to replace them, --resume_from_checkpoint latest to"
+    helpers.fewshot_error(_args(tiny_clip_path, shapes_dir, tmp_path), match)
+    (tmp_path / "file").write_text("")
+    argv = _args(tiny_clip_path, shapes_dir, tmp_path, "--output_dir", str(tmp_path / "file"))
+    helpers.fewshot_error(argv, r"--output_dir .*file is a file")
 
 
-def test_cache_lives_under_hf_home(fewshot, monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert fewshot.parse_args([]).cache_dir == str(tmp_path / "hf" / "peft-clip-adapter")
-    assert fewshot.parse_args([]).feature_cache_dir == str(tmp_path / "hf" / "peft-clip-adapter" / "features")
-    monkeypatch.delenv("HF_HOME")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert fewshot.parse_args([]).cache_dir == str(tmp_path / "xdg" / "huggingface" / "peft-clip-adapter")
+def test_cache_lives_under_hf_home(tmp_path):
+    shown = run_script("--help", env={"HF_HOME": str(tmp_path / "hf")}).stdout
+    assert f"(default:{tmp_path / 'hf' / 'peft-clip-adapter'})" in "".join(shown.split())
+    shown = run_script("--help", env={"XDG_CACHE_HOME": str(tmp_path / "xdg"), "HF_HOME": None}).stdout
+    assert f"(default:{tmp_path / 'xdg' / 'huggingface' / 'peft-clip-adapter'})" in "".join(shown.split())
 
 
 # -----------------------------------------------------------------------------
 # --push_to_hub: checked before any data is loaded
 
 
-def _refuse_loading(fewshot, monkeypatch) -> None:
-    def loading(*args, **kwargs):
-        raise AssertionError("data or model loaded before the Hub was checked")
-
-    monkeypatch.setattr(fewshot, "load_model", loading)
-    monkeypatch.setattr(fewshot, "load_data", loading)
-
-
-def test_push_to_hub_offline_fails_before_loading(fewshot, tiny_clip_path, shapes_dir, tmp_path, monkeypatch):
-    _refuse_loading(fewshot, monkeypatch)
-    with pytest.raises(ValueError, match=r"--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set"):
-        fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--push_to_hub"))
+def test_push_to_hub_offline_fails_before_loading(tiny_clip_path, shapes_dir, tmp_path):
+    argv = _args(tiny_clip_path, shapes_dir, tmp_path, "--push_to_hub")
+    helpers.fewshot_error(argv, r"--push_to_hub needs the Hugging Face Hub, but HF_HUB_OFFLINE is set")
     assert not (tmp_path / "out").exists()
 
 
@@ -203,11 +197,12 @@ def _http_error(status: int):
         ("network", r"cannot reach the Hugging Face Hub \(ConnectionError: no route\); check the network"),
     ],
 )
-def test_push_to_hub_without_access_fails_before_loading(
-    fewshot, tiny_clip_path, shapes_dir, tmp_path, monkeypatch, online_hub, failure, message
-):
+def test_push_to_hub_without_access_fails_before_loading(monkeypatch, online_hub, failure, message):
+    """The trainer calls check_hub_access right after parsing its flags, before any model or data loads."""
     import huggingface_hub
     from huggingface_hub.errors import LocalTokenNotFoundError
+
+    from peft_clip_adapter.fewshot.training import check_hub_access
 
     def whoami(self, *args, **kwargs):
         raise {"no login": LocalTokenNotFoundError("no token"), "network": ConnectionError("no route")}.get(
@@ -221,49 +216,30 @@ def test_push_to_hub_without_access_fails_before_loading(
         monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     else:
         monkeypatch.setattr(huggingface_hub.HfApi, "whoami", whoami)
-    _refuse_loading(fewshot, monkeypatch)
     with pytest.raises(ValueError, match=message):
-        fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--push_to_hub", "--hub_model_id", "shapes"))
+        check_hub_access("shapes")
 
 
-def test_a_bad_repository_id_is_named(fewshot, tiny_clip_path, shapes_dir, tmp_path, online_hub):
+def test_a_bad_repository_id_is_named(online_hub):
+    from peft_clip_adapter.fewshot.training import check_hub_access
+
     with pytest.raises(ValueError, match=r"--hub_model_id 'me/bad/id' is not a Hub repository id"):
-        fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--push_to_hub", "--hub_model_id", "me/bad/id"))
+        check_hub_access("me/bad/id")
+    assert check_hub_access("shapes") == "me/shapes" and online_hub.created == ["shapes"]
 
 
 # -----------------------------------------------------------------------------
 # Quiet by default
 
 
-def test_a_run_logs_progress_lines_and_no_library_noise(fewshot, tiny_clip_path, shapes_dir, tmp_path, caplog, capfd):
+def test_a_run_logs_progress_lines_and_no_library_noise(tiny_clip_path, shapes_dir, tmp_path):
     data = tmp_path / "data"  # a folder datasets has never read, so it is really loaded
     shutil.copytree(shapes_dir, data)
-    caplog.set_level(logging.INFO)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fewshot.main(_args(tiny_clip_path, str(data), tmp_path))
-    err = capfd.readouterr().err
-    assert "Downloading data" not in err and "\r" not in err  # no bars: stderr is not a terminal here
-    assert "Training: 6/6 steps (100%)" in caplog.text and "Extracting features: 1/1 batches" in caplog.text
-    assert [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)] == []
-    assert "blue triangle" in caplog.text  # four classes: each one is listed
-
-
-def test_many_classes_are_summarised(fewshot, caplog):
-    names = [f"class {index}" for index in range(30)]
-    zero_shot = [0.5] * 30
-    adapter = [index / 30 for index in range(29)] + [None]
-    caplog.set_level(logging.INFO)
-    PartialState(cpu=True)  # accelerate's logger, as in a run
-    fewshot.log_per_class(names, zero_shot, adapter)
-    lines = [record.getMessage().removeprefix("[RANK 0] ") for record in caplog.records]
-    assert len(lines) == 3
-    assert lines[0] == (
-        "Per class (30 classes; every one in all_results.json): 13 better than zero-shot, 15 worse, "
-        "1 unchanged, 1 not evaluated"
-    )
-    assert lines[1].startswith("  weakest:   class 0 0.0% (zero-shot 50.0%), class 1 3.3% (zero-shot 50.0%)")
-    assert lines[2].startswith("  strongest: class 28 93.3% (zero-shot 50.0%), class 27 90.0%")
+    log = helpers.run_fewshot(_args(tiny_clip_path, str(data), tmp_path), env={"PYTHONWARNINGS": "always"}).log
+    assert "Downloading data" not in log and "\r" not in log  # no bars: stderr is not a terminal here
+    assert "Training: 6/6 steps (100%)" in log and "Extracting features: 1/1 batches" in log
+    assert "is_gradient_checkpointing" not in log
+    assert "blue triangle" in log  # four classes: each one is listed
 
 
 def test_reading_a_local_image_folder_announces_no_download(shapes_dir, tmp_path, capfd):

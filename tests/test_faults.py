@@ -27,13 +27,14 @@ from peft_clip_adapter import CLIPAdapterConfig, CLIPAdapterPeftModel
 from peft_clip_adapter.fewshot.data import build_eval_transform, load_image_classification_data
 from peft_clip_adapter.fewshot.features import FeatureCache, dataset_fingerprint
 from peft_clip_adapter.manifest import MANIFEST_NAME
+from peft_clip_adapter.testing.offline_default import build_once
 from peft_clip_adapter.testing.tiny_models import build_tiny_clip, write_shapes_dataset
 
 # pytest runs with --import-mode=importlib, so tests/ is not on sys.path: load the helpers by path.
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
-fewshot, fresh_accelerate_state = helpers.fewshot, helpers.fresh_accelerate_state  # fixtures
+fresh_accelerate_state = helpers.fresh_accelerate_state  # fixture
 
 PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -329,7 +330,7 @@ def test_empty_class_folders_are_named(tmp_path, argument):
         load_image_classification_data(train_dir=train, validation_dir=validation)
 
 
-def test_concurrent_builds_of_one_folder_both_succeed(tmp_path, fewshot):
+def test_concurrent_builds_of_one_folder_both_succeed(tmp_path):
     target = tmp_path / "cache" / "offline-default" / "tiny-clip"
     both_building = threading.Barrier(2)
     errors = []
@@ -340,7 +341,7 @@ def test_concurrent_builds_of_one_folder_both_succeed(tmp_path, fewshot):
 
     def run():
         try:
-            fewshot._build_once(target, build)
+            build_once(target, build)
         except Exception as error:  # reported below
             errors.append(error)
 
@@ -359,14 +360,13 @@ def test_concurrent_builds_of_one_folder_both_succeed(tmp_path, fewshot):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_clip_path, shapes_dir, tmp_path_factory, fewshot):
+def trained_run(tiny_clip_path, shapes_dir, tmp_path_factory):
     """A finished 2-epoch run with a checkpoint per epoch, and the arguments that made it."""
     run = tmp_path_factory.mktemp("run")
     argv = helpers.trainer_args(
         tiny_clip_path, shapes_dir, run, shots=4, views=1, num_train_epochs=2, checkpointing_steps="epoch"
     )
-    results = fewshot.main(argv)
-    return run, argv, results
+    return run, argv, helpers.run_fewshot(argv).results
 
 
 @pytest.fixture
@@ -425,57 +425,107 @@ CHECKPOINT_DAMAGE = {
 }
 
 
-@pytest.mark.slow
+def _settings(out: Path) -> dict:
+    """The run settings recorded in the run's first checkpoint: what resuming that run expects."""
+    return json.loads((out / "epoch_1" / "trainer_state.json").read_text())["settings"]
+
+
 @pytest.mark.parametrize("how", CHECKPOINT_DAMAGE)
-def test_a_damaged_checkpoint_is_named_with_the_previous_one(fewshot, run_copy, hostile_pickle, how):
-    out, argv, _ = run_copy
+def test_a_damaged_checkpoint_is_named_with_the_previous_one(run_copy, hostile_pickle, how):
+    """``--resume_from_checkpoint latest`` takes the damaged epoch_2, names the file and suggests epoch_1."""
+    from accelerate import Accelerator
+
+    from peft_clip_adapter.fewshot.checkpoints import load_checkpoint, resolve_checkpoint
+
+    out, _, _ = run_copy
+    settings = _settings(out)
     marker = damage_checkpoint(out / "epoch_2", how, hostile_pickle)
     match = (
         CHECKPOINT_DAMAGE[how] + r".*Resume from the previous checkpoint instead: --resume_from_checkpoint .*epoch_1"
     )
     with pytest.raises(ValueError, match=match):
-        fewshot.main(argv)
+        load_checkpoint(Accelerator(cpu=True), resolve_checkpoint(out, "latest"), settings)
     assert not marker.exists()
 
 
+def test_a_damaged_checkpoint_is_one_error_line(run_copy):
+    out, argv, _ = run_copy
+    (out / "epoch_2" / "optimizer.bin").write_bytes(b"PK\x03\x04 not really a zip file")
+    helpers.fewshot_error(argv, r"epoch_2/optimizer\.bin cannot be loaded safely .*--resume_from_checkpoint .*epoch_1")
+
+
 @pytest.mark.slow
-def test_a_checkpoint_without_settings_resumes_only_when_trusted(fewshot, run_copy):
+def test_a_checkpoint_without_settings_resumes_only_when_trusted(run_copy):
+    from accelerate import Accelerator
+
+    from peft_clip_adapter.fewshot.checkpoints import load_checkpoint
+
     out, argv, results = run_copy
+    settings = _settings(out)
     state = json.loads((out / "epoch_2" / "trainer_state.json").read_text())
     del state["settings"]["seed"]  # a flag added to the recorded settings after this checkpoint was written
     (out / "epoch_2" / "trainer_state.json").write_text(json.dumps(state))
     with pytest.raises(ValueError, match=r"epoch_2 records no value for --seed \(saved by an older version"):
-        fewshot.main(argv)
+        load_checkpoint(Accelerator(cpu=True), out / "epoch_2", settings)
     for folder in ("epoch_1", "epoch_2"):
         state = json.loads((out / folder / "trainer_state.json").read_text())
         del state["settings"]  # as an older version of the trainer wrote it
         (out / folder / "trainer_state.json").write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=r"epoch_2 records no training settings .*--trust_checkpoint_settings"):
-        fewshot.main(argv)
+    helpers.fewshot_error(argv, r"epoch_2 records no training settings .*--trust_checkpoint_settings")
     argv = [*argv, "--resume_from_checkpoint", str(out / "epoch_1"), "--trust_checkpoint_settings"]
-    resumed = fewshot.main(argv)
+    resumed = helpers.run_fewshot(argv).results
     assert resumed["train_loss_per_epoch"] == pytest.approx(results["train_loss_per_epoch"], rel=1e-5)
     assert "settings" in json.loads((out / "epoch_2" / "trainer_state.json").read_text())  # recorded from now on
 
 
-@pytest.mark.slow
-def test_a_checkpoint_save_killed_midway_is_never_resumed(fewshot, run_copy, monkeypatch):
-    out, argv, results = run_copy
-    # What a run killed while saving epoch_3 leaves: a hidden staging folder, even with a trainer state.
-    shutil.copytree(out / "epoch_2", out / ".epoch_3.saving")
-    state = json.loads((out / ".epoch_3.saving" / "trainer_state.json").read_text())
-    (out / ".epoch_3.saving" / "trainer_state.json").write_text(json.dumps({**state, "completed_steps": 10**6}))
-    (out / ".epoch_3.saving" / "model.safetensors").write_bytes(b"half")
-    resumed = fewshot.main(argv)  # resumes epoch_2: nothing left to train
-    assert resumed["train_loss_per_epoch"] == pytest.approx(results["train_loss_per_epoch"], rel=1e-5)
+def test_a_checkpoint_save_killed_midway_is_never_resumed(run_copy):
+    from peft_clip_adapter.atomic import temporary_prefix
+    from peft_clip_adapter.fewshot.checkpoints import find_checkpoints, resolve_checkpoint
+
+    out, _, _ = run_copy
+    # What a run killed while saving epoch_3 leaves: a hidden temporary folder, even with a trainer state.
+    staging = out / f"{temporary_prefix(out / 'epoch_3')}0123abcd"
+    shutil.copytree(out / "epoch_2", staging)
+    state = json.loads((staging / "trainer_state.json").read_text())
+    (staging / "trainer_state.json").write_text(json.dumps({**state, "completed_steps": 10**6}))
+    (staging / "model.safetensors").write_bytes(b"half")
+    assert [path.name for path in find_checkpoints(out)] == ["epoch_1", "epoch_2"]
+    assert resolve_checkpoint(out, "latest") == out / "epoch_2"
+
+
+@pytest.mark.parametrize("failure", ["killed", "full disk"])
+def test_a_checkpoint_save_that_fails_leaves_the_previous_ones_and_no_part(tmp_path, monkeypatch, failure):
+    """save_state dies after writing some files: no epoch_2 appears, no temporary stays, epoch_1 is intact."""
+    from accelerate import Accelerator
+
+    from peft_clip_adapter.fewshot.checkpoints import find_checkpoints, new_training_state, save_checkpoint
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 2)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    save_checkpoint(accelerator, tmp_path / "epoch_1", new_training_state({"seed": 0}))
+    real_save_state = accelerator.save_state
+
+    def dies_midway(folder, **kwargs):
+        real_save_state(folder, **kwargs)  # every file written ...
+        if failure == "full disk":
+            raise OSError(errno.EFBIG, "File too large")
+        raise Killed  # ... then the process dies before the trainer state
+
+    monkeypatch.setattr(accelerator, "save_state", dies_midway)
+    with pytest.raises(Killed if failure == "killed" else OSError) as caught:
+        save_checkpoint(accelerator, tmp_path / "epoch_2", new_training_state({"seed": 0}))
+    if failure == "full disk":
+        assert f"Could not write {tmp_path / 'epoch_2'}: File too large" in str(caught.value)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["epoch_1"]
+    assert find_checkpoints(tmp_path) == [tmp_path / "epoch_1"]
 
 
 @pytest.mark.slow
-def test_a_pickled_base_model_is_refused_unread(fewshot, tiny_clip_path, shapes_dir, tmp_path, hostile_pickle):
+def test_a_pickled_base_model_is_refused_unread(tiny_clip_path, shapes_dir, tmp_path, hostile_pickle):
     model = Path(shutil.copytree(tiny_clip_path, tmp_path / "pickled-clip"))
     (model / "model.safetensors").unlink()
     marker = hostile_pickle(model / "pytorch_model.bin")
     argv = helpers.trainer_args(str(model), shapes_dir, tmp_path, shots=4, views=1, num_train_epochs=1)
-    with pytest.raises(ValueError, match=r"pytorch_model\.bin holds the base model weights as a pickle.*not loaded"):
-        fewshot.main(argv)
+    helpers.fewshot_error(argv, r"pytorch_model\.bin holds the base model weights as a pickle.*not loaded")
     assert not marker.exists()

@@ -21,7 +21,7 @@ from peft_clip_adapter import CLIPAdapterConfig, FewShotClassifier, load_image_c
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
-fewshot, fresh_accelerate_state = helpers.fewshot, helpers.fresh_accelerate_state  # fixtures
+fresh_accelerate_state = helpers.fresh_accelerate_state  # fixture
 
 
 snippets = helpers.load_module(Path(__file__).with_name("docs_snippets.py"), "docs_snippets")
@@ -41,27 +41,33 @@ def classifier(tiny_clip, tiny_processor) -> FewShotClassifier:
 
 
 @pytest.mark.parametrize("model_path", ["tiny_clip_path", "siglip2_path"])  # SigLIP 2 NaFlex: its processor's inputs
-def test_predictions_equal_the_trainers_eval_predictions(
-    fewshot, model_path, shapes_dir, tmp_path, monkeypatch, request
-):
-    evaluations = []
-    evaluate = fewshot.evaluate
-    monkeypatch.setattr(fewshot, "evaluate", lambda *args: evaluations.append(evaluate(*args)) or evaluations[-1])
+def test_predictions_equal_the_trainers_eval_predictions(model_path, shapes_dir, tmp_path, request):
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from peft_clip_adapter.fewshot.features import FeatureCache
+    from peft_clip_adapter.fewshot.training import evaluate
+
     flags = dict(shots=4, views=2, num_train_epochs=3, per_device_train_batch_size=8, learning_rate=0.05)
     argv = helpers.trainer_args(request.getfixturevalue(model_path), shapes_dir, tmp_path, **flags, adapt="both")
-    results = fewshot.main([*argv, "--templates", "ensemble"])
-    trained = evaluations[-1]  # the final evaluation of the trained adapter
+    results = helpers.run_fewshot([*argv, "--templates", "ensemble"]).results
 
     classifier = FewShotClassifier.from_pretrained(tmp_path / "out")  # the base model named in its config
     assert classifier.head.sigmoid_scores == (model_path == "siglip2_path")  # SigLIP's scores are sigmoids
     heldout = load_image_classification_data(train_dir=shapes_dir, seed=0)["validation"]
     predictions = classifier(list(heldout["image"]))
+    # The trainer's evaluation of the saved adapter, on the eval features the run cached.
+    cache = FeatureCache(tmp_path / "cache" / "features")
+    eval_set = cache.load_or_extract(classifier.model, heldout, classifier._transform)
+    assert cache.last_hit
+    rows = DataLoader(TensorDataset(torch.arange(len(heldout))), batch_size=3)
+    trained = evaluate(classifier.head, eval_set, rows, Accelerator(cpu=True))
 
     assert classifier.class_names == CLASSES and classifier.templates == results["templates"]
     ids = [CLASSES.index(ranked[0]["label"]) for ranked in predictions]
     assert ids == trained["predictions"] and len(ids) == results["num_eval_images"] == 8
     accuracy = sum(i == label for i, label in zip(ids, heldout["label"], strict=True)) / len(ids)
-    assert accuracy == results["eval_accuracy"]
+    assert accuracy == results["eval_accuracy"] == trained["accuracy"]
     saved = json.loads((tmp_path / "out" / "class_prompts.json").read_text())
     assert saved == {"class_names": CLASSES, "templates": results["templates"]}
 

@@ -21,7 +21,7 @@ import torch
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
-fewshot, fresh_accelerate_state = helpers.fewshot, helpers.fresh_accelerate_state  # fixtures
+
 
 pytestmark = pytest.mark.slow
 
@@ -44,19 +44,20 @@ def _args(tiny_clip_path: str, shapes_dir: str, run: Path, per_device_batch: int
     return [*argv, "--ratio", "auto", "--ratio_grid", "0.2", "0.6"]
 
 
-def test_two_processes_match_one_process(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+def test_two_processes_match_one_process(tiny_clip_path, shapes_dir, tmp_path):
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         str(helpers.EXAMPLE), "--cpu", *_args(tiny_clip_path, shapes_dir, tmp_path / "two", per_device_batch=8),
+        "--checkpointing_steps", "epoch",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-4000:]
     two = json.loads((tmp_path / "two" / "out" / "all_results.json").read_text())
 
-    one = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path / "one", per_device_batch=16))
+    one = helpers.run_fewshot(_args(tiny_clip_path, shapes_dir, tmp_path / "one", per_device_batch=16)).results
 
     assert (two["num_processes"], one["num_processes"]) == (2, 1)
     assert two["num_eval_images"] == one["num_eval_images"] == 8  # none duplicated, none dropped
@@ -78,5 +79,11 @@ def test_two_processes_match_one_process(fewshot, tiny_clip_path, shapes_dir, tm
     assert sorted(expected) == sorted(actual)
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6)
+    # Each process wrote its random states into the checkpoint the main process renamed into place.
+    checkpoint = tmp_path / "two" / "out" / "epoch_6"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
+    assert not list((tmp_path / "two" / "out").glob(".*"))  # no temporary left
     # The adapter really trained (so equal adapters are not just equal initialisations).
     assert len(one["train_loss_per_epoch"]) == 6 and one["train_loss_per_epoch"][-1] < one["train_loss_per_epoch"][0]

@@ -18,7 +18,7 @@ import torch
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
-fewshot, fresh_accelerate_state = helpers.fewshot, helpers.fresh_accelerate_state  # fixtures
+fresh_accelerate_state = helpers.fresh_accelerate_state  # fixture
 
 pytestmark = pytest.mark.slow
 
@@ -43,8 +43,8 @@ def _wait_for_checkpoint(process: subprocess.Popen, output_dir: Path, timeout: f
     raise AssertionError("No checkpoint appeared in time.")
 
 
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(fewshot, tiny_clip_path, shapes_dir, tmp_path):
-    reference = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path / "reference"))
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(tiny_clip_path, shapes_dir, tmp_path):
+    reference = helpers.run_fewshot(_args(tiny_clip_path, shapes_dir, tmp_path / "reference")).results
 
     output_dir = tmp_path / "interrupted" / "out"
     argv = [*_args(tiny_clip_path, shapes_dir, tmp_path / "interrupted"), "--checkpointing_steps", "50"]
@@ -64,7 +64,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(fewshot, tiny_clip_
     steps = [json.loads(path.read_text())["completed_steps"] for path in output_dir.glob("step_*/trainer_state.json")]
     assert 0 < max(steps) < 2400
 
-    resumed = fewshot.main([*argv, "--resume_from_checkpoint", "latest"])
+    resumed = helpers.run_fewshot([*argv, "--resume_from_checkpoint", "latest"]).results
     expected, actual = helpers.adapter_tensors(tmp_path / "reference" / "out"), helpers.adapter_tensors(output_dir)
     assert sorted(expected) == sorted(actual)
     for key in expected:
@@ -74,27 +74,30 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(fewshot, tiny_clip_
     assert resumed["eval_accuracy"] == reference["eval_accuracy"]
 
 
-def test_resume_without_a_checkpoint_is_refused(fewshot, tiny_clip_path, shapes_dir, tmp_path):
-    argv = [*_args(tiny_clip_path, shapes_dir, tmp_path), "--resume_from_checkpoint"]
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    from peft_clip_adapter.fewshot.checkpoints import resolve_checkpoint
+
+    (tmp_path / "out").mkdir()
     with pytest.raises(ValueError, match=r"--resume_from_checkpoint latest: .*out holds no complete checkpoint"):
-        fewshot.main([*argv, "latest"])
+        resolve_checkpoint(tmp_path / "out", "latest")
     with pytest.raises(ValueError, match=r"--resume_from_checkpoint .*nowhere is not a complete checkpoint"):
-        fewshot.main([*argv, str(tmp_path / "nowhere")])
+        resolve_checkpoint(tmp_path / "out", str(tmp_path / "nowhere"))
 
 
-def test_resume_under_other_settings_is_refused(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+def test_resume_under_other_settings_is_refused(tiny_clip_path, shapes_dir, tmp_path):
+    from peft_clip_adapter.fewshot.checkpoints import check_run_settings
+
     argv = helpers.trainer_args(
         tiny_clip_path, shapes_dir, tmp_path, shots=4, views=1, num_train_epochs=2, checkpointing_steps="epoch"
     )
-    fewshot.main(argv)
+    helpers.run_fewshot(argv)
     resume = [*argv, "--resume_from_checkpoint", "latest"]
     # Another branch would not even load (other state-dict keys); other shots would silently train another run.
-    with pytest.raises(
-        ValueError, match=r"epoch_2 was saved by a run with other settings \(--adapt 'vision' -> 'both'\)"
-    ):
-        fewshot.main([*resume, "--adapt", "both"])
+    match = r"epoch_2 was saved by a run with other settings \(--adapt 'vision' -> 'both'\)"
+    helpers.fewshot_error([*resume, "--adapt", "both"], match)
+    state = json.loads((tmp_path / "out" / "epoch_2" / "trainer_state.json").read_text())
+    other = {**state["settings"], "shots": 8, "end_to_end": True}
     with pytest.raises(ValueError, match=r"other settings \(--shots 4 -> 8; --end_to_end False -> True\)"):
-        fewshot.main([*resume, "--shots", "8", "--end_to_end"])
-    assert fewshot.main(resume)["train_loss_per_epoch"] == pytest.approx(
-        json.loads((tmp_path / "out" / "epoch_2" / "trainer_state.json").read_text())["train_loss_per_epoch"]
-    )
+        check_run_settings(tmp_path / "out" / "epoch_2", state["settings"], other)
+    resumed = helpers.run_fewshot(resume).results
+    assert resumed["train_loss_per_epoch"] == pytest.approx(state["train_loss_per_epoch"])

@@ -16,7 +16,7 @@ import torch
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
-fewshot, fresh_accelerate_state = helpers.fewshot, helpers.fresh_accelerate_state  # fixtures
+fresh_accelerate_state = helpers.fresh_accelerate_state  # fixture
 
 
 def _args(tiny_clip_path: str, shapes_dir: str, tmp_path: Path, *extra: str) -> list[str]:
@@ -25,10 +25,10 @@ def _args(tiny_clip_path: str, shapes_dir: str, tmp_path: Path, *extra: str) -> 
     return [*helpers.trainer_args(tiny_clip_path, shapes_dir, tmp_path, **flags), *extra]
 
 
-def test_ratio_auto_records_the_search_and_trains_the_winner(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+def test_ratio_auto_records_the_search_and_trains_the_winner(tiny_clip_path, shapes_dir, tmp_path):
     grid = ["--ratio_grid", "0.2", "0.6", "--learning_rate_grid", "0.01", "0.05"]
-    auto = fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path / "auto", "--ratio", "auto", "--learning_rate",
-                              "auto", *grid))  # fmt: skip
+    argv = _args(tiny_clip_path, shapes_dir, tmp_path / "auto", "--ratio", "auto", "--learning_rate", "auto", *grid)
+    auto = helpers.run_fewshot(argv).results
     search = auto["hyperparameter_search"]
     assert search["strategy"] == "4-fold cross-validation on 4 shots per class" and search["num_folds"] == 4
     assert (search["ratio_grid"], search["learning_rate_grid"]) == ([0.2, 0.6], [0.01, 0.05])
@@ -51,17 +51,15 @@ def test_ratio_auto_records_the_search_and_trains_the_winner(fewshot, tiny_clip_
     assert f"| hyperparameter_search | {search['summary']} |" in card and "; chose ratio" in search["summary"]
 
     # The final fit is an ordinary run with the winning values: the same adapter, bit for bit.
-    fixed = fewshot.main(
-        _args(tiny_clip_path, shapes_dir, tmp_path / "fixed", "--ratio", str(search["ratio"]), "--learning_rate",
-              str(search["learning_rate"]))
-    )  # fmt: skip
+    winner = ["--ratio", str(search["ratio"]), "--learning_rate", str(search["learning_rate"])]
+    fixed = helpers.run_fewshot(_args(tiny_clip_path, shapes_dir, tmp_path / "fixed", *winner)).results
     assert fixed["hyperparameter_search"] is None
     expected, actual = helpers.adapter_tensors(tmp_path / "fixed" / "out"), helpers.adapter_tensors(out)
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
     assert fixed["train_loss_per_epoch"] == auto["train_loss_per_epoch"]
 
 
-def test_a_search_member_on_all_shots_is_the_trainers_adapter(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+def test_a_search_member_on_all_shots_is_the_trainers_adapter(tiny_clip_path, shapes_dir, tmp_path):
     """The batched trainer shuffles, batches, schedules and steps exactly like the trainer's loop."""
     from peft import get_peft_model
     from transformers import AutoProcessor, CLIPModel
@@ -74,7 +72,7 @@ def test_a_search_member_on_all_shots_is_the_trainers_adapter(fewshot, tiny_clip
     results = {}
     for ratio in (0.3, 0.7):
         argv = _args(tiny_clip_path, shapes_dir, tmp_path / str(ratio), "--ratio", str(ratio), "--adapt", "both")
-        results[ratio] = fewshot.main([*argv, "--feature_cache_dir", str(tmp_path / "features")])
+        results[ratio] = helpers.run_fewshot([*argv, "--feature_cache_dir", str(tmp_path / "features")]).results
 
     torch.manual_seed(0)  # the trainer seeds with --seed right before building the adapter
     model = get_peft_model(CLIPModel.from_pretrained(tiny_clip_path), CLIPAdapterConfig(adapt="both"))
@@ -105,13 +103,16 @@ def test_a_search_member_on_all_shots_is_the_trainers_adapter(fewshot, tiny_clip
         assert losses[member].tolist() == pytest.approx(results[ratio]["train_loss_per_epoch"], rel=1e-4)
 
 
-def test_one_shot_falls_back_to_the_papers_values_and_says_so(fewshot, tiny_clip_path, shapes_dir, tmp_path, caplog):
-    caplog.set_level("WARNING")
+def test_one_shot_falls_back_and_nearly_identical_prompts_are_warned_about(tiny_clip_path, shapes_dir, tmp_path):
+    # The tiny CLIP's prompts for 'blue triangle' and 'red circle' have a cosine of 0.97; lower the bar below it.
+    lower_bar = "import peft_clip_adapter.fewshot.classifier as classifier\nclassifier.NEAR_DUPLICATE_COSINE = 0.97\n"
     argv = _args(tiny_clip_path, shapes_dir, tmp_path, "--shots", "1", "--ratio", "auto", "--learning_rate", "auto")
-    results = fewshot.main(argv)
-    assert (results["ratio"], results["learning_rate"]) == (0.2, 2e-3)
-    assert "nothing to hold out; fell back to the paper's values" in results["hyperparameter_search"]["strategy"]
-    assert "Hyperparameter search: no search: a class has 1 shot" in caplog.text
+    run = helpers.run_fewshot(argv, prelude=lower_bar)
+    assert (run.results["ratio"], run.results["learning_rate"]) == (0.2, 2e-3)
+    assert "nothing to hold out; fell back to the paper's values" in run.results["hyperparameter_search"]["strategy"]
+    assert "Hyperparameter search: no search: a class has 1 shot" in run.log
+    warning = "Classes with nearly identical prompt embeddings (cosine > 0.97): 'blue triangle' / 'red circle'"
+    assert warning in " ".join(run.log.split())
 
 
 @pytest.mark.parametrize(
@@ -124,27 +125,5 @@ def test_one_shot_falls_back_to_the_papers_values_and_says_so(fewshot, tiny_clip
         (["--search_folds", "1"], r"--search_folds must be at least 2"),
     ],
 )  # fmt: skip
-def test_bad_search_flags(fewshot, tiny_clip_path, shapes_dir, tmp_path, extra, message):
-    with pytest.raises(ValueError, match=message):
-        fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, *extra))
-
-
-def test_a_loss_that_does_not_move_is_reported(fewshot, tiny_clip_path, shapes_dir, tmp_path, caplog):
-    caplog.set_level("WARNING")
-    fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path / "moving", "--num_train_epochs", "6"))
-    assert "has not moved" not in caplog.text
-    # One view, so that every epoch sees the same features and only learning could move the loss.
-    argv = _args(tiny_clip_path, shapes_dir, tmp_path / "stuck", "--num_train_epochs", "6", "--views", "1")
-    fewshot.main([*argv, "--learning_rate", "1e-12", "--warmup_learning_rate", "0"])
-    assert "The training loss has not moved in the first 5 epochs" in caplog.text
-    assert "ln(4 classes) = 1.3863" in caplog.text
-
-
-def test_nearly_identical_prompts_are_warned_about(fewshot, tiny_clip_path, shapes_dir, tmp_path, caplog, monkeypatch):
-    # The tiny CLIP's prompts for 'blue triangle' and 'red circle' have a cosine of 0.97; lower the bar below it.
-    monkeypatch.setattr(fewshot, "NEAR_DUPLICATE_COSINE", 0.97)
-    caplog.set_level("WARNING")
-    fewshot.main(_args(tiny_clip_path, shapes_dir, tmp_path, "--num_train_epochs", "1"))
-    assert "Classes with nearly identical prompt embeddings (cosine > 0.97): 'blue triangle' / 'red circle'" in (
-        caplog.text
-    )
+def test_bad_search_flags(tiny_clip_path, shapes_dir, tmp_path, extra, message):
+    helpers.fewshot_error(_args(tiny_clip_path, shapes_dir, tmp_path, *extra), message)

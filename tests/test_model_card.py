@@ -95,10 +95,10 @@ def test_no_local_path_in_the_metadata_or_the_snippets(model, tiny_clip_path, ti
 def test_hostile_strings_are_escaped_or_quoted(tiny_clip, tiny_processor, tmp_path):
     model = get_peft_model(tiny_clip, CLIPAdapterConfig())
     model.peft_config["default"].base_model_name_or_path = str(tmp_path / HOSTILE)  # a folder name
-    model.training_results = {"dataset": HOSTILE, HOSTILE: 0.5, "shots": 4}
     names = [HOSTILE, "plain", 'quote\'s "both"']
     classifier = FewShotClassifier(model, tiny_processor, names, [HOSTILE.replace("x", "{}", 1)])
-    classifier.save_pretrained(tmp_path / "adapter")
+    results = {"dataset": HOSTILE, HOSTILE: 0.5, "shots": 4}
+    classifier.save_pretrained(tmp_path / "adapter", training_results=results)
     text = (tmp_path / "adapter" / "README.md").read_text()
 
     card = ModelCard(text)

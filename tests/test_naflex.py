@@ -30,7 +30,7 @@ from peft_clip_adapter.fewshot.inputs.transforms import NaFlexTransform, stack_m
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
-fewshot, fresh_accelerate_state = helpers.fewshot, helpers.fresh_accelerate_state  # fixtures
+fresh_accelerate_state = helpers.fresh_accelerate_state  # fixture
 
 INPUTS = ["pixel_attention_mask", "pixel_values", "spatial_shapes"]
 
@@ -125,11 +125,11 @@ def test_extraction_is_bitwise_alike_for_any_workers_and_device_views_fall_back(
     assert "views_on_device=True: SigLIP 2 NaFlex views are made by the model's image processor" in caplog.text
 
 
-def test_trainer_cached_and_end_to_end_train_the_same_adapter(fewshot, siglip2_path, shapes_dir, tmp_path):
+def test_trainer_cached_and_end_to_end_train_the_same_adapter(siglip2_path, shapes_dir, tmp_path):
     flags = dict(shots=4, views=2, num_train_epochs=3, per_device_train_batch_size=8, learning_rate=0.05)
-    cached = fewshot.main(helpers.trainer_args(siglip2_path, shapes_dir, tmp_path / "cached", **flags))
+    cached = helpers.run_fewshot(helpers.trainer_args(siglip2_path, shapes_dir, tmp_path / "cached", **flags)).results
     argv = helpers.trainer_args(siglip2_path, shapes_dir, tmp_path / "e2e", **flags, dataloader_num_workers=2)
-    end_to_end = fewshot.main([*argv, "--end_to_end"])
+    end_to_end = helpers.run_fewshot([*argv, "--end_to_end"]).results
     first = helpers.adapter_tensors(tmp_path / "cached" / "out")
     second = helpers.adapter_tensors(tmp_path / "e2e" / "out")
     assert sorted(first) == [

@@ -33,7 +33,7 @@ from peft_clip_adapter.fewshot.inputs.resample import ViewBatch, render_views
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
-fewshot, fresh_accelerate_state = helpers.fewshot, helpers.fresh_accelerate_state  # fixtures
+fresh_accelerate_state = helpers.fresh_accelerate_state  # fixture
 
 SIZES = [(160, 120), (120, 160), (97, 33), (300, 225), (64, 64), (1200, 900)]
 
@@ -328,26 +328,23 @@ def test_draft_decoding_never_goes_below_the_resolution_the_crop_needs(tiny_proc
     assert load_image_draft(str(png), lambda width, height: 8.0).scale == 1  # only JPEG has DCT scaling
 
 
-def test_trainer_workers_give_the_same_adapter_and_bf16_backbone_trains(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+def test_trainer_workers_give_the_same_adapter_and_bf16_backbone_trains(tiny_clip_path, shapes_dir, tmp_path):
     flags = dict(shots=4, views=2, num_train_epochs=2, per_device_train_batch_size=8, per_device_eval_batch_size=6)
     runs = {}
     for name, extra in (("in-process", {"dataloader_num_workers": 0}), ("workers", {"dataloader_num_workers": 2})):
-        runs[name] = fewshot.main(helpers.trainer_args(tiny_clip_path, shapes_dir, tmp_path / name, **flags, **extra))
+        argv = helpers.trainer_args(tiny_clip_path, shapes_dir, tmp_path / name, **flags, **extra)
+        runs[name] = helpers.run_fewshot(argv).results
     first, second = (helpers.adapter_tensors(tmp_path / name / "out") for name in runs)
     assert all(torch.equal(first[key], second[key]) for key in first)
     assert runs["workers"]["dataloader_num_workers"] == 2 and runs["workers"]["torch_dtype"] == "float32"
-    half = fewshot.main(
-        helpers.trainer_args(tiny_clip_path, shapes_dir, tmp_path / "bf16", **flags, torch_dtype="bfloat16")
-    )
-    assert half["torch_dtype"] == "bfloat16" and half["mixed_precision"] == "no" and 0 <= half["eval_accuracy"] <= 1
     end_to_end = helpers.trainer_args(tiny_clip_path, shapes_dir, tmp_path / "e2e", **flags, torch_dtype="bfloat16")
-    assert 0 <= fewshot.main([*end_to_end, "--end_to_end"])["eval_accuracy"] <= 1
+    half = helpers.run_fewshot([*end_to_end, "--end_to_end"]).results
+    assert half["torch_dtype"] == "bfloat16" and half["mixed_precision"] == "no" and 0 <= half["eval_accuracy"] <= 1
 
 
-def test_trainer_refuses_negative_workers(fewshot, tiny_clip_path, shapes_dir, tmp_path):
+def test_trainer_refuses_negative_workers(tiny_clip_path, shapes_dir, tmp_path):
     argv = helpers.trainer_args(tiny_clip_path, shapes_dir, tmp_path, dataloader_num_workers=-1)
-    with pytest.raises(ValueError, match=r"--dataloader_num_workers must be >= 0 \(0 decodes images in the main"):
-        fewshot.main(argv)
+    helpers.fewshot_error(argv, r"--dataloader_num_workers must be >= 0 \(0 decodes images in the main")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -29,7 +29,7 @@ from peft_clip_adapter.testing.tiny_models import SHAPE_CLASSES, build_tiny_mode
 _spec = importlib.util.spec_from_file_location("fewshot_helpers", Path(__file__).with_name("fewshot_helpers.py"))
 helpers = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(helpers)
-fewshot, fresh_accelerate_state = helpers.fewshot, helpers.fresh_accelerate_state  # fixtures
+fresh_accelerate_state = helpers.fresh_accelerate_state  # fixture
 
 HEADS = {"vision": "base_model.model.vision_model.head", "text": "base_model.model.text_model.head"}
 IMAGES = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.new("RGB", (24, 48), (30, 60, 200))]
@@ -173,9 +173,9 @@ def test_siglip_vision_model_loads_the_trained_adapter(siglip_path, tmp_path):
         assert torch.equal(vision(pixel_values=pixels).pooler_output, expected)
 
 
-def test_trainer_runs_end_to_end_on_siglip(fewshot, siglip_path, shapes_dir, tmp_path):
+def test_trainer_runs_end_to_end_on_siglip(siglip_path, shapes_dir, tmp_path):
     flags = dict(shots=4, views=2, num_train_epochs=3, per_device_train_batch_size=8, learning_rate=0.05, adapt="both")
-    results = fewshot.main(helpers.trainer_args(siglip_path, shapes_dir, tmp_path, **flags))
+    results = helpers.run_fewshot(helpers.trainer_args(siglip_path, shapes_dir, tmp_path, **flags)).results
     out = tmp_path / "out"
     assert json.loads((out / "all_results.json").read_text())["eval_accuracy"] == results["eval_accuracy"]
     assert (results["num_train_images"], results["num_classes"], results["adapt"]) == (16, 4, "both")
