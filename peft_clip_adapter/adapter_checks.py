@@ -62,7 +62,11 @@ _loading_source: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
 # adapter_config.json
 
 
-def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+class MissingPeftTypeError(ValueError, TypeError):
+    """A config without ``peft_type``: peft raises a ``TypeError`` there, this package a ``ValueError``."""
+
+
+def read_adapter_config(path: str | os.PathLike, config_name: str = "PeftConfig") -> dict[str, Any]:
     """Read an ``adapter_config.json`` and refuse anything peft would misread or fail on with a bare error.
 
     The generic checks (a JSON object with a registered ``peft_type``) apply to every PEFT method. A
@@ -71,6 +75,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
 
     Args:
         path: The JSON file.
+        config_name: The config class reading it, named as peft names it when ``peft_type`` is missing.
 
     Returns:
         The file's content as a dict.
@@ -107,13 +112,16 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} must hold a JSON object (the adapter's settings), got {type(loaded).__name__}. {_RESAVE_HINT}"
         )
     loaded.pop("runtime_config", None)  # peft drops it too: runtime settings are never saved
-    check_peft_type(loaded.get("peft_type"), path, looks_like_ours="ratio" in loaded and "reduction" in loaded)
+    looks_like_ours = "ratio" in loaded and "reduction" in loaded
+    check_peft_type(loaded.get("peft_type"), path, looks_like_ours=looks_like_ours, config_name=config_name)
     if loaded["peft_type"] == clip_adapter_type():
         _check_clip_adapter_fields(loaded, path)
     return loaded
 
 
-def check_peft_type(peft_type: Any, source: str, *, looks_like_ours: bool = False) -> None:
+def check_peft_type(
+    peft_type: Any, source: str, *, looks_like_ours: bool = False, config_name: str = "PeftConfig"
+) -> None:
     """Refuse a missing or unregistered ``peft_type``, suggesting the closest registered spelling.
 
     Args:
@@ -121,12 +129,14 @@ def check_peft_type(peft_type: Any, source: str, *, looks_like_ours: bool = Fals
         source: What the value came from, for the message (usually the file's path).
         looks_like_ours: Whether the config holds CLIP-Adapter fields, to suggest ``"CLIP_ADAPTER"`` when
             ``peft_type`` is missing.
+        config_name: The config class reading it, for peft's message when ``peft_type`` is missing.
 
     Returns:
         None.
 
     Raises:
-        ValueError: if ``peft_type`` is missing, not a string, or not a registered PEFT method.
+        ValueError: if ``peft_type`` is missing (``MissingPeftTypeError``, also a ``TypeError`` with peft's
+            message, as peft alone raises), not a string, or not a registered PEFT method.
 
     Example:
         >>> check_peft_type("LORA", "adapter_config.json")
@@ -143,7 +153,10 @@ def check_peft_type(peft_type: Any, source: str, *, looks_like_ours: bool = Fals
             if looks_like_ours
             else " Save the adapter again with save_pretrained, which writes it."
         )
-        raise ValueError(f'{source} has no "peft_type", so peft cannot tell which method saved it.{guess}')
+        raise MissingPeftTypeError(
+            f"The {config_name} config that is trying to be loaded is missing required keys: {{'peft_type'}}. "
+            f'{source} has no "peft_type", so peft cannot tell which method saved it.{guess}'
+        )
     registered = sorted(str(getattr(key, "value", key)) for key in PEFT_TYPE_TO_CONFIG_MAPPING)
     if isinstance(peft_type, str) and peft_type in registered:
         return
@@ -247,7 +260,7 @@ def install_config_file_checks() -> None:
 
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
         if cls in (PeftConfig, PeftConfigMixin):
-            return read_adapter_config(path_json_file)
+            return read_adapter_config(path_json_file, config_name=cls.__name__)
         return original(cls, path_json_file, **kwargs)
 
     from_json_file.__doc__ = original.__doc__
