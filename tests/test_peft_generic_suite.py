@@ -53,7 +53,8 @@ def _download(version: str, folder: Path) -> str | None:
     """``pip download`` peft's source distribution into ``folder``; the error text when that fails."""
     command = [
         sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-        "--retries", "1", "--timeout", "30", "--disable-pip-version-check", "-q", f"peft=={version}", "-d", str(folder),
+        "--retries", "1", "--timeout", "30", "--disable-pip-version-check", "-q",
+        f"peft=={version}", "-d", str(folder),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     return None if result.returncode == 0 else (result.stderr.strip().splitlines() or ["no output"])[-1]
@@ -286,7 +287,10 @@ TestPeftCustomModelCLIPAdapter = _adapted(
     upstream.custom.TestPeftCustomModel,
     upstream.custom.TEST_CASES,
     TEST_CASES,
-    {"set_init_weights_false": _set_init_weights_false, "_skip_if_merging_not_supported": _skip_if_merging_not_supported},
+    {
+        "set_init_weights_false": _set_init_weights_false,
+        "_skip_if_merging_not_supported": _skip_if_merging_not_supported,
+    },
     transformers_class=TinyCLIP,
     torch_device="cpu",
     prepare_inputs_for_testing=lambda self: _inputs(self.torch_device),
@@ -299,3 +303,15 @@ TestPeftConfigCLIPAdapter = _adapted(
     # in (the revision is ignored for a local folder, as for any local path).
     {"PEFT_MODELS_TO_TEST": [(_saved_config(), "test")]},
 )
+
+
+def test_config_without_peft_type_is_refused_as_peft_refuses_it(tmp_path):
+    """peft's generic reader, which importing this package wraps, still raises peft's TypeError (and a ValueError)."""
+    from peft import PeftConfig
+
+    (tmp_path / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}')
+    missing = r"The PeftConfig config that is trying to be loaded is missing required keys: \{'peft_type'\}"
+    with pytest.raises(TypeError, match=missing) as refused:
+        PeftConfig.from_pretrained(str(tmp_path))
+    assert isinstance(refused.value, ValueError)
+    assert "adapter_config.json" in str(refused.value)
