@@ -62,7 +62,7 @@ _loading_source: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
 # adapter_config.json
 
 
-class MissingPeftTypeError(ValueError, TypeError):
+class _MissingPeftTypeError(ValueError, TypeError):
     """A config without ``peft_type``: peft raises a ``TypeError`` there, this package a ``ValueError``."""
 
 
@@ -135,7 +135,7 @@ def check_peft_type(
         None.
 
     Raises:
-        ValueError: if ``peft_type`` is missing (``MissingPeftTypeError``, also a ``TypeError`` with peft's
+        ValueError: if ``peft_type`` is missing (also a ``TypeError`` with peft's
             message, as peft alone raises), not a string, or not a registered PEFT method.
 
     Example:
@@ -153,7 +153,7 @@ def check_peft_type(
             if looks_like_ours
             else " Save the adapter again with save_pretrained, which writes it."
         )
-        raise MissingPeftTypeError(
+        raise _MissingPeftTypeError(
             f"The {config_name} config that is trying to be loaded is missing required keys: {{'peft_type'}}. "
             f'{source} has no "peft_type", so peft cannot tell which method saved it.{guess}'
         )
