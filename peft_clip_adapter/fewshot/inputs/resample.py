@@ -51,7 +51,7 @@ def supports_filter(resample: int) -> bool:
         ``True`` for nearest, box, bilinear, Hamming, bicubic and Lanczos.
 
     Example:
-        >>> supports_filter(Image.Resampling.BICUBIC), supports_filter(Image.Resampling.MKS2021)
+        >>> supports_filter(Image.Resampling.BICUBIC), supports_filter(Image.Resampling.BICUBIC + 100)
         (True, False)
     """
     return int(resample) in _SUPPORT or int(resample) == Image.Resampling.NEAREST
