@@ -3,8 +3,10 @@
 The tests are peft's, unchanged: ``PeftCommonTester`` (``tests/testing_common.py``), the custom-model tests
 (``tests/test_custom_models.py``) and the config tests (``tests/test_config.py``) from the source
 distribution of the installed peft release. This module imports them and parametrises every test that peft
-parametrises over its methods' cases with this method's cases instead. Only fixtures are adapted (the model,
-its inputs, peft's "make the adapter non-identity" helper); no assertion is.
+parametrises over its methods' cases with this method's cases instead. Only fixtures are adapted, no
+assertion: the model and its inputs, a saved CLIP-Adapter config in place of a LoRA on the Hub, and peft's
+helpers that know, per method, how to make an adapter non-identity, which methods merge and which parameter
+prefix a method has (the copied tests see these through ``overrides``).
 
 The source distribution is looked up as ``peft-<installed version>.tar.gz`` in ``$PEFT_SDIST_DIR`` (``.ci/run``
 downloads it there) or, when that variable is unset, in ``~/.cache/peft-clip-adapter``, where it is
@@ -14,12 +16,19 @@ The tests must exist when pytest collects them, so this happens at import, not i
 
 Left out, with the reason:
 - every peft test not parametrised over peft's method cases: those test a named method (LoRA, DoRA, IA3, ...)
-  or peft's own example models, not the contract a method must keep;
-- the tests named in ``SKIPPED``, for this method's cases only.
+  or peft's own example models, not the contract every method keeps;
+- the tests in ``SKIPPED``, for every case;
+- the rest of each test at the point where it would merge (``_skip_if_merging_not_supported``): test_merge_layers,
+  test_merge_layers_fp16, test_merge_layers_is_idempotent, test_merge_layers_is_deterministic_in_train_mode,
+  test_safe_merge, test_disable_adapters_with_merging, test_delete_merged_adapter_raises_without_mutation,
+  test_delete_merged_adapter_only_rejects_the_merged_one, and the fp16 / bf16 forward tests after their forward;
+- peft's own skips for methods without a ``bias`` option (test_disable_adapter_with_bias_warns, ...).
+``AWAITING_FIX`` lists the failures being fixed in the method; ``-rsx`` shows every skip with its reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -36,6 +45,14 @@ import torch
 from transformers import CLIPConfig, CLIPModel
 
 from peft_clip_adapter import CLIPAdapterConfig
+from peft_clip_adapter.layer import PREFIX
+
+# Warnings peft gives on its way through its own tests: "tiny-clip" names no Hub model, so peft's check for
+# resized embeddings finds no config to compare with; and deleting the active adapter says which one is next.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Could not find a config file in tiny-clip:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Adapter delete_me was active which is now deleted:UserWarning"),
+]
 
 _SDIST_ENV = "PEFT_SDIST_DIR"
 _PACKAGE = "peft_upstream_tests"  # the name peft's tests/ folder is imported under
@@ -212,14 +229,24 @@ def _set_init_weights_false(config_cls, kwargs):
     return upstream.custom.set_init_weights_false(config_cls, kwargs)
 
 
-def _skip_if_merging_not_supported(model_id, config_cls, config_kwargs):
-    """peft's helper, which skips the rest of a test at the point where it would merge, knowing this method too."""
+def _skip_if_merging_not_supported(model_id, config_cls, *config_kwargs):
+    """peft's helper, which skips the rest of a test at the point where it would merge, knowing this method too.
+
+    peft 0.18's takes no ``config_kwargs``; later releases do.
+    """
     if config_cls is CLIPAdapterConfig:
         pytest.skip(
             "CLIP-Adapter cannot be merged: its ReLU bottleneck is no weight delta, so merging is refused with a "
             "ValueError (tests/test_peft_flows.py). Whatever the test checks before it merges has passed."
         )
-    upstream.common._skip_if_merging_not_supported(model_id, config_cls, config_kwargs)
+    upstream.common._skip_if_merging_not_supported(model_id, config_cls, *config_kwargs)
+
+
+@contextlib.contextmanager
+def _hub_online_once(model_id: str):
+    """Stands in for peft's guard that counts Hub accesses per model: these tests never reach the Hub (the tiny
+    model is built in memory). peft 0.18's guard patches a transformers 4 function that transformers 5 lacks."""
+    yield
 
 
 def _with_globals(function: types.FunctionType, overrides: dict) -> types.FunctionType:
@@ -290,6 +317,9 @@ TestPeftCustomModelCLIPAdapter = _adapted(
     {
         "set_init_weights_false": _set_init_weights_false,
         "_skip_if_merging_not_supported": _skip_if_merging_not_supported,
+        "hub_online_once": _hub_online_once,
+        # peft 0.18 looks up each config class's parameter prefix in a table of its own methods.
+        "PREFIXES": {**getattr(upstream.custom, "PREFIXES", {}), CLIPAdapterConfig: PREFIX},
     },
     transformers_class=TinyCLIP,
     torch_device="cpu",
