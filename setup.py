@@ -1,9 +1,10 @@
 """Packaging for peft-clip-adapter.
 
 Tested at both ends of the supported range (`.ci/run`): the newest releases, and the floors below, pinned in
-`.ci/oldest.txt` (peft 0.21.0, transformers 5.13.0, accelerate 1.10.0, datasets 4.0.0), both with torch 2.13.
+`.ci/oldest.txt` (peft 0.21.0, transformers 5.13.0, accelerate 1.15.0, datasets 4.0.0), both with torch 2.13.
 Earlier peft releases cannot carry this method: 0.17 does not import with transformers 5, and 0.18-0.20 save
-only methods of peft's own closed `PeftType`; `.ci/oldest.txt` says why transformers starts at 5.13.
+only methods of peft's own closed `PeftType`; `.ci/oldest.txt` says why transformers and
+Accelerate start where they do.
 """
 
 from pathlib import Path
@@ -29,9 +30,9 @@ setup(
         "torch>=2.2",  # transformers 5's floor
         "transformers>=5.13,<6",
         "peft>=0.21,<1",
-        "accelerate>=1.10,<2",
+        "accelerate>=1.15,<2",
         "datasets>=4.0,<6",
-        "safetensors>=0.4.3",
+        "safetensors>=0.8",  # transformers 5.13's floor
         "huggingface_hub>=1.5,<2",
         "pillow>=10.0.1",
     ],
