@@ -1,4 +1,11 @@
-"""Packaging for peft-clip-adapter. Tested with torch 2.13, transformers 5.24 and peft 0.21.2."""
+"""Packaging for peft-clip-adapter.
+
+Tested at both ends of the supported range (`.ci/run`): the newest releases, and the floors below, pinned in
+`.ci/oldest.txt` (peft 0.21.0, transformers 5.13.0, accelerate 1.15.0, datasets 4.0.0), both with torch 2.13.
+Earlier peft releases cannot carry this method: 0.17 does not import with transformers 5, and 0.18-0.20 save
+only methods of peft's own closed `PeftType`; `.ci/oldest.txt` says why transformers and
+Accelerate start where they do.
+"""
 
 from pathlib import Path
 
@@ -20,14 +27,14 @@ setup(
     packages=find_packages(include=["peft_clip_adapter", "peft_clip_adapter.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.1",
-        "transformers>=5.20,<6",
-        "peft>=0.21,<0.22",
-        "accelerate>=1.10",
-        "datasets>=4.0",
-        "safetensors>=0.4",
-        "huggingface_hub>=1.0",
-        "pillow>=10",
+        "torch>=2.2",  # transformers 5's floor
+        "transformers>=5.13,<6",
+        "peft>=0.21,<1",
+        "accelerate>=1.15,<2",
+        "datasets>=4.0,<6",
+        "safetensors>=0.8",  # transformers 5.13's floor
+        "huggingface_hub>=1.5,<2",
+        "pillow>=10.0.1",
     ],
     extras_require={"examples": EXAMPLES, "docs": DOCS, "test": TEST},
     classifiers=[

@@ -65,12 +65,17 @@ _loading_source: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
 # adapter_config.json
 
 
-def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+class _MissingPeftTypeError(ValueError, TypeError):
+    """A config without ``peft_type``: peft raises a ``TypeError`` there, this package a ``ValueError``."""
+
+
+def read_adapter_config(path: str | os.PathLike, config_name: str = "PeftConfig") -> dict[str, Any]:
     """Read a CLIP-Adapter's ``adapter_config.json``, refusing what peft would misread or fail on with a bare error.
 
     Raises ``ValueError`` naming the file and the fix: not JSON, not an object, a missing or unregistered
     ``peft_type`` (with a did-you-mean), or, for a CLIP-Adapter config, a missing required field, a near-miss
-    of a known field, or a base field of the wrong type.
+    of a known field, or a base field of the wrong type. ``config_name`` is the reading class, named in
+    peft's own sentence when ``peft_type`` is missing.
     """
     path = os.fspath(path)
     try:
@@ -90,16 +95,20 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} must hold a JSON object (the adapter's settings), got {type(loaded).__name__}. {_RESAVE_HINT}"
         )
     loaded.pop("runtime_config", None)  # peft drops it too: runtime settings are never saved
-    check_peft_type(loaded.get("peft_type"), path, looks_like_ours="ratio" in loaded and "reduction" in loaded)
+    looks_like_ours = "ratio" in loaded and "reduction" in loaded
+    check_peft_type(loaded.get("peft_type"), path, looks_like_ours=looks_like_ours, config_name=config_name)
     if loaded["peft_type"] == clip_adapter_type():
         _check_clip_adapter_fields(loaded, path)
     return loaded
 
 
-def check_peft_type(peft_type: Any, source: str, *, looks_like_ours: bool = False) -> None:
+def check_peft_type(
+    peft_type: Any, source: str, *, looks_like_ours: bool = False, config_name: str = "PeftConfig"
+) -> None:
     """Refuse a missing or unregistered ``peft_type`` from ``source``, suggesting the closest registered one.
 
     ``looks_like_ours``: the config holds CLIP-Adapter fields, so a missing ``peft_type`` suggests ours.
+    A missing one raises an error that is also the ``TypeError`` peft raises, with peft's sentence first.
     """
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
@@ -109,7 +118,10 @@ def check_peft_type(peft_type: Any, source: str, *, looks_like_ours: bool = Fals
             if looks_like_ours
             else " Save the adapter again with save_pretrained, which writes it."
         )
-        raise ValueError(f'{source} has no "peft_type", so peft cannot tell which method saved it.{guess}')
+        raise _MissingPeftTypeError(
+            f"The {config_name} config that is trying to be loaded is missing required keys: {{'peft_type'}}. "
+            f'{source} has no "peft_type", so peft cannot tell which method saved it.{guess}'
+        )
     registered = sorted(str(getattr(key, "value", key)) for key in PEFT_TYPE_TO_CONFIG_MAPPING)
     if isinstance(peft_type, str) and peft_type in registered:
         return

@@ -186,7 +186,7 @@ class CLIPAdapterConfig(PeftConfig):
         """Read ``adapter_config.json`` as ``read_adapter_config`` does, refusing another method's config."""
         from peft_clip_adapter.adapter_checks import read_adapter_config
 
-        loaded = read_adapter_config(path_json_file)
+        loaded = read_adapter_config(path_json_file, config_name=cls.__name__)
         if loaded["peft_type"] != PEFT_TYPE.value:
             raise ValueError(
                 f"{path_json_file} has peft_type={loaded['peft_type']!r}; a CLIP-Adapter config has "

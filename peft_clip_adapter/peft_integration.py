@@ -80,7 +80,7 @@ def _install_config_file_checks() -> None:
 
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict[str, Any]:
         if cls is PeftConfig and _is_clip_adapter_config(path_json_file):
-            return adapter_checks.read_adapter_config(path_json_file)
+            return adapter_checks.read_adapter_config(path_json_file, config_name=cls.__name__)
         return original(cls, path_json_file, **kwargs)
 
     from_json_file.__doc__ = original.__doc__
