@@ -372,18 +372,6 @@ def prepare_offline_default(args: argparse.Namespace, accelerator) -> None:
     )
 
 
-def resolve_templates(args: argparse.Namespace) -> list[str]:
-    """The prompt templates: a named set, explicit strings, or the dataset's own set when its name is known."""
-    from peft_clip_adapter.fewshot.templates import DATASET_TEMPLATES, templates_for
-
-    values = args.templates
-    if not values:
-        hint = "".join(char for char in (args.dataset_name or args.train_dir or "").lower() if char.isalnum())
-        known = [name for name in DATASET_TEMPLATES if name.replace("_", "") in hint]
-        values = [max(known, key=len)] if known else ["default"]
-    return templates_for(values[0]) if len(values) == 1 and "{}" not in values[0] else list(values)
-
-
 def choose_hyperparameters(args, accelerator, peft_model, classifier, train_set, train_eval_set, global_batch):
     """--ratio / --learning_rate auto: k-fold cross-validation on the training shots, then set the winners."""
     from peft_clip_adapter.fewshot.recipe import TrainingRecipe
@@ -433,6 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     from peft_clip_adapter.fewshot.features import FeatureCache, dataset_labels
     from peft_clip_adapter.fewshot.logs import on_terminal
     from peft_clip_adapter.fewshot.shareable_classifier import FewShotClassifier
+    from peft_clip_adapter.fewshot.templates import resolve_templates
 
     # Accelerator and logging ---------------------------------------------------------------------------
     if not on_terminal():  # library bars (weights, image folders) redraw in place: noise in a log file
@@ -472,7 +461,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         prepare_offline_default(args, accelerator)
 
     # Model, data and class prototypes: everything that can be wrong is checked here, before training -----
-    templates = resolve_templates(args)
+    templates = resolve_templates(args.templates, args.dataset_name or args.train_dir or "")
     with accelerator.main_process_first():
         # With --ratio auto the search sets the ratio later; the initial weights do not depend on it.
         ratio = PAPER_DEFAULTS["ratio"] if args.ratio == "auto" else args.ratio
@@ -608,7 +597,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         **{name: getattr(args, name) for name in RESULT_FLAGS},
     )
     shareable = FewShotClassifier(accelerator.unwrap_model(peft_model), processor, names, templates)
-    card = {"training_results": card_results(args, results), "license": args.license}
+    settings = {name: getattr(args, name) for name in ("shots", "ratio", "learning_rate")}
+    card = {"training_results": training.card_results(results, args.model_name_or_path, **settings)}
+    card["license"] = args.license
     accelerator.wait_for_everyone()
     shareable.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process, **card)
     if accelerator.is_main_process:
@@ -622,25 +613,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if args.with_tracking:
         accelerator.end_training()
     return results
-
-
-def card_results(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
-    """What the model card reports: where the adapter comes from, how it trained and how well it does.
-
-    A local path becomes its folder's name: a full path means nothing elsewhere and would publish the
-    trainer's file system.
-    """
-    card = {"base_model": args.model_name_or_path, "dataset": results["dataset"]}
-    card = {
-        key: f"{Path(name).resolve().name} (local folder)" if name and os.path.exists(name) else name
-        for key, name in card.items()
-    }
-    card.update({name: getattr(args, name) for name in ("shots", "ratio", "learning_rate")})
-    card.update(accuracy=results["eval_accuracy"], zero_shot_accuracy=results["zero_shot_accuracy"])
-    card["num_eval_images"] = results["num_eval_images"]
-    if results["hyperparameter_search"]:  # the grid, every candidate's held-out accuracy and the choice
-        card["hyperparameter_search"] = results["hyperparameter_search"]["summary"]
-    return card
 
 
 if __name__ == "__main__":

@@ -324,9 +324,11 @@ def test_frozen_runs_without_gradients_in_eval_mode_and_restores(tiny_clip):
 def test_templates_by_name_filling_and_lists():
     from peft_clip_adapter.fewshot.templates import (
         DEFAULT_TEMPLATE,
+        ENSEMBLE_TEMPLATES,
         as_template_list,
         clean_classname,
         fill_template,
+        resolve_templates,
         templates_for,
     )
 
@@ -343,6 +345,10 @@ def test_templates_by_name_filling_and_lists():
         with pytest.raises(ValueError, match="must hold exactly one"):
             fill_template(bad, "cat")
     assert as_template_list("{} texture.") == ["{} texture."]
+    assert resolve_templates(None, "data/oxford_pets/train") == ["a photo of a {}, a type of pet."]
+    assert resolve_templates([], "blobs") == [DEFAULT_TEMPLATE]
+    assert resolve_templates(["ensemble"], "eurosat") == list(ENSEMBLE_TEMPLATES)
+    assert resolve_templates(["a {}.", "an {}."]) == ["a {}.", "an {}."]
     assert as_template_list(("a {}.", "the {}.")) == ["a {}.", "the {}."]
     with pytest.raises(ValueError, match="Pass at least one prompt template"):
         as_template_list([])

@@ -318,6 +318,29 @@ def test_a_loss_that_does_not_move_is_reported(caplog):
     assert "ln(4 classes) = 1.3863" in caplog.text
 
 
+def test_card_results_name_local_folders_not_paths(tmp_path):
+    from peft_clip_adapter.fewshot.training import card_results
+
+    model_dir = tmp_path / "my-clip"
+    model_dir.mkdir()
+    results = {"dataset": "hub/eurosat", "eval_accuracy": 0.8, "zero_shot_accuracy": 0.5, "num_eval_images": 40}
+    card = card_results({**results, "hyperparameter_search": None}, str(model_dir), shots=4, ratio=0.2)
+    assert card == {
+        "base_model": "my-clip (local folder)",
+        "dataset": "hub/eurosat",
+        "shots": 4,
+        "ratio": 0.2,
+        "accuracy": 0.8,
+        "zero_shot_accuracy": 0.5,
+        "num_eval_images": 40,
+    }
+    search = {"summary": "ratio 0.4 of [0.2, 0.4]"}
+    assert (
+        card_results({**results, "hyperparameter_search": search}, "org/clip")["hyperparameter_search"]
+        == (search["summary"])
+    )
+
+
 def test_many_classes_are_summarised(caplog):
     from peft_clip_adapter.fewshot.training import log_per_class
 

@@ -6,7 +6,7 @@ A template is a format string with one ``{}`` for the class name, or any callabl
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
+from typing import Optional, Union
 
 Template = Union[str, Callable[[str], str]]
 
@@ -57,6 +57,22 @@ def templates_for(name: str) -> list[str]:
         known = ["default", "ensemble", *sorted(DATASET_TEMPLATES)]
         raise ValueError(f"Unknown template set {name!r}; choose one of {known} or pass template strings.")
     return [DATASET_TEMPLATES[name]]
+
+
+def resolve_templates(values: Optional[Sequence[str]], dataset_hint: str = "") -> list[str]:
+    """The templates a run asks for: one set's name, prompt strings with ``{}``, or none.
+
+    With none, the set whose name ``dataset_hint`` (a dataset id or folder) contains is taken, else ``default``.
+
+    Example:
+        >>> resolve_templates(None, "data/EuroSAT/train"), resolve_templates(["a {} photo."])
+        (['a centered satellite photo of {}.'], ['a {} photo.'])
+    """
+    if not values:
+        hint = "".join(char for char in dataset_hint.lower() if char.isalnum())
+        known = [name for name in DATASET_TEMPLATES if name.replace("_", "") in hint]
+        values = [max(known, key=len)] if known else ["default"]
+    return templates_for(values[0]) if len(values) == 1 and "{}" not in values[0] else list(values)
 
 
 def clean_classname(name: str) -> str:

@@ -451,6 +451,24 @@ def save_plot(path: str | os.PathLike, results: dict[str, Any]) -> None:
         plt.close(figure)
 
 
+def card_results(results: dict[str, Any], base_model: str, **settings: Any) -> dict[str, Any]:
+    """What the model card reports from a run's ``results``: the model, data, ``settings``, and accuracies.
+
+    A local path becomes its folder's name: a full path means nothing elsewhere and would publish the
+    trainer's file system.
+    """
+    sources = {"base_model": base_model, "dataset": results["dataset"]}
+    card = {
+        key: f"{Path(name).resolve().name} (local folder)" if name and os.path.exists(name) else name
+        for key, name in sources.items()
+    }
+    card.update(settings, accuracy=results["eval_accuracy"], zero_shot_accuracy=results["zero_shot_accuracy"])
+    card["num_eval_images"] = results["num_eval_images"]
+    if results["hyperparameter_search"]:  # the grid, every candidate's held-out accuracy and the choice
+        card["hyperparameter_search"] = results["hyperparameter_search"]["summary"]
+    return card
+
+
 def check_hub_access(repo_id: str, *, token: Optional[str] = None, base_model: Optional[str] = None) -> str:
     """Before any data is loaded: reach the Hub, check the login and create ``repo_id``; return its full id.
 
