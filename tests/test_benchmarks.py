@@ -502,3 +502,24 @@ def test_search_cost_rejects_bad_arguments():
         search_cost.parse_args(["--workloads", "bogus"])
     with pytest.raises(ValueError, match=r"--repeats and --num_train_epochs must be >= 1, got 0, 200"):
         search_cost.parse_args(["--repeats", "0"])
+
+
+def test_code_shape_counts_docstrings_and_layers_by_hand(tmp_path):
+    import code_shape
+
+    package = tmp_path / "pkg"
+    (package / "fewshot").mkdir(parents=True)
+    (package / "__init__.py").write_text('"""One line."""\n')
+    (package / "fewshot" / "data.py").write_text('"""Two\nlines."""\n\n\ndef f():\n    """One."""\n    return 1\n')
+    shape = code_shape.package_shape(package)
+    assert shape["layers"] == {"method": {"modules": 0, "lines": 1}, "toolkit": {"modules": 1, "lines": 7}}
+    assert (shape["lines"], shape["docstring_lines"], shape["docstring_share"]) == (8, 4, 0.5)
+
+
+def test_the_package_keeps_its_shape():
+    """The limits the restructuring set: concise docstrings and a trainer that stays a script."""
+    import code_shape
+
+    shape = code_shape.package_shape(code_shape.ROOT / "peft_clip_adapter")
+    assert shape["docstring_share"] <= 0.25, shape
+    assert len((code_shape.ROOT / "examples" / "fewshot.py").read_text().splitlines()) <= 620
