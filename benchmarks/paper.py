@@ -238,3 +238,24 @@ def export_hub_dataset(
             counts[target] += 1
     marker.write_text(json.dumps(counts))
     return counts
+
+
+#: Published 16-shot averages over the 11 datasets (%), as (backbone, method, average); CLIP-LoRA's is approximate.
+PUBLISHED_16_SHOT_AVERAGES = (
+    ("RN50", "zero-shot", 58.9),
+    ("RN50", "tip-adapter", 70.3),
+    ("RN50", "clip-adapter", 74.4),
+    ("RN50", "tip-adapter-f", 75.8),
+    ("ViT-B/16", "clip-adapter", 79.9),
+    ("ViT-B/16", "CoOp", 79.0),
+    ("ViT-B/16", "tip-adapter-f", 81.2),
+    ("ViT-B/16", "lora", 82.9),
+)
+
+#: Cross-domain targets of ImageNet: key -> folder under ``--data_root`` (CoOp's folder names), each with ``test/``.
+IMAGENET_VARIANTS = {
+    "imagenet_v2": "imagenetv2",
+    "imagenet_sketch": "imagenet-sketch",
+    "imagenet_a": "imagenet-adversarial",
+    "imagenet_r": "imagenet-rendition",
+}

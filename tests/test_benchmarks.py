@@ -6,7 +6,6 @@ reports, the ratios recomputed from the reported times, the memory probe's accou
 
 from __future__ import annotations
 
-import argparse
 import doctest
 import json
 import sys
@@ -298,131 +297,179 @@ def test_paper_mapping_covers_the_eleven_datasets_and_their_templates():
         (["--smoke", "--seeds", "a"], "--seeds must be comma-separated whole numbers >= 0"),
         (["--smoke", "--search_ratios", "0.2,1.5"], r"--search_ratios must be comma-separated numbers in \[0, 1\]"),
         (["--smoke", "--ratio", "2"], r"--ratio must be in \[0, 1\]"),
+        (["--smoke", "--views", "0"], "--views must be at least 1, got 0"),
+        (["--smoke", "--methods", "coop"], r"Unknown method\(s\) \[.coop.\]; choose .all. or names from"),
+        (["--smoke", "--protocol", "zero"], r"--protocol must be one of \['few-shot', 'base2novel', 'cross-domain'\]"),
+        (["--smoke", "--protocol", "few-shot,cross-domain"], "cross-domain trains on other datasets than it tests"),
+        (["--smoke", "--hparams", "search"], r"unrecognized arguments: --hparams search \(see --help\)"),
         (["--datasets", "imagenet2", "--data_root", "d", "--model_name_or_path", "m"], "Unknown dataset"),
         (["--data_root", "d"], "Pass --model_name_or_path"),
         (["--model_name_or_path", "m"], "Pass --data_root"),
         (["--model_name_or_path", "m", "--dataset_dir", "mnist=/x", "--datasets", "dtd"], "KEY=PATH with KEY in"),
+        (["--model_name_or_path", "m", "--data_root", "d", "--protocol", "cross-domain", "--targets", "mnist"],
+         r"--targets must name datasets from \['imagenet_v2'"),
     ],
-)
+)  # fmt: skip
 def test_reproduce_rejects_bad_arguments(argv, match):
     with pytest.raises(ValueError, match=match):
         reproduce.parse_args(argv)
 
 
-def test_reproduce_help_says_where_other_flags_go(capsys):
-    with pytest.raises(SystemExit):
-        reproduce.parse_args(["--help"])
-    assert "Flags not listed here go to examples/fewshot.py" in " ".join(capsys.readouterr().out.split())
-
-
-def test_reproduce_passes_unknown_flags_to_the_trainer():
-    args, trainer_args = reproduce.parse_args(
-        ["--model_name_or_path", "m", "--data_root", "d", "--datasets", "dtd", "--num_train_epochs", "5", "--cpu"]
-    )
-    assert trainer_args == ["--num_train_epochs", "5", "--cpu"]
+def test_reproduce_defaults_follow_the_paper(tmp_path):
+    args = reproduce.parse_args(["--model_name_or_path", "m", "--data_root", "d", "--datasets", "dtd"])
     assert (
         args.dataset_dirs == {"dtd": Path("d") / "dtd"} and args.seeds == [1, 2, 3] and args.shots == [1, 2, 4, 8, 16]
     )
+    assert args.methods == ["clip-adapter"] and args.protocol == "few-shot" and args.recipe == "paper"
+    assert reproduce.RECIPES["paper"] == (10, 200, 2e-3, 0.08)
+    cross = ["--model_name_or_path", "m", "--data_root", str(tmp_path), "--protocol", "cross-domain"]
+    with pytest.raises(
+        ValueError, match=r"No cross-domain target: none of \[.*imagenetv2', .*\] exists; pass --targets"
+    ):
+        reproduce.parse_args(cross)
+    (tmp_path / "imagenet-sketch").mkdir()
+    parsed = reproduce.parse_args(cross)
+    assert [entry.key for entry in parsed.datasets] == ["imagenet"]
+    assert parsed.target_dirs == {"imagenet_sketch": tmp_path / "imagenet-sketch"}
 
 
 def test_table_puts_our_mean_and_std_beside_the_paper():
-    cells = [
-        {"dataset": key, "shots": 16, "seed": seed, "accuracy": accuracy, "zero_shot_accuracy": 50.0}
-        for key, values in (("eurosat", (80.0, 84.0)), ("dtd", (60.0, 60.0)))
+    rows = [
+        {"protocol": "few-shot", "method": method, "dataset": "eurosat", "shots": 16, "seed": seed,
+         "accuracy": accuracy, "seconds": 2.0}
+        for method, values in (("clip-adapter", (80.0, 84.0)), ("tip-adapter", (70.0, 70.0)))
         for seed, accuracy in zip((1, 2), values, strict=True)
-    ]
-    datasets = [paper.DATASETS["eurosat"], paper.DATASETS["dtd"]]
-    summary = reproduce.summarise(cells, datasets, [16])
-    assert summary["eurosat"]["shots"][16] == {"mean": 82.0, "std": 2.8284, "n": 2, "paper": 84.43}
-    markdown = reproduce.render_markdown(
-        summary, [16], {"command": "c", "model": "m", "seeds": [1, 2], "hparams": "fixed"}
-    )
-    assert "| EuroSAT | 50.00 ± 0.00 (37.52) | 82.00 ± 2.83 (84.43) |" in markdown
-    # Mean over the two datasets: ours (82 + 60) / 2, the paper's (84.43 + 65.96) / 2.
-    paper_mean = f"{(84.43 + 65.96) / 2:.2f}"
-    assert f"| mean | 50.00 ± 0.00 (39.86) | 71.00 ± 1.41 ({paper_mean}) |" in markdown
-
-
-def test_search_cells_run_the_trainers_own_search():
-    """--hparams search is the trainer's --ratio auto, not a second implementation."""
-    args = argparse.Namespace(hparams="search", ratio=0.2, search_ratios=[0.2, 0.6])
-    assert reproduce.hparams_argv(args) == ["--ratio", "auto", "--ratio_grid", "0.2", "0.6"]
-    assert reproduce.hparams_argv(argparse.Namespace(hparams="fixed", ratio=0.4)) == ["--ratio", "0.4"]
-    search = {
-        "strategy": "2-fold cross-validation on 2 shots per class",
-        "candidates": [{"ratio": 0.2, "validation_accuracy": 0.5}, {"ratio": 0.6, "validation_accuracy": 0.75}],
-    }
-    assert reproduce.ratio_choice({"ratio": 0.6, "hyperparameter_search": search}) == {
-        "ratio": 0.6,
-        "strategy": "2-fold cross-validation on 2 shots per class",
-        "held_out_accuracy": {"0.2": 0.5, "0.6": 0.75},
-    }
-
-
-def test_prepare_from_coop_split_links_train_val_and_test(tmp_path):
-    images = tmp_path / "images"
-    (images / "a").mkdir(parents=True)
-    for name in ("1.jpg", "2.jpg", "3.jpg"):
-        (images / "a" / name).write_bytes(b"x")
-    split = {
-        "train": [["a/1.jpg", 0, "annual crop"]],
-        "val": [["a/2.jpg", 0, "annual crop"]],
-        "test": [["a/3.jpg", 0, "annual crop"]],
-    }
-    split_file = tmp_path / "split.json"
-    split_file.write_text(json.dumps(split))
-    counts = paper.prepare_from_coop_split(split_file, images, tmp_path / "out")
-    assert counts == {"train": 2, "test": 1}
-    assert sorted(p.name for p in (tmp_path / "out" / "train" / "annual crop").iterdir()) == [
-        "000000.jpg",
-        "000001.jpg",
-    ]
-    split["test"].append(["a/missing.jpg", 0, "annual crop"])
-    split_file.write_text(json.dumps(split))
-    with pytest.raises(ValueError, match="missing.jpg .*does not exist"):
-        paper.prepare_from_coop_split(split_file, images, tmp_path / "out2")
+    ]  # fmt: skip
+    rows += [
+        {"protocol": "base2novel", "method": "tip-adapter", "dataset": "eurosat", "shots": 16, "seed": 1,
+         "base": 90.0, "novel": 60.0, "hm": 72.0, "novel_is_zero_shot": True, "seconds": 1.0}
+    ]  # fmt: skip
+    summary = reproduce.summarise(rows)
+    entry = next(e for e in summary if e["method"] == "clip-adapter")
+    assert entry["accuracy"] == {"mean": 82.0, "std": 2.8284, "n": 2} and entry["paper"] == 84.43
+    markdown = reproduce.render_markdown(summary, {"command": "c", "model": "m", "seeds": [1, 2]})
+    assert "| clip-adapter | eurosat | 82.00 ± 2.83 (84.43) |" in markdown
+    assert "| tip-adapter | eurosat | 70.00 ± 0.00 |" in markdown
+    assert "| tip-adapter (zero-shot: cannot classify unseen classes) | eurosat | 60.00 ± 0.00 |" in markdown
+    assert "## base2novel: hm" in markdown and "| tip-adapter | 1.00 |" not in markdown
+    assert "| ViT-B/16 | tip-adapter-f | 81.2 |" in markdown
 
 
 def test_reproduce_names_a_dataset_folder_that_is_not_laid_out(tmp_path):
-    args, trainer_args = reproduce.parse_args(
-        ["--model_name_or_path", "m", "--data_root", str(tmp_path), "--datasets", "dtd"]
-    )
-    with pytest.raises(ValueError, match=r"dtd/train is missing: DTD must be laid out as in paper.py"):
-        reproduce.run_cells(args, trainer_args)
+    args = reproduce.parse_args(["--model_name_or_path", "m", "--data_root", str(tmp_path), "--datasets", "dtd"])
+    with pytest.raises(ValueError, match=r"dtd/train is missing: dtd must be laid out as in paper.py"):
+        reproduce.load_dataset_source("dtd", args.dataset_dirs["dtd"], args)
 
 
 def test_reproduce_smoke_data_has_enough_images_for_the_default_shots(tmp_path):
     # `python benchmarks/reproduce.py --smoke` samples up to 16 shots per class from the generated folder.
-    args, _ = reproduce.parse_args(["--smoke", "--output_dir", str(tmp_path)])
+    args = reproduce.parse_args(["--smoke", "--output_dir", str(tmp_path)])
     train = args.dataset_dirs["shapes"] / "train"
     counts = {folder.name: len(list(folder.iterdir())) for folder in train.iterdir()}
     assert len(counts) == 4 and min(counts.values()) == max(args.shots) == 16
 
 
 @pytest.mark.slow
-def test_reproduce_smoke_runs_end_to_end_and_resumes(tmp_path):
-    argv = ["--smoke", "--shots", "1,2", "--seeds", "0", "--hparams", "search", "--search_ratios", "0.2,0.6"]
-    argv += ["--output_dir", str(tmp_path)]
-    report = reproduce.main(argv)
-    cells = report["cells"]
-    assert [(cell["shots"], cell["seed"]) for cell in cells] == [(1, 0), (2, 0)]
-    assert "1 shot, nothing to hold out; fell back to the paper's values" in cells[0]["strategy"]
-    assert cells[0]["ratio"] == 0.2 and "held_out_accuracy" not in cells[0]
-    assert cells[1]["strategy"] == "2-fold cross-validation on 2 shots per class"
-    assert set(cells[1]["held_out_accuracy"]) == {"0.2", "0.6"}
-    assert cells[1]["ratio"] in (0.2, 0.6)
-    assert all(0.0 <= cell["accuracy"] <= 100.0 for cell in cells)
-    final = tmp_path / "runs" / "shapes" / "2-shot" / "seed-0" / "final" / "all_results.json"
-    results = json.loads(final.read_text())
-    assert results["shots"] == 2 and results["ratio"] == cells[1]["ratio"]
-    assert cells[1]["accuracy"] == pytest.approx(100 * results["eval_accuracy"])
-    for name in ("reproduce.md", "reproduce.json", "reproduce.png"):
+def test_reproduce_smoke_runs_every_feature_method_end_to_end(tmp_path):
+    methods = "zero-shot,linear-probe,tip-adapter,tip-adapter-f,clip-adapter,clip-adapter-auto"
+    argv = ["--smoke", "--shots", "1,2", "--seeds", "0,1", "--methods", methods, "--search_ratios", "0.2,0.6"]
+    report = reproduce.main([*argv, "--output_dir", str(tmp_path)])
+    rows = report["rows"]
+    assert len(rows) == 2 * 2 * 6 and {row["method"] for row in rows} == set(methods.split(","))
+    auto = [row for row in rows if row["method"] == "clip-adapter-auto"]
+    assert "1 shot, nothing to hold out" in auto[0]["hyperparameters"]["strategy"]
+    assert auto[-1]["hyperparameters"]["strategy"] == "2-fold cross-validation on 2 shots per class"
+    assert all(0.0 <= row["accuracy"] <= 100.0 and row["seconds"] >= 0.0 for row in rows)
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written == json.loads(json.dumps(rows))
+    assert set(written[0]) == {
+        "method",
+        "dataset",
+        "protocol",
+        "shots",
+        "seed",
+        "accuracy",
+        "seconds",
+        "hyperparameters",
+    }
+    for name in ("results.md", "results.png", "timing.json"):
         assert (tmp_path / name).stat().st_size > 0
-    assert "Smoke run" in (tmp_path / "reproduce.md").read_text()
-    # A second run with the same arguments reuses every finished cell instead of training again.
-    stamp = final.stat().st_mtime_ns
-    assert reproduce.main(argv)["cells"] == cells
-    assert final.stat().st_mtime_ns == stamp
+    assert "Smoke run" in (tmp_path / "results.md").read_text()
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert timing["cells"] == 4 and timing["command"].startswith("python benchmarks/reproduce.py --smoke")
+    # One extraction per sampled set, shared: a second run reads every feature from the cache.
+    assert reproduce.main([*argv, "--output_dir", str(tmp_path)])["rows"][0]["accuracy"] == rows[0]["accuracy"]
+
+
+@pytest.mark.slow
+def test_reproduce_base2novel_reports_base_novel_and_hm(tmp_path):
+    argv = ["--smoke", "--shots", "2", "--seeds", "0", "--methods", "zero-shot,tip-adapter,clip-adapter"]
+    rows = reproduce.main([*argv, "--protocol", "base2novel", "--output_dir", str(tmp_path)])["rows"]
+    by_method = {row["method"]: row for row in rows}
+    for row in rows:
+        assert row["hm"] == pytest.approx(2 * row["base"] * row["novel"] / (row["base"] + row["novel"]))
+    assert by_method["tip-adapter"]["novel_is_zero_shot"] and not by_method["clip-adapter"]["novel_is_zero_shot"]
+    assert by_method["tip-adapter"]["novel"] == by_method["zero-shot"]["novel"]
+
+
+def _cli_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.cli(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(lines)
+    return errors[0]
+
+
+def test_reproduce_reports_an_unknown_method_on_one_error_line(capsys):
+    error = _cli_error(["--smoke", "--methods", "zero-shot,coop"], capsys)
+    assert error.startswith(
+        "error: Unknown method(s) ['coop']; choose 'all' or names from ['zero-shot', 'linear-probe'"
+    )
+
+
+def test_reproduce_refuses_base2novel_with_one_class(tiny_clip_path, tmp_path, capsys):
+    # An image folder needs 2 class folders already; a split file can list a single class.
+    folder = tmp_path / "eurosat"
+    (folder / "2750").mkdir(parents=True)
+    from PIL import Image
+
+    for index in range(2):
+        Image.new("RGB", (8, 8)).save(folder / "2750" / f"{index}.png")
+    entries = [[f"{index}.png", 0, "forest"] for index in range(2)]
+    (folder / "split_zhou_EuroSAT.json").write_text(json.dumps({"train": entries, "val": [], "test": entries}))
+    argv = ["--model_name_or_path", tiny_clip_path, "--datasets", "eurosat", "--data_root", str(tmp_path)]
+    error = _cli_error([*argv, "--protocol", "base2novel", "--output_dir", str(tmp_path / "out")], capsys)
+    assert error == "error: base2novel needs at least 2 classes (a base and a novel half), got 1: ['forest']."
+
+
+def test_reproduce_refuses_a_split_file_naming_missing_images(tiny_clip_path, tmp_path, capsys):
+    folder = tmp_path / "eurosat"
+    folder.mkdir()
+    entries = [[f"2750/Forest/{index}.jpg", 0, "forest"] for index in range(4)]
+    (folder / "split_zhou_EuroSAT.json").write_text(json.dumps({"train": entries, "val": [], "test": entries}))
+    argv = ["--model_name_or_path", tiny_clip_path, "--datasets", "eurosat", "--data_root", str(tmp_path)]
+    error = _cli_error([*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    assert "split_zhou_EuroSAT.json names 8 images that do not exist, e.g. [" in error
+    assert "Forest/0.jpg" in error and "Forest/3.jpg" not in error
+
+
+def test_reproduce_refuses_cross_domain_targets_with_other_class_names(tiny_clip_path, tmp_path, capsys):
+    from peft_clip_adapter.testing.tiny_models import write_shapes_dataset
+
+    for split in ("train", "test"):
+        write_shapes_dataset(tmp_path / "imagenet" / split, images_per_class=1)
+    image = next((tmp_path / "imagenet" / "test").rglob("*.png"))
+    for name in ("teapot", "red circle"):
+        (tmp_path / "imagenet-sketch" / "test" / name).mkdir(parents=True)
+        (tmp_path / "imagenet-sketch" / "test" / name / "0.png").write_bytes(image.read_bytes())
+    argv = ["--model_name_or_path", tiny_clip_path, "--data_root", str(tmp_path), "--protocol", "cross-domain"]
+    error = _cli_error([*argv, "--shots", "1", "--seeds", "0", "--output_dir", str(tmp_path / "out")], capsys)
+    assert error == (
+        "error: cross-domain target 'imagenet_sketch' has class names the source lacks: ['teapot'] (1 of 2); "
+        "its classes must be the source's (or a subset of them)."
+    )
 
 
 def test_reproduce_reads_a_hub_dataset_through_an_export(tiny_clip_path, tmp_path):
@@ -439,8 +486,8 @@ def test_reproduce_reads_a_hub_dataset_through_an_export(tiny_clip_path, tmp_pat
     exported = out / "hub-data" / "eurosat"
     assert sorted(path.name for path in (exported / "test").iterdir()) == sorted(SHAPE_CLASSES)
     assert sum(1 for _ in (exported / "train").rglob("*.png")) == 4 * 2
-    (cell,) = report["cells"]
-    assert cell["dataset"] == "eurosat" and cell["shots"] == 1 and 0.0 <= cell["accuracy"] <= 100.0
+    (row,) = report["rows"]
+    assert row["dataset"] == "eurosat" and row["shots"] == 1 and 0.0 <= row["accuracy"] <= 100.0
 
 
 def test_paper_docstring_examples_run():
@@ -523,3 +570,8 @@ def test_the_package_keeps_its_shape():
     shape = code_shape.package_shape(code_shape.ROOT / "peft_clip_adapter")
     assert shape["docstring_share"] <= 0.25, shape
     assert len((code_shape.ROOT / "examples" / "fewshot.py").read_text().splitlines()) <= 620
+
+
+def test_reproduce_docstring_examples_run():
+    result = doctest.testmod(reproduce, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0

@@ -10,7 +10,7 @@ from pathlib import Path
 from peft_clip_adapter.atomic import atomic_path, remove_abandoned
 from peft_clip_adapter.manifest import apply_default_permissions
 from peft_clip_adapter.testing.microclip import PretrainingConfig, build_micro_clip
-from peft_clip_adapter.testing.scene_tasks import SCENE_TASKS, write_task_dataset
+from peft_clip_adapter.testing.scene_tasks import SCENE_TASKS, SceneTask, write_task_dataset
 
 #: The model's folder name: bump it when the pretraining changes, so that old caches are not reused.
 MICRO_CLIP_FOLDER = "micro-clip-v1"
@@ -28,10 +28,15 @@ def offline_default_folders(cache_dir: str | os.PathLike, task_name: str) -> tup
 
 def build_offline_default(cache_dir: str | os.PathLike, task_name: str) -> tuple[Path, Path, Path]:
     """Build the missing folders of ``SCENE_TASKS[task_name]`` (the model: about a minute on 2 cores)."""
-    model_dir, train_dir, validation_dir = offline_default_folders(cache_dir, task_name)
+    return build_task_folders(cache_dir, SCENE_TASKS[task_name])
+
+
+def build_task_folders(cache_dir: str | os.PathLike, task: SceneTask) -> tuple[Path, Path, Path]:
+    """``build_offline_default`` for any ``SceneTask`` (e.g. ``scene_tasks.CLEAN_PAIRS``), named by its name."""
+    model_dir, train_dir, validation_dir = offline_default_folders(cache_dir, task.name)
     build_once(model_dir, lambda path: build_micro_clip(path, MICRO_CLIP_CONFIG))
     for folder, split, seed in ((train_dir, "train", 0), (validation_dir, "validation", 1)):
-        write = functools.partial(write_task_dataset, task=SCENE_TASKS[task_name], seed=seed)
+        write = functools.partial(write_task_dataset, task=task, seed=seed)
         build_once(folder, functools.partial(write, images_per_class=IMAGES_PER_CLASS[split]))
     return model_dir, train_dir, validation_dir
 

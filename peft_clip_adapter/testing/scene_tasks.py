@@ -14,6 +14,7 @@ folder ``datasets.load_dataset("imagefolder", data_dir=...)`` reads.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass
@@ -92,6 +93,11 @@ SCENE_TASKS: dict[str, SceneTask] = {
         "9 colour-shape pairs (3 never seen together) in dim, blurred, noisy images: an unseen shift",
     ),
 }
+
+#: The dusk task's classes in clean images: the source domain of the offline cross-domain protocol.
+CLEAN_PAIRS = dataclasses.replace(
+    SCENE_TASKS["dusk-pairs"], name="clean-pairs", shift="none", description="the dusk task's 9 pairs, unshifted"
+)
 
 
 def render_task_images(

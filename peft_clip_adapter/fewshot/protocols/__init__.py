@@ -1,0 +1,1 @@
+"""Evaluation protocols beyond few-shot: base-to-novel, cross-domain, and CoOp's split files."""
