@@ -628,6 +628,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     start = time.perf_counter()
     args = parse_args(argv)
+    if "lora" in args.methods:  # a model LoRA cannot adapt is refused before any extraction
+        from peft_clip_adapter.fewshot.baselines.methods import check_lora_model
+
+        check_lora_model(args.model_name_or_path)
     extractor = Extractor(args.model_name_or_path, Path(args.output_dir) / "feature-cache", RECIPES[args.recipe][3])
     rows = []
     for protocol in args.protocols:

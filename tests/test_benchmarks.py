@@ -472,6 +472,28 @@ def test_reproduce_refuses_cross_domain_targets_with_other_class_names(tiny_clip
     )
 
 
+def test_reproduce_refuses_lora_on_a_model_without_its_projections(tmp_path, capsys):
+    from peft_clip_adapter.testing.tiny_models import build_tiny_model
+
+    clap = build_tiny_model(tmp_path / "clap", family="clap")  # audio and text towers: no image attention
+    argv = ["--model_name_or_path", clap, "--datasets", "dtd", "--data_root", str(tmp_path), "--methods", "lora"]
+    error = _cli_error([*argv, "--output_dir", str(tmp_path / "out")], capsys)
+    assert error.startswith(
+        "error: ClapModel has no attention projections for LoRA in either tower: CLIP-LoRA adapts the q_proj"
+    )
+
+
+@pytest.mark.slow
+def test_reproduce_runs_lora_end_to_end_on_both_protocols(tmp_path):
+    argv = ["--smoke", "--shots", "2", "--seeds", "0", "--methods", "lora", "--lora_iterations_per_shot", "2"]
+    rows = reproduce.main([*argv, "--protocol", "few-shot,base2novel", "--output_dir", str(tmp_path)])["rows"]
+    few_shot, base2novel = rows
+    assert few_shot["hyperparameters"] == {"rank": 2, "learning_rate": 2e-4, "batch_size": 32, "iterations": 4}
+    assert 0.0 <= few_shot["accuracy"] <= 100.0 and few_shot["seconds"] > 0.0
+    # LoRA reads the novel class names through its adapted text tower: it scores them itself.
+    assert base2novel["protocol"] == "base2novel" and base2novel["novel_is_zero_shot"] is False
+
+
 def test_reproduce_reads_a_hub_dataset_through_an_export(tiny_clip_path, tmp_path):
     from peft_clip_adapter.testing.tiny_models import SHAPE_CLASSES, write_shapes_dataset
 

@@ -158,7 +158,7 @@ class CLIPAdapterClassifier(nn.Module):
         """
         inner = unwrap_model(model)
         if logit_scale is None:
-            logit_scale = _model_logit_scale(inner)
+            logit_scale = model_logit_scale(inner)
             if logit_scale is None:
                 raise ValueError(
                     f"{type(inner).__name__} has no `logit_scale`; pass logit_scale=... (the log "
@@ -207,8 +207,8 @@ class CLIPAdapterClassifier(nn.Module):
         return torch.sigmoid(logits) if self.sigmoid_scores else logits.softmax(dim=-1)
 
 
-def _model_logit_scale(model: nn.Module) -> Optional[torch.Tensor]:
-    """The log of the inverse temperature, under each family's name for it."""
+def model_logit_scale(model: nn.Module) -> Optional[torch.Tensor]:
+    """The log of the inverse temperature a dual encoder's forward uses, under each family's name; ``None`` if none."""
     for name in ("logit_scale", "logit_scale_a"):  # CLAP: audio-to-text logits use logit_scale_a
         value = getattr(model, name, None)
         if value is not None:
