@@ -370,18 +370,52 @@ def _subset(features: Any, rows: list[int], labels: list[int]) -> Any:
     return FeatureSet(features.features[:, rows], torch.tensor(labels, dtype=torch.int64))
 
 
+def eval_sets(
+    protocol: str,
+    key: str,
+    loaded: LoadedDataset,
+    extractor: Extractor,
+    templates: list[str],
+    args: argparse.Namespace,
+) -> tuple[Any, list[str], list[Any]]:
+    """The protocol's training pool, its trained class names, and its test sets (features extracted once)."""
+    from peft_clip_adapter.fewshot.baselines.methods import EvalSet
+    from peft_clip_adapter.fewshot.protocols import base2novel
+    from peft_clip_adapter.fewshot.protocols.cross_domain import target_class_indices
+
+    names, test_features = loaded.class_names, extractor.features(loaded.test)
+    if protocol == "few-shot":
+        prompts = extractor.prompts(names, templates)
+        return loaded.train, names, [EvalSet(key, test_features, names, prompts, list(range(len(names))), loaded.test)]
+    if protocol == "base2novel":
+        base, novel = base2novel.split_classes(names)
+        tests = []
+        for half, kept in (("base", base), ("novel", novel)):
+            rows, labels = base2novel.class_rows(list(loaded.test["label"]), kept, names)
+            indices = list(range(len(base))) if half == "base" else None  # novel: classes never trained on
+            subset = base2novel.keep_classes(loaded.test, kept, names)
+            prompts = extractor.prompts(kept, templates)
+            tests.append(EvalSet(half, _subset(test_features, rows, labels), kept, prompts, indices, subset))
+        return base2novel.keep_classes(loaded.train, base, names), base, tests
+    tests = []
+    for target_key, location in args.target_dirs.items():
+        target = load_dataset_source(target_key, location, args, need_train=False)
+        indices = target_class_indices(names, target.class_names, target_key)
+        prompts = extractor.prompts(target.class_names, templates)
+        features = extractor.features(target.test)
+        tests.append(EvalSet(target_key, features, target.class_names, prompts, indices, target.test))
+    return loaded.train, names, tests
+
+
 def run_dataset(
     entry: PaperDataset, args: argparse.Namespace, extractor: Extractor, protocol: str
 ) -> list[dict[str, Any]]:
     """Every (shots, seed) cell of one (source) dataset under ``protocol``: a row per method and test set."""
-    from peft_clip_adapter.fewshot.baselines.methods import EvalSet, FewShotCell, MethodSettings, run_method
+    from peft_clip_adapter.fewshot.baselines.methods import FewShotCell, MethodSettings, run_method
     from peft_clip_adapter.fewshot.data import sample_few_shot
-    from peft_clip_adapter.fewshot.protocols import base2novel
-    from peft_clip_adapter.fewshot.protocols.cross_domain import target_class_indices
     from peft_clip_adapter.fewshot.templates import resolve_templates
 
     loaded = load_dataset_source(entry.key, args.dataset_dirs[entry.key], args)
-    names = loaded.class_names
     templates = resolve_templates([entry.template] if entry.key in DATASETS else None, entry.key)
     views, epochs, learning_rate, _ = RECIPES[args.recipe]
     views, epochs = args.views or views, args.num_train_epochs or epochs
@@ -389,47 +423,7 @@ def run_dataset(
         num_train_epochs=epochs, learning_rate=learning_rate, ratio=args.ratio, ratio_grid=tuple(args.search_ratios),
         lora_iterations_per_shot=args.lora_iterations_per_shot,
     )  # fmt: skip
-    test_features = extractor.features(loaded.test)
-    test_labels = list(loaded.test["label"])
-    pool, trained_names = loaded.train, names
-    if protocol == "few-shot":
-        tests = [
-            EvalSet(
-                entry.key,
-                test_features,
-                names,
-                extractor.prompts(names, templates),
-                list(range(len(names))),
-                loaded.test,
-            )
-        ]  # noqa: E501
-    elif protocol == "base2novel":
-        base, novel = base2novel.split_classes(names)
-        pool, trained_names = base2novel.keep_classes(loaded.train, base, names), base
-        tests = []
-        for half, kept in (("base", base), ("novel", novel)):
-            rows, labels = base2novel.class_rows(test_labels, kept, names)
-            indices = list(range(len(base))) if half == "base" else None
-            dataset = base2novel.keep_classes(loaded.test, kept, names)
-            tests.append(
-                EvalSet(
-                    half,
-                    _subset(test_features, rows, labels),
-                    kept,
-                    extractor.prompts(kept, templates),
-                    indices,
-                    dataset,
-                )
-            )  # noqa: E501
-    else:
-        tests = []
-        for key, location in args.target_dirs.items():
-            target = load_dataset_source(key, location, args, need_train=False)
-            indices = target_class_indices(names, target.class_names, key)
-            prompts = extractor.prompts(target.class_names, templates)
-            tests.append(
-                EvalSet(key, extractor.features(target.test), target.class_names, prompts, indices, target.test)
-            )  # noqa: E501
+    pool, trained_names, tests = eval_sets(protocol, entry.key, loaded, extractor, templates, args)
     prompts = extractor.prompts(trained_names, templates)
     rows = []
     for shots in args.shots:
@@ -518,6 +512,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry["paper"] = paper_number(method, dataset, shots) if protocol == "few-shot" else None
         if protocol == "base2novel":
             entry["novel_is_zero_shot"] = any(member["novel_is_zero_shot"] for member in members)
+        if protocol == "cross-domain":
+            entry["source"] = members[0]["source"]
         summary.append(entry)
     return summary
 
@@ -561,12 +557,13 @@ def render_markdown(summary: list[dict[str, Any]], settings: dict[str, Any]) -> 
                 if metric == "novel" and any(cell and cell["novel_is_zero_shot"] for cell in cells):
                     label += " (zero-shot: cannot classify unseen classes)"
                 texts = ["—" if cell is None else _text(cell[metric], cell["paper"]) for cell in cells]
-                table.append([label, dataset, *texts])
+                source = next((cell["source"] for cell in cells if cell and "source" in cell), None)
+                table.append([label, dataset if source is None else f"{source} → {dataset}", *texts])
             lines += ["", title, "", markdown_table(headers, table)]
     lines += ["", "## Seconds per cell (training + selection, not the shared extraction)", ""]
     methods = sorted({entry["method"] for entry in summary}, key=order.get)
     cost = [[method, *[_mean_seconds(summary, method, k) for k in shots]] for method in methods]
-    lines.append(markdown_table(["method", *[f"{k} shots" for k in shots]], cost))
+    lines.append(markdown_table(["method", *[f"{k} shot{'s' if k > 1 else ''}" for k in shots]], cost))
     lines += ["", "## Published 16-shot averages over the 11 datasets", ""]
     lines.append(
         markdown_table(

@@ -494,6 +494,21 @@ def test_reproduce_runs_lora_end_to_end_on_both_protocols(tmp_path):
     assert base2novel["protocol"] == "base2novel" and base2novel["novel_is_zero_shot"] is False
 
 
+@pytest.mark.slow
+def test_reproduce_offline_cross_domain_trains_clean_and_tests_dusk(offline_cache_dir, tmp_path):
+    argv = ["--offline", "--cache_dir", str(offline_cache_dir), "--protocol", "cross-domain", "--shots", "1"]
+    report = reproduce.main(
+        [*argv, "--seeds", "0", "--methods", "zero-shot,tip-adapter", "--output_dir", str(tmp_path)]
+    )
+    assert [(row["source"], row["dataset"], row["method"]) for row in report["rows"]] == [
+        ("clean-pairs", "dusk-pairs", "zero-shot"),
+        ("clean-pairs", "dusk-pairs", "tip-adapter"),
+    ]
+    assert "| zero-shot | clean-pairs → dusk-pairs |" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ValueError, match=r"target 'held-out-pairs' has class names the source lacks"):
+        reproduce.main([*argv, "--targets", "held-out-pairs"])
+
+
 def test_reproduce_reads_a_hub_dataset_through_an_export(tiny_clip_path, tmp_path):
     from peft_clip_adapter.testing.tiny_models import SHAPE_CLASSES, write_shapes_dataset
 
