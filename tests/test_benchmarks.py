@@ -506,7 +506,7 @@ def test_reproduce_offline_cross_domain_trains_clean_and_tests_dusk(offline_cach
     ]
     assert "| zero-shot | clean-pairs → dusk-pairs |" in (tmp_path / "results.md").read_text()
     with pytest.raises(ValueError, match=r"target 'held-out-pairs' has class names the source lacks"):
-        reproduce.main([*argv, "--targets", "held-out-pairs"])
+        reproduce.main([*argv, "--seeds", "0", "--targets", "held-out-pairs", "--output_dir", str(tmp_path / "b")])
 
 
 def test_reproduce_reads_a_hub_dataset_through_an_export(tiny_clip_path, tmp_path):
