@@ -38,8 +38,8 @@ def register() -> None:
     _register_method()
     _allow_in_zero_shot_pipeline()
     _install_config_file_checks()
-    model.CLIPAdapterModel.on_create = staticmethod(_adopt_owning_peft_model)
-    peft_model.CLIPAdapterPeftModel.built_by_this_load = staticmethod(_built_by_peft_from_pretrained)
+    model.CLIPAdapterModel._on_create = staticmethod(_adopt_owning_peft_model)
+    peft_model.CLIPAdapterPeftModel._built_by_this_load = staticmethod(_built_by_peft_from_pretrained)
 
 
 # 1. peft's method registry. `register_peft_method` only accepts names already in peft's closed `PeftType`
