@@ -33,7 +33,7 @@ setup(
         "accelerate>=1.15,<2",
         "datasets>=4.0,<6",
         "safetensors>=0.8",  # transformers 5.13's floor
-        "huggingface_hub>=1.5,<2",
+        "huggingface_hub>=1.5,<3",
         "pillow>=10.0.1",
     ],
     extras_require={"examples": EXAMPLES, "docs": DOCS, "test": TEST},

@@ -65,11 +65,11 @@ class CLIPAdapterModel(BaseTuner):
     # Targets come from `adapt` through peft_clip_adapter.families, per model class, not per model_type.
     target_module_mapping: dict[str, list[str]] = {}
     # Called with each new tuner; peft_integration.register() sets it to make the owning PeftModel ours.
-    on_create: ClassVar[Callable[[CLIPAdapterModel], None]] = staticmethod(lambda tuner: None)
+    _on_create: ClassVar[Callable[[CLIPAdapterModel], None]] = staticmethod(lambda tuner: None)
 
     def __init__(self, model: nn.Module, peft_config, adapter_name: str, **kwargs) -> None:
         super().__init__(model, peft_config, adapter_name, **kwargs)
-        self.on_create(self)
+        self._on_create(self)
 
     def _pre_injection_hook(self, model: nn.Module, config: CLIPAdapterConfig, adapter_name: str) -> None:
         # Runs once, when get_peft_model or PeftModel.from_pretrained builds the tuner (add_adapter and

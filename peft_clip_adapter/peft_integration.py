@@ -1,11 +1,12 @@
 """The one seam to peft, transformers and torch internals: every write into their state happens here.
 
-Each touch says why peft offers no public route and which versions it was verified on. Verified: peft 0.21.2,
-transformers 5.24-5.25, torch 2.11-2.13. ``register()`` (run by ``import peft_clip_adapter``) applies them all,
-idempotently; none changes what other peft methods observe (tests/test_peft_integration.py runs LoRA with and
-without the import, in fresh interpreters, and compares config reading, errors, saving, loading and warnings).
+Each touch says why peft offers no public route. All are verified by the suite at both ends of the supported
+range (``.ci/run``): peft 0.21.0 and 0.21.2, transformers 5.13 and 5.25, torch 2.13. ``register()`` (run by
+``import peft_clip_adapter``) applies them all, idempotently; none changes what other peft methods observe
+(tests/test_peft_integration.py runs LoRA with and without the import, in fresh interpreters, and compares
+config reading, errors, saving, loading and warnings).
 
-Private hooks our subclasses override (peft's tuner contract, no public alternative), verified on peft 0.21.2:
+Private hooks our subclasses override (peft's tuner contract, no public alternative), verified on peft 0.21.0-0.21.2:
 ``BaseTuner._prepare_adapter_config``, ``_pre_injection_hook``, ``_post_injection_hook``, ``_create_and_replace``,
 ``_replace_module``, ``_check_merge_allowed``, ``_remap_adapter_state_dict_for_load``; and
 ``BaseTunerLayer._get_base_layer_device_and_dtype``, ``_move_adapter_to_device_of_base_layer``,
@@ -38,8 +39,8 @@ def register() -> None:
     _register_method()
     _allow_in_zero_shot_pipeline()
     _install_config_file_checks()
-    model.CLIPAdapterModel.on_create = staticmethod(_adopt_owning_peft_model)
-    peft_model.CLIPAdapterPeftModel.built_by_this_load = staticmethod(_built_by_peft_from_pretrained)
+    model.CLIPAdapterModel._on_create = staticmethod(_adopt_owning_peft_model)
+    peft_model.CLIPAdapterPeftModel._built_by_this_load = staticmethod(_built_by_peft_from_pretrained)
 
 
 # 1. peft's method registry. `register_peft_method` only accepts names already in peft's closed `PeftType`
@@ -54,7 +55,7 @@ def _register_method() -> None:
 
 # 2. transformers' zero-shot image pipeline logs an ERROR for a model class not in its table, though an
 # adapted model works there unchanged; the PEFT wrappers it accepts are listed in `SUPPORTED_PEFT_TASKS`, which
-# has no registration API. Only our class name is added, in place, once (transformers 5.24-5.25).
+# has no registration API. Only our class name is added, in place, once (transformers 5.13-5.25).
 def _allow_in_zero_shot_pipeline() -> None:
     from transformers.pipelines import base as pipelines_base
 
@@ -72,7 +73,7 @@ def _allow_in_zero_shot_pipeline() -> None:
 # for calls on `PeftConfig` only (method classes such as `LoraConfig` keep peft's reader), and only for files
 # that are CLIP-Adapter's (`_is_clip_adapter_config`); every other file goes to peft's own reader untouched,
 # with its own errors and warnings. A process-wide wrapper cannot be avoided: the generic read happens before
-# anything tells peft which method it is reading. Verified on peft 0.21.2.
+# anything tells peft which method it is reading. Verified on peft 0.21.0-0.21.2.
 def _install_config_file_checks() -> None:
     original = PeftConfig.from_json_file.__func__
     if getattr(original, "_checks_clip_adapter_configs", False):
@@ -129,7 +130,7 @@ def _weights_have_our_prefix(folder: str) -> bool:
 # acts only on tuners waiting for their owner, switching the class of the plain `PeftModel` that takes one to
 # `CLIPAdapterPeftModel` (which keeps every peft behaviour and adds ours). For any other module it is one
 # dictionary look-up. It cannot remove itself once nothing waits: torch is iterating over the hooks when it
-# runs. Verified on peft 0.21.2 and torch 2.11-2.13; tests/test_peft_flows.py checks every way of building.
+# runs. Verified on peft 0.21.0-0.21.2 and torch 2.11-2.13; tests/test_peft_flows.py checks every way of building.
 _awaiting_owner: dict[int, weakref.ref] = {}
 _owner_hook = None
 

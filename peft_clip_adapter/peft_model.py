@@ -53,7 +53,7 @@ class CLIPAdapterPeftModel(PeftModel):
     """
 
     # Set by peft_integration.register(): whether peft's from_pretrained built this model for the load failing.
-    built_by_this_load: ClassVar[Callable[[PeftModel], bool]] = staticmethod(lambda model: False)
+    _built_by_this_load: ClassVar[Callable[[PeftModel], bool]] = staticmethod(lambda model: False)
     # Where the card's usage snippet says the adapter lives, and its facts; set for one save.
     _card_location: Optional[str] = None
     _card_facts: CardFacts = CardFacts()
@@ -151,7 +151,7 @@ class CLIPAdapterPeftModel(PeftModel):
         except Exception as error:
             if new and adapter_name in self.peft_config:
                 self.delete_adapter(adapter_name)  # added by this call: a refused load leaves the model as it was
-            elif not new and self.built_by_this_load(self):
+            elif not new and self._built_by_this_load(self):
                 self.base_model.unload()  # the caller never gets this model: give its base model back as it was
             if isinstance(error, SafetensorError):
                 raise ValueError(

@@ -327,12 +327,19 @@ TestPeftConfigCLIPAdapter = _adapted(
 
 
 def test_config_without_peft_type_is_refused_as_peft_refuses_it(tmp_path):
-    """peft's generic reader, which importing this package wraps, still raises peft's TypeError (and a ValueError)."""
+    """Another method's config reads through peft's own reader; a CLIP-Adapter one gets peft's TypeError too."""
     from peft import PeftConfig
 
-    (tmp_path / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}')
     missing = r"The PeftConfig config that is trying to be loaded is missing required keys: \{'peft_type'\}"
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}')
+    with pytest.raises(TypeError, match=missing + r"\.$") as refused:
+        PeftConfig.from_pretrained(str(tmp_path / "lora"))
+    assert type(refused.value) is TypeError  # peft's own, untouched
+
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "adapter_config.json").write_text('{"ratio": 0.2, "reduction": 4}')
     with pytest.raises(TypeError, match=missing) as refused:
-        PeftConfig.from_pretrained(str(tmp_path))
-    assert isinstance(refused.value, ValueError)
-    assert "adapter_config.json" in str(refused.value)
+        PeftConfig.from_pretrained(str(tmp_path / "ours"))
+    assert isinstance(refused.value, ValueError)  # what the package raises for every bad config
+    assert "adapter_config.json" in str(refused.value) and "CLIP_ADAPTER" in str(refused.value)
