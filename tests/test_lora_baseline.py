@@ -16,13 +16,13 @@ from transformers import (
     GroupViTModel,
 )
 
+from peft_clip_adapter.fewshot.baselines.lora import _TrainViews, lora_config_for, lora_logits, train_lora
 from peft_clip_adapter.fewshot.data import (
     build_train_transform,
     class_names,
     load_image_classification_data,
     sample_few_shot,
 )
-from peft_clip_adapter.fewshot.lora import _TrainViews, lora_config_for, lora_logits, train_lora
 from peft_clip_adapter.fewshot.training import one_thread_on_cpu
 from peft_clip_adapter.testing.tiny_models import build_tiny_model
 

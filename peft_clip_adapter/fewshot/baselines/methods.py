@@ -166,7 +166,7 @@ def check_lora_model(model_name_or_path: str) -> torch.nn.Module:
     """The model, loaded fresh; ``ValueError`` (from ``lora.lora_config_for``) if LoRA's projections are missing."""
     from transformers import AutoModel
 
-    from peft_clip_adapter.fewshot import lora
+    from peft_clip_adapter.fewshot.baselines import lora
 
     model = AutoModel.from_pretrained(model_name_or_path)
     lora.lora_config_for(model)
@@ -174,10 +174,10 @@ def check_lora_model(model_name_or_path: str) -> torch.nn.Module:
 
 
 def _run_lora(cell: FewShotCell, tests: list[EvalSet], settings: MethodSettings) -> MethodResult:
-    """CLIP-LoRA's recipe end to end on the shots' images (``fewshot.lora``), scored on the test images."""
+    """CLIP-LoRA's recipe end to end on the shots' images (``baselines.lora``), scored on the test images."""
     from transformers import AutoProcessor
 
-    from peft_clip_adapter.fewshot import lora
+    from peft_clip_adapter.fewshot.baselines import lora
 
     model = check_lora_model(cell.model_name_or_path)
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # end to end: both towers run every step
