@@ -7,6 +7,7 @@ folder is atomic on POSIX file systems, so a reader sees the old content or the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -120,14 +121,22 @@ def fsync_tree(path: str | os.PathLike, *, recursive: bool = True) -> None:
 
 
 def _replace(temporary: Path, destination: Path) -> None:
-    if temporary.is_dir() and destination.is_dir():
-        # A folder cannot replace a non-empty folder in one rename: swap via a second temporary.
+    if not temporary.is_dir():
+        os.replace(temporary, destination)
+        return
+    # A folder cannot replace a non-empty folder in one rename: move the old one aside first. Checking for it
+    # beforehand would race with a concurrent writer, so the rename itself says whether it is there.
+    while True:
+        try:
+            os.replace(temporary, destination)
+            return
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
         old = destination.parent / f"{temporary_prefix(destination)}old-{uuid.uuid4().hex[:8]}"
-        os.replace(destination, old)
-        os.replace(temporary, destination)
+        with contextlib.suppress(FileNotFoundError):  # another writer moved it aside already
+            os.replace(destination, old)
         _remove(old)
-    else:
-        os.replace(temporary, destination)
 
 
 def _remove(path: Path) -> None:
